@@ -1,0 +1,142 @@
+"""What every image source provides, the deterministic batch order, and the training augmentation.
+
+Images leave the data layer as float tensors (C, H, W) in [-1, 1] with an int label (-1 = unlabeled).
+Batch order is a pure function of (seed, step), so a resumed run sees exactly the batches it would have
+seen, whatever the number of loader workers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+
+class DataError(ValueError):
+    """Bad input data; the message is one line naming the file or spec at fault."""
+
+
+@dataclass
+class DataInfo:
+    """What a task needs to know about its data."""
+
+    channels: int
+    image_size: tuple[int, int]
+    classes: list[str] | None = None      # None for unlabeled data
+    skipped: list[str] = field(default_factory=list)  # files skipped as unreadable ("path: reason")
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes) if self.classes else 0
+
+
+class ImageSet(Dataset):
+    """A map-style dataset of (image (C, H, W) float in [-1, 1], label int) pairs."""
+
+    info: DataInfo
+
+    def images(self, n: int | None = None) -> Tensor:
+        """The first `n` images stacked (N, C, H, W) — for fitting palettes and probes' baselines.
+
+        Items that come back as None (files skipped at decode time) are left out."""
+        n = len(self) if n is None else min(n, len(self))
+        return torch.stack([item[0] for item in (self[i] for i in range(n)) if item is not None])
+
+    def labels(self) -> Tensor:
+        return torch.tensor([self[i][1] for i in range(len(self))])
+
+
+class Subset(ImageSet):
+    """A view of an `ImageSet` through a list of indices."""
+
+    def __init__(self, base: ImageSet, indices: list[int]) -> None:
+        self.base, self.indices, self.info = base, list(indices), base.info
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int):
+        return self.base[self.indices[i]]
+
+    def labels(self) -> Tensor:
+        return self.base.labels()[torch.tensor(self.indices, dtype=torch.long)]
+
+
+def split(ds: ImageSet, val_fraction: float, seed: int) -> tuple[ImageSet, ImageSet]:
+    """Deterministic train/val split by a seeded permutation (the same every run for the same seed)."""
+    n = len(ds)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    n_val = int(round(n * val_fraction))
+    if val_fraction > 0 and n_val == 0 and n > 1:
+        n_val = 1
+    return Subset(ds, sorted(perm[n_val:])), Subset(ds, sorted(perm[:n_val]))
+
+
+def collate(items: list) -> dict:
+    """[(image, label), ...] -> {"image": (B, C, H, W), "label": (B,)}; drops None (skipped files)."""
+    items = [it for it in items if it is not None]
+    if not items:
+        return {"image": torch.zeros(0), "label": torch.zeros(0, dtype=torch.long)}
+    return {"image": torch.stack([it[0] for it in items]),
+            "label": torch.tensor([it[1] for it in items], dtype=torch.long)}
+
+
+class StepSampler(torch.utils.data.Sampler):
+    """Yields index lists for micro-steps start, start+1, ...: epoch e uses permutation (seed, e)."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, start: int = 0, steps: int | None = None,
+                 shuffle: bool = True) -> None:
+        if n == 0:
+            raise DataError("the training set is empty")
+        self.n, self.bs, self.seed = n, batch_size, seed
+        self.start, self.steps, self.shuffle = start, steps, shuffle
+        self.per_epoch = max(1, n // batch_size)
+
+    def indices(self, step: int) -> list[int]:
+        epoch, j = divmod(step, self.per_epoch)
+        if self.shuffle:
+            gen = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            perm = torch.randperm(self.n, generator=gen)
+        else:
+            perm = torch.arange(self.n)
+        return perm[j * self.bs:(j + 1) * self.bs].tolist()
+
+    def __iter__(self) -> Iterator[list[int]]:
+        s = self.start
+        while self.steps is None or s < self.start + self.steps:
+            yield self.indices(s)
+            s += 1
+
+    def __len__(self) -> int:
+        return self.steps if self.steps is not None else 2**31
+
+
+def train_batches(ds: ImageSet, batch_size: int, seed: int, start: int, steps: int,
+                  num_workers: int = 0) -> Iterator[dict]:
+    """Micro-batches for micro-steps start..start+steps-1, in an order that depends only on (seed, step)."""
+    sampler = StepSampler(len(ds), batch_size, seed, start, steps)
+    return iter(DataLoader(ds, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers,
+                           persistent_workers=False))
+
+
+def eval_batches(ds: ImageSet, batch_size: int, num_workers: int = 0) -> Iterator[dict]:
+    """One ordered pass over `ds`."""
+    return iter(DataLoader(ds, batch_size=batch_size, shuffle=False, collate_fn=collate,
+                           num_workers=num_workers))
+
+
+def augment(images: Tensor, gen: torch.Generator, shift: int = 1, flip: bool = False) -> Tensor:
+    """Random translation by up to `shift` pixels (edge-replicated) and optional horizontal flips."""
+    B, C, H, W = images.shape
+    if shift > 0:
+        padded = F.pad(images, (shift, shift, shift, shift), mode="replicate")   # (B, C, H+2s, W+2s)
+        offs = torch.randint(0, 2 * shift + 1, (B, 2), generator=gen).tolist()
+        images = torch.stack([padded[b, :, dy:dy + H, dx:dx + W] for b, (dy, dx) in enumerate(offs)])
+    if flip:
+        mask = torch.rand(B, generator=gen) < 0.5
+        images = torch.where(mask[:, None, None, None], images.flip(-1), images)
+    return images

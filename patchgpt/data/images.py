@@ -1,0 +1,160 @@
+"""`folder:PATH`: the user's own images, decoded lazily with Pillow.
+
+One subfolder per class gives a labelled set (class names = subfolder names, sorted); a flat folder gives
+an unlabeled set (for pretraining). Every image is converted to the requested channels (grayscale, RGB,
+RGBA; palette and transparent images are composited on white) and resized to a square by a documented
+policy: ``crop`` (shorter side to S, then centre crop), ``stretch`` (to S x S, aspect ignored) or ``pad``
+(longer side to S, then letterboxed on the edge colour of the padding, black).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from .base import DataError, DataInfo, ImageSet
+
+IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+
+
+def to_mode(im: Image.Image, channels: int) -> Image.Image:
+    """Convert any Pillow image to 1 (L), 3 (RGB) or 4 (RGBA) channels; transparency goes onto white."""
+    if im.mode.startswith("I;16") or im.mode == "I":
+        # 16-bit (or 32-bit int) grayscale: Pillow's convert("L") clips at 255, so scale to 8 bits first.
+        a = np.asarray(im, dtype=np.float64)
+        if im.mode != "I" or a.max() > 255:
+            a = a / 257.0
+        im = Image.fromarray(np.clip(np.round(a), 0, 255).astype(np.uint8))
+    if channels == 4:
+        return im.convert("RGBA")
+    if im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info:
+        rgba = im.convert("RGBA")
+        bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(bg, rgba)
+    if channels == 1:
+        return im.convert("L")
+    if channels == 3:
+        return im.convert("RGB")
+    raise DataError(f"data.channels={channels}: choose 1, 3 or 4")
+
+
+def resize(im: Image.Image, size: int, policy: str) -> Image.Image:
+    """Make `im` size x size by the policy crop | stretch | pad (bicubic resampling)."""
+    w, h = im.size
+    if (w, h) == (size, size):
+        return im
+    if policy == "stretch":
+        return im.resize((size, size), Image.BICUBIC)
+    if policy == "crop":
+        s = size / min(w, h)
+        nw, nh = max(size, round(w * s)), max(size, round(h * s))
+        im = im.resize((nw, nh), Image.BICUBIC)
+        left, top = (nw - size) // 2, (nh - size) // 2
+        return im.crop((left, top, left + size, top + size))
+    if policy == "pad":
+        s = size / max(w, h)
+        nw, nh = max(1, round(w * s)), max(1, round(h * s))
+        canvas = Image.new(im.mode, (size, size))
+        canvas.paste(im.resize((nw, nh), Image.BICUBIC), ((size - nw) // 2, (size - nh) // 2))
+        return canvas
+    raise DataError(f"data.resize={policy!r}: choose crop, stretch or pad")
+
+
+def to_tensor(im: Image.Image) -> torch.Tensor:
+    """A Pillow image -> (C, H, W) float in [-1, 1]."""
+    a = np.asarray(im, dtype=np.float32)
+    if a.ndim == 2:
+        a = a[:, :, None]
+    return torch.from_numpy(a).permute(2, 0, 1) / 127.5 - 1.0   # (H, W, C) -> (C, H, W)
+
+
+def load_image(path: str | Path, channels: int, size: int, policy: str = "crop") -> torch.Tensor:
+    """Read one image file as (C, size, size) in [-1, 1]; a `DataError` names the file if it cannot."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return to_tensor(resize(to_mode(im, channels), size, policy))
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise DataError(f"{path}: cannot read image ({type(e).__name__}: {e})") from None
+
+
+def list_images(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
+
+
+class ImageFolder(ImageSet):
+    """Images under `root`, decoded on access.
+
+    Unreadable files found while scanning (Pillow cannot identify or verify them) stop the run with one
+    line naming the file (``on_error="stop"``) or are skipped and counted in ``info.skipped``
+    (``on_error="skip"``). A file that fails later, at decode time, follows the same rule.
+    """
+
+    def __init__(self, root: str | Path, channels: int = 3, size: int = 32, resize: str = "crop",
+                 on_error: str = "stop") -> None:
+        root = Path(root).expanduser()
+        if not root.is_dir():
+            raise DataError(f"folder:{root}: no such directory")
+        subdirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+        labelled = bool(subdirs) and not any(
+            p.is_file() and p.suffix.lower() in IMAGE_EXTS for p in root.iterdir())
+        classes = [d.name for d in subdirs] if labelled else None
+        files: list[tuple[Path, int]] = []
+        if labelled:
+            for ci, d in enumerate(subdirs):
+                files += [(p, ci) for p in list_images(d)]
+        else:
+            files = [(p, -1) for p in list_images(root)]
+        if not files:
+            raise DataError(f"folder:{root}: no images found (extensions: {', '.join(sorted(IMAGE_EXTS))})")
+        self.channels, self.size, self.policy, self.on_error = channels, size, resize, on_error
+        skipped: list[str] = []
+        self.files: list[tuple[Path, int]] = []
+        for p, c in files:
+            why = self._check(p)
+            if why is None:
+                self.files.append((p, c))
+            elif on_error == "stop":
+                raise DataError(f"{p}: cannot read image ({why}); set data.on_error=skip to skip such files")
+            else:
+                skipped.append(f"{p}: {why}")
+        if skipped:
+            print(f"patchgpt: skipped {len(skipped)} unreadable image(s) in {root}, e.g. {skipped[0]}",
+                  file=sys.stderr)
+        if not self.files:
+            raise DataError(f"folder:{root}: every image was unreadable ({len(skipped)} skipped)")
+        self.info = DataInfo(channels=channels, image_size=(size, size), classes=classes, skipped=skipped)
+
+    @staticmethod
+    def _check(path: Path) -> str | None:
+        """None if Pillow can identify and verify `path`, else the reason (the pixels are not kept)."""
+        try:
+            with Image.open(path) as im:
+                im.verify()
+            return None
+        except Exception as e:  # noqa: BLE001 - Pillow raises many types for bad files
+            return f"{type(e).__name__}: {e}"
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int):
+        path, label = self.files[i]
+        try:
+            return load_image(path, self.channels, self.size, self.policy), label
+        except DataError as e:
+            if self.on_error == "stop":
+                raise
+            print(f"patchgpt: skipping {e}", file=sys.stderr)
+            if str(e) not in self.info.skipped:
+                self.info.skipped.append(str(e))
+            return None
+
+    def labels(self) -> torch.Tensor:
+        return torch.tensor([c for _, c in self.files])

@@ -1,0 +1,23 @@
+"""`evaluate(task, batches)`: one pass over validation batches into the task's metric."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+from .tasks import Task
+
+
+@torch.no_grad()
+def evaluate(task: Task, batches: Iterable[dict], device: torch.device | str = "cpu") -> dict:
+    """Run ``task.metric()`` over `batches` in eval mode; returns the metric's dict."""
+    was_training = task.training
+    task.eval()
+    m = task.metric()
+    for batch in batches:
+        if batch["image"].numel() == 0:
+            continue
+        m.update({k: v.to(device) for k, v in batch.items()})
+    task.train(was_training)
+    return m.compute()

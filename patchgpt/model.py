@@ -1,0 +1,247 @@
+"""The one backbone: a pre-norm decoder-only GPT over `Sequence`s.
+
+References: GPT-2 (Radford et al. 2019) and karpathy/nanoGPT for the block and the init; AIM
+(El-Nouby et al. 2024, apple/ml-aim) for prefix-causal attention over patch inputs; iGPT (Chen et al. 2020)
+for pixels as tokens. Attention is `F.scaled_dot_product_attention`; the T x T matrix is never built by
+hand. The KV cache is an explicit object passed in, never state hidden on the model.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .sequence import Sequence
+
+
+@dataclass
+class GPTConfig:
+    """Backbone hyper-parameters. `vocab_size` and `patch_dim` are filled in by the task."""
+
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    mlp_ratio: float = 4.0
+    block_size: int = 1024       # longest sequence (learned 1-D positions)
+    max_frames: int = 32         # grid sizes for the factorised (frame, row, col) position embeddings
+    max_rows: int = 128
+    max_cols: int = 128
+    vocab_size: int = 1
+    patch_dim: int = 0           # 0: no continuous inputs
+    dropout: float = 0.0
+    bias: bool = False
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> GPTConfig:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+SIZES: dict[str, dict] = {
+    # name: (layers, heads, width) — nano is for tests, micro for laptop CPU runs, the rest for GPUs.
+    "nano": dict(n_layer=2, n_head=2, n_embd=32),
+    "micro": dict(n_layer=4, n_head=4, n_embd=128),
+    "mini": dict(n_layer=6, n_head=8, n_embd=256),
+    "small": dict(n_layer=12, n_head=6, n_embd=384),
+    "base": dict(n_layer=12, n_head=12, n_embd=768),
+    "large": dict(n_layer=24, n_head=16, n_embd=1024),
+}
+
+
+class KVCache:
+    """Preallocated keys and values for incremental decoding.
+
+    Shapes: ``k[i], v[i]`` are (B, H, max_len, hd) for layer i; `length` counts filled positions.
+    Writing into a preallocated buffer avoids re-allocating by concatenation at every step.
+    """
+
+    def __init__(self, cfg: GPTConfig, batch_size: int, max_len: int | None = None,
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> None:
+        max_len = max_len or cfg.block_size
+        hd = cfg.n_embd // cfg.n_head
+        shape = (cfg.n_layer, batch_size, cfg.n_head, max_len, hd)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.length = 0
+        self.max_len = max_len
+        self.prefix_len = 0  # the bidirectional prefix set at prefill
+
+    def reset(self) -> None:
+        self.length = 0
+        self.prefix_len = 0
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with a fused QKV projection."""
+
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        assert cfg.n_embd % cfg.n_head == 0, "n_embd must be divisible by n_head"
+        self.n_head = cfg.n_head
+        self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
+        self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.dropout = cfg.dropout
+
+    def forward(self, x: Tensor, mask: Tensor | None, is_causal: bool,
+                cache: KVCache | None = None, layer: int = 0) -> Tensor:
+        B, T, C = x.shape
+        hd = C // self.n_head
+        # (B, T, 3C) -> (3, B, H, T, hd)
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, hd).permute(2, 0, 3, 1, 4)
+        if cache is not None:
+            start = cache.length
+            cache.k[layer, :, :, start:start + T] = k
+            cache.v[layer, :, :, start:start + T] = v
+            k = cache.k[layer, :, :, :start + T]   # (B, H, L, hd)
+            v = cache.v[layer, :, :, :start + T]
+        drop = self.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=drop)
+        y = y.transpose(1, 2).reshape(B, T, C)     # (B, H, T, hd) -> (B, T, C)
+        return self.proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        hidden = int(cfg.mlp_ratio * cfg.n_embd)
+        self.fc = nn.Linear(cfg.n_embd, hidden, bias=cfg.bias)
+        self.act = nn.GELU()  # exact erf GELU: much cheaper on CPU than the written-out tanh form
+        self.proj = nn.Linear(hidden, cfg.n_embd, bias=cfg.bias)
+        self.drop = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.drop(self.proj(self.act(self.fc(x))))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.attn = Attention(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: Tensor, mask: Tensor | None, is_causal: bool,
+                cache: KVCache | None = None, layer: int = 0) -> Tensor:
+        x = x + self.attn(self.ln_1(x), mask, is_causal, cache, layer)
+        return x + self.mlp(self.ln_2(x))
+
+
+def attention_mask(q_len: int, k_len: int, offset: int, prefix_len: int,
+                   device: torch.device) -> tuple[Tensor | None, bool]:
+    """Boolean (q_len, k_len) mask (True = may attend) for queries at positions offset..offset+q_len-1.
+
+    Key j is visible to query i when ``j <= i`` (causal) or ``j < prefix_len`` (the bidirectional prefix,
+    AIM's prefix attention). Returns ``(None, True)`` when plain causal attention is enough, so SDPA can use
+    its fused causal kernel, and ``(None, False)`` when every query sees every key.
+    """
+    if offset == 0 and prefix_len <= 1:
+        return None, q_len > 1
+    if q_len == 1:
+        return None, False  # one new query after the cache sees every cached key
+    qi = torch.arange(offset, offset + q_len, device=device)[:, None]  # (q, 1)
+    kj = torch.arange(k_len, device=device)[None, :]                   # (1, k)
+    mask = (kj <= qi) | (kj < prefix_len)                              # (q, k)
+    if bool(mask.all()):
+        return None, False
+    return mask, False
+
+
+class GPT(nn.Module):
+    """Decoder-only transformer over a `Sequence`.
+
+    ``forward(seq, cache=None, upto=None) -> hidden (B, T, C)`` and ``logits(hidden) -> (B, T, V)``.
+    Inputs are the sum of a token or patch embedding, a learned 1-D position and factorised
+    (frame, row, col) grid positions (index 0 = not a grid token).
+    """
+
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        C = cfg.n_embd
+        self.wte = nn.Embedding(cfg.vocab_size, C)
+        self.wpe = nn.Embedding(cfg.block_size, C)
+        self.frame_emb = nn.Embedding(cfg.max_frames + 1, C)
+        self.row_emb = nn.Embedding(cfg.max_rows + 1, C)
+        self.col_emb = nn.Embedding(cfg.max_cols + 1, C)
+        self.patch_proj = nn.Linear(cfg.patch_dim, C) if cfg.patch_dim > 0 else None
+        self.drop = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
+        self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)])
+        self.ln_f = nn.LayerNorm(C, bias=cfg.bias)
+        self.lm_head = nn.Linear(C, cfg.vocab_size, bias=False)
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():
+            if name.endswith(("attn.proj.weight", "mlp.proj.weight")):
+                # GPT-2: scale residual projections by depth so the residual stream stays O(1).
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+        for emb in (self.frame_emb, self.row_emb, self.col_emb):
+            nn.init.zeros_(emb.weight[0])  # index 0 = "not a grid token" adds nothing
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, mean=0.0, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, mean=0.0, std=0.02)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def embed(self, seq: Sequence, offset: int = 0) -> Tensor:
+        """Input embeddings (B, T, C) for `seq`, whose first token sits at absolute position `offset`."""
+        B, T = seq.ids.shape
+        if offset + T > self.cfg.block_size:
+            raise ValueError(f"sequence of {offset + T} tokens exceeds block_size={self.cfg.block_size}")
+        x = self.wte(seq.ids)                                            # (B, T, C)
+        if seq.patches is not None:
+            if self.patch_proj is None:
+                raise ValueError("this model has no patch input (patch_dim=0)")
+            px = self.patch_proj(seq.patches.to(x.dtype))                # (B, T, C)
+            x = px if seq.is_patch is None else torch.where(seq.is_patch[..., None], px, x)
+        t = torch.arange(offset, offset + T, device=x.device)
+        x = x + self.wpe(t)[None]
+        p = seq.pos
+        x = x + self.frame_emb(p[..., 0]) + self.row_emb(p[..., 1]) + self.col_emb(p[..., 2])
+        return self.drop(x)
+
+    def forward(self, seq: Sequence, cache: KVCache | None = None, upto: int | None = None) -> Tensor:
+        """Hidden states (B, T, C).
+
+        Args:
+            seq: the input sequence; ``seq.prefix_len`` leading tokens attend bidirectionally.
+            cache: if given, keys/values are appended to it and queries attend to everything cached.
+            upto: run only the first `upto` blocks and return their raw residual stream (for probes);
+                None runs all blocks and applies the final LayerNorm.
+        """
+        offset = cache.length if cache is not None else 0
+        if cache is not None and offset == 0:
+            cache.prefix_len = seq.prefix_len
+        prefix = cache.prefix_len if cache is not None else seq.prefix_len
+        x = self.embed(seq, offset)
+        T = x.shape[1]
+        mask, is_causal = attention_mask(T, offset + T, offset, prefix, x.device)
+        n = self.cfg.n_layer if upto is None else upto
+        for i, block in enumerate(self.blocks[:n]):
+            x = block(x, mask, is_causal, cache, i)
+        if cache is not None:
+            cache.length = offset + T
+        return self.ln_f(x) if n == self.cfg.n_layer else x
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        """(B, T, C) -> (B, T, V) next-token logits."""
+        return self.lm_head(hidden)
+
+    def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
+        p = next(self.parameters())
+        return KVCache(self.cfg, batch_size, max_len, device=p.device, dtype=p.dtype)

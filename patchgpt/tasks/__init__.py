@@ -1,0 +1,9 @@
+"""Tasks: each turns batches into `Sequence`s, owns its head and loss, and computes its metric."""
+
+from .base import ImageInput, Task, next_token_loss
+from .classify import Classify
+from .pretrain import Pretrain
+
+TASKS: dict[str, type[Task]] = {"pretrain": Pretrain, "classify": Classify}
+
+__all__ = ["TASKS", "Classify", "ImageInput", "Pretrain", "Task", "next_token_loss"]

@@ -1,0 +1,106 @@
+"""The task plugin interface and what image tasks share: building the backbone and the image input.
+
+A task turns a batch (a dict, see DESIGN.md) into a `Sequence`, owns its head and loss, decodes
+predictions and accumulates its metric. ``forward(batch) -> (loss, logs)`` so ``DDP(task)`` just works.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..config import RunConfig
+from ..data.base import DataInfo
+from ..model import GPT
+from ..sequence import IGNORE, Sequence, Vocab, concat, tokens
+from ..tokenizers import ColorClusters, Patches
+
+
+def next_token_loss(logits: Tensor, seq: Sequence) -> Tensor:
+    """Mean cross-entropy of (B, T, V) logits against ``seq.labels`` (IGNORE skipped, weights applied)."""
+    V = logits.shape[-1]
+    loss = F.cross_entropy(logits.reshape(-1, V).float(), seq.labels.reshape(-1), ignore_index=IGNORE,
+                           reduction="none")                                   # (B*T,)
+    valid = (seq.labels.reshape(-1) != IGNORE).float()
+    w = valid if seq.weights is None else valid * seq.weights.reshape(-1)
+    return (loss * w).sum() / w.sum().clamp(min=1e-8)
+
+
+class ImageInput(nn.Module):
+    """Images -> the backbone's input `Sequence`, with either tokenizer.
+
+    ``patches``: one continuous token per P x P patch (AIM/ViT). ``colors``: a begin token then one colour
+    token per pixel (iGPT), so the first pixel is predicted too.
+    """
+
+    def __init__(self, cfg: RunConfig, info: DataInfo, vocab: Vocab) -> None:
+        super().__init__()
+        t = cfg.tokenizer
+        self.kind = t.kind
+        self.bos = vocab.add("bos", 1).start
+        if t.kind == "patches":
+            self.tok = Patches(t.patch_size, info.channels, info.image_size, vocab)
+        else:
+            self.tok = ColorClusters(t.n_colors, info.channels, info.image_size, vocab)
+        self.grid = self.tok.grid
+
+    @property
+    def patch_dim(self) -> int:
+        return self.tok.patch_dim if self.kind == "patches" else 0
+
+    @property
+    def length(self) -> int:
+        """Tokens per image."""
+        return self.tok.num_patches + (1 if self.kind == "colors" else 0)
+
+    def encode(self, images: Tensor) -> Sequence:
+        """(B, C, H, W) in [-1, 1] -> input `Sequence` (labels IGNORE)."""
+        seq = self.tok.encode(images)
+        if self.kind == "colors":
+            bos = torch.full((images.shape[0], 1), self.bos, dtype=torch.long, device=images.device)
+            seq = concat(tokens(bos), seq)
+        return seq
+
+
+def build_backbone(cfg: RunConfig, vocab: Vocab, patch_dim: int, length: int, grid: tuple[int, int]) -> GPT:
+    """The GPT sized by `cfg.model`, with vocab, patch width and position tables fitted to the input."""
+    m = cfg.model
+    m.vocab_size, m.patch_dim = vocab.size, patch_dim
+    m.block_size = max(m.block_size, length)
+    m.max_rows, m.max_cols = max(m.max_rows, grid[0]), max(m.max_cols, grid[1])
+    return GPT(m)
+
+
+class Task(nn.Module):
+    """Base class: subclasses set ``name`` and implement `forward`, `predict` and `metric`."""
+
+    name = "task"
+
+    def __init__(self, cfg: RunConfig, info: DataInfo) -> None:
+        super().__init__()
+        self.cfg, self.info = cfg, info
+        self.vocab = Vocab()
+
+    def forward(self, batch: dict) -> tuple[Tensor, dict]:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def predict(self, batch: dict) -> dict:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def metric(self):  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def state(self) -> dict:
+        """JSON-friendly state saved in config.json beside the weights (classes, vocab, ...)."""
+        return {"vocab": self.vocab.entries(), "classes": self.info.classes,
+                "channels": self.info.channels, "image_size": list(self.info.image_size)}
+
+    def needs_fit(self) -> bool:
+        """True if a tokenizer must be fitted on training data before training (a colour palette)."""
+        inp = getattr(self, "input", None)
+        return inp is not None and inp.kind == "colors" and not inp.tok.fitted
+
+    def fit_tokenizer(self, images: Tensor, seed: int = 0) -> None:
+        self.input.tok.fit(images, seed=seed)
