@@ -82,10 +82,11 @@ def images_per_s(step, iters: int, batch: int) -> float:
     return iters * batch / (time.perf_counter() - t0)
 
 
-def mm_flops(a: Tensor, b: Tensor) -> float:
+def mm_flops(a: Tensor, b: Tensor, reps: int = 3) -> float:
     t0 = time.perf_counter()
-    torch.mm(a, b)
-    return 2 * a.shape[0] * a.shape[1] * b.shape[1] / (time.perf_counter() - t0)
+    for _ in range(reps):
+        torch.mm(a, b)
+    return reps * 2 * a.shape[0] * a.shape[1] * b.shape[1] / (time.perf_counter() - t0)
 
 
 def main() -> None:
@@ -136,7 +137,9 @@ def main() -> None:
     mfu = {n: {"train": med[n]["train"] * TRAIN_FLOPS / peak_flops,
                "infer": med[n]["infer"] * INFER_FLOPS / peak_flops} for n in models}
     params = {n: sum(p.numel() for p in m.parameters()) for n, (m, _) in models.items()}
-    ratio = {m: med["patchgpt"][m] / med["hf_gpt2"][m] for m in ("train", "infer")}
+    # Median of the per-repeat ratios: each repeat times both models back to back, so drift mostly cancels.
+    ratio = {m: statistics.median(a / b for a, b in zip(samples["patchgpt"][m], samples["hf_gpt2"][m],
+                                                        strict=True)) for m in ("train", "infer")}
     res = {"threads": args.threads, "batch": args.batch, "repeats": args.repeats, "iters": args.iters,
            "torch": torch.__version__, "transformers": transformers.__version__,
            "machine": platform.machine(), "hf_attn_implementation": hf.attn_impl, "matmul_n": mm_n,
@@ -150,7 +153,8 @@ def main() -> None:
     print(f"matmul ceiling ({mm_n}x{mm_n} fp32 torch.mm, median): {peak_flops / 1e9:.1f} GFLOP/s")
     print(f"FLOPs: {FORMULA}\n  N_mm={N_MM:,}  train={TRAIN_FLOPS / 1e9:.3f} GFLOP/img  "
           f"infer={INFER_FLOPS / 1e9:.3f} GFLOP/img")
-    print(f"\n{'':22}{'patchgpt':>12}{'hf_gpt2':>12}{'patchgpt/hf':>13}")
+    print(f"\n{'(medians)':22}{'patchgpt':>12}{'hf_gpt2':>12}{'patchgpt/hf':>13}"
+          "  (ratio: median of per-repeat ratios)")
     for mode in ("train", "infer"):
         print(f"{mode + ' images/s':22}{med['patchgpt'][mode]:12.1f}{med['hf_gpt2'][mode]:12.1f}"
               f"{ratio[mode]:13.3f}")

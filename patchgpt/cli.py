@@ -119,10 +119,10 @@ def cmd_predict(a: argparse.Namespace) -> None:
     probs = task.predict({"image": images})["probs"]
     names = task.info.classes
     results = []
-    for path, pr in zip(a.images, probs):
-        top = pr.topk(min(a.top, len(names)))
-        results.append({"image": path, "class": names[int(top.indices[0])], "score": float(top.values[0]),
-                        "probs": {names[int(i)]: round(float(v), 6) for v, i in zip(top.values, top.indices)}})
+    for path, pr in zip(a.images, probs, strict=True):
+        vals, idx = pr.topk(min(a.top, len(names)))
+        probs_top = {names[i]: round(v, 6) for v, i in zip(vals.tolist(), idx.tolist(), strict=True)}
+        results.append({"image": path, "class": names[idx[0]], "score": float(vals[0]), "probs": probs_top})
     text = json.dumps(results, indent=2)
     print(text)
     if a.out:

@@ -32,6 +32,7 @@ def recipes(out: Path, smoke: bool = False) -> dict[str, RunConfig]:
         cfg.train.lr = lr
         cfg.train.log_every = 1 if smoke else 10
         cfg.train.keep = 1
+        cfg.train.eval_every = 0 if smoke else max(1, steps // 5)  # a few points on the val-loss curve
         return cfg
 
     pre = base("pretrain", "pretrain", 1500, 1e-3)
