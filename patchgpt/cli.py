@@ -21,6 +21,9 @@ EPILOG = """examples:
   patchgpt train classify --init runs/pre --set classify.mode=linear --set classify.layer=2
   patchgpt eval runs/cls --json
   patchgpt predict runs/cls cat.jpg dog.png
+  patchgpt train generate --data digits --set generate.condition=class --out runs/gen
+  patchgpt sample runs/gen --class 7 --n 16 --cfg 1.5 --out sevens.png
+  patchgpt complete runs/gen digit.png --class 3 --keep 0.5 --out completion.png
 
 data specs: digits | folder:PATH (one subfolder per class, or flat = unlabeled) | idx:PATH (MNIST IDX files)
 any config field: --set section.key=value (see a run's config.json for every key)"""
@@ -36,8 +39,9 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--smoke", action="store_true", help="a tiny setting that runs in seconds (for tests)")
 
     t = sub.add_parser("train", help="train a task", formatter_class=argparse.RawDescriptionHelpFormatter,
-                       epilog="tasks: pretrain (generative, unlabeled images) | classify (labelled images)")
-    t.add_argument("task", choices=["pretrain", "classify"])
+                       epilog="tasks: pretrain (generative, unlabeled images) | classify (labelled images) | "
+                       "generate (image generation: unconditional, class- or text-conditional)")
+    t.add_argument("task", choices=["pretrain", "classify", "generate"])
     t.add_argument("--data", help="data spec (default: digits)")
     t.add_argument("--model", choices=list(SIZES), help="backbone size (default: micro)")
     t.add_argument("--init", help="checkpoint or run directory to start from (backbone and tokenizer)")
@@ -51,12 +55,37 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("ckpt", help="checkpoint or run directory")
     e.add_argument("--data", help="another data spec to evaluate on")
     e.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    e.add_argument("--judge", help="generate: a classify checkpoint that judges class-conditional samples")
+    e.add_argument("--per-class", type=int, default=20, help="generate: samples per class to judge")
+    e.add_argument("--out", help="generate: where to write sample grids (default: CKPT's run directory)")
 
     r = sub.add_parser("predict", help="classify image files; prints JSON")
     r.add_argument("ckpt", help="checkpoint or run directory of a classify run")
     r.add_argument("images", nargs="+", help="image files")
     r.add_argument("--top", type=int, default=5, help="probabilities to list per image (default: 5)")
     r.add_argument("--out", help="also write the JSON to this file")
+
+    def sampling_flags(x: argparse.ArgumentParser) -> None:
+        x.add_argument("--class", dest="cls", action="append", help="class name or index (repeatable)")
+        x.add_argument("--prompt", action="append", help="caption for a text-conditional model (repeatable)")
+        x.add_argument("--n", type=int, default=8, help="samples per class/prompt (default: 8)")
+        x.add_argument("--temperature", type=float, help="softmax temperature (0 = greedy)")
+        x.add_argument("--top-k", type=int, help="sample among the k most likely tokens (0 = all)")
+        x.add_argument("--top-p", type=float, help="nucleus sampling mass (1 = all)")
+        x.add_argument("--cfg", type=float, help="classifier-free guidance scale (0 = none)")
+        x.add_argument("--seed", type=int, default=0)
+
+    s_ = sub.add_parser("sample", help="sample images from a generate checkpoint into a PNG grid")
+    s_.add_argument("ckpt")
+    sampling_flags(s_)
+    s_.add_argument("--out", default="samples.png", help="PNG to write (default: samples.png)")
+
+    c = sub.add_parser("complete", help="complete the rest of an image from its top part")
+    c.add_argument("ckpt")
+    c.add_argument("image")
+    sampling_flags(c)
+    c.add_argument("--keep", type=float, default=0.5, help="fraction of the image tokens kept, in raster order")
+    c.add_argument("--out", default="completion.png", help="PNG to write (default: completion.png)")
     return p
 
 
@@ -81,6 +110,89 @@ def cmd_train(a: argparse.Namespace) -> None:
     print(f"run directory: {out}", file=sys.stderr)
 
 
+def _load_generator(path: str):
+    from .checkpoint import load
+    from .tasks import Generate
+
+    task = load(path)
+    if not isinstance(task, Generate):
+        raise ConfigError(f"{path}: needs a generate checkpoint, this one is {task.name!r}")
+    return task
+
+
+def _classes(task, names: list[str] | None) -> list[int]:
+    known = task.info.classes
+    if not names:
+        return list(range(len(known)))
+    out = []
+    for n in names:
+        if n in known:
+            out.append(known.index(n))
+        elif n.isdigit() and int(n) < len(known):
+            out.append(int(n))
+        else:
+            raise ConfigError(f"--class {n}: unknown; the classes are {', '.join(known)}")
+    return out
+
+
+def _sampling_kwargs(a: argparse.Namespace) -> dict:
+    return {"temperature": a.temperature, "top_k": a.top_k, "top_p": a.top_p, "cfg_scale": a.cfg, "seed": a.seed}
+
+
+def cmd_sample(a: argparse.Namespace) -> None:
+    from .pictures import _scale, prompts_png
+    from .report import save_grid, save_rows
+
+    task = _load_generator(a.ckpt)
+    kw = _sampling_kwargs(a)
+    if task.condition == "text":
+        if not a.prompt:
+            raise ConfigError("this model is text-conditional: give --prompt TEXT")
+        path = prompts_png(task, Path(a.out), a.prompt, a.n, **kw)
+    elif task.condition == "class":
+        ks = _classes(task, a.cls)
+        images = task.generate(len(ks) * a.n, classes=torch.tensor(ks).repeat_interleave(a.n), **kw).cpu()
+        rows = [(task.info.classes[k], images[i * a.n:(i + 1) * a.n]) for i, k in enumerate(ks)]
+        path = save_rows(a.out, rows, scale=_scale(task))
+    else:
+        if a.cls or a.prompt:
+            raise ConfigError("this model is unconditional: drop --class/--prompt")
+        path = save_grid(a.out, task.generate(a.n, **kw).cpu(), nrow=min(a.n, 8), scale=_scale(task))
+    print(path)
+
+
+def cmd_complete(a: argparse.Namespace) -> None:
+    from .data import load_image
+    from .pictures import _scale
+    from .report import save_rows
+
+    task = _load_generator(a.ckpt)
+    C, (H, W) = task.info.channels, task.info.image_size
+    image = load_image(a.image, C, H, task.cfg.data.resize)[None]                   # (1, C, H, W)
+    tok = task.input.tok
+    ids = task.input.encode(image).ids[:, 1:]                                       # (1, N) without bos
+    N = ids.shape[1]
+    k = max(1, min(N - 1, round(a.keep * N)))
+    cond = {}
+    if task.condition == "class":
+        cond["classes"] = torch.tensor(_classes(task, a.cls)[:1] * a.n) if a.cls else None
+        if cond["classes"] is None:
+            raise ConfigError("this model is class-conditional: give --class")
+    elif task.condition == "text":
+        if not a.prompt:
+            raise ConfigError("this model is text-conditional: give --prompt")
+        cond["texts"] = [a.prompt[0]] * a.n
+    out = task.generate(a.n, keep=ids[:, :k].expand(a.n, k), **cond, **_sampling_kwargs(a)).cpu()
+    # The kept tokens' pixels are pasted back from the original, so the given part is exact.
+    h, w = tok.grid
+    keep_mask = (torch.arange(h * w) < k).float().reshape(1, 1, h, w)
+    keep_mask = torch.nn.functional.interpolate(keep_mask, size=(H, W), mode="nearest")  # (1, 1, H, W)
+    out = out * (1 - keep_mask) + image * keep_mask
+    given = image * keep_mask + (1 - keep_mask) * 0.0
+    path = save_rows(a.out, [("given", given), ("completions", out), ("original", image)], scale=_scale(task))
+    print(path)
+
+
 def cmd_eval(a: argparse.Namespace) -> None:
     from .checkpoint import load
     from .data import build_datasets, eval_batches
@@ -94,14 +206,38 @@ def cmd_eval(a: argparse.Namespace) -> None:
     if info.classes and task.info.classes and info.classes != task.info.classes:
         raise DataError(f"{cfg.data.spec}: classes {info.classes} differ from the checkpoint's {task.info.classes}")
     metrics = evaluate(task, eval_batches(val, 256))
+    from .tasks import Generate
+
+    if isinstance(task, Generate):
+        metrics.update(_eval_generator(task, a))
     if a.json:
         print(json.dumps(metrics))
     else:
         for k, v in metrics.items():
             if isinstance(v, float):
                 print(f"{k:>16}: {v:.4f}")
-            elif isinstance(v, int):
+            elif isinstance(v, (int, str)):
                 print(f"{k:>16}: {v}")
+
+
+def _eval_generator(task, a: argparse.Namespace) -> dict:
+    """Sample grids, and for class-conditional models the judge's accuracy on requested classes."""
+    from .checkpoint import load, resolve
+    from .judge import judge_accuracy, train_judge
+    from .pictures import _scale, samples_png
+    from .report import save_rows
+
+    run_dir = Path(a.out) if a.out else resolve(a.ckpt).parent.parent
+    out: dict = {"samples_png": str(samples_png(task, run_dir / "eval_samples.png"))}
+    if task.condition == "class":
+        judge = load(a.judge) if a.judge else train_judge(task.cfg, run_dir / "judge")
+        r = judge_accuracy(task, judge, per_class=a.per_class)
+        K = len(task.info.classes)
+        rows = [(task.info.classes[k], r["samples"][r["requested"] == k][:10]) for k in range(K)]
+        out["judged_png"] = str(save_rows(run_dir / "judged_samples.png", rows, scale=_scale(task)))
+        out.update({k: v for k, v in r.items() if k.startswith("judge")})
+        out["judge"] = a.judge or str(run_dir / "judge") + " (trained by eval)"
+    return out
 
 
 def cmd_predict(a: argparse.Namespace) -> None:
@@ -140,7 +276,8 @@ def cmd_quickstart(a: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     a = _parser().parse_args(argv)
     try:
-        {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "quickstart": cmd_quickstart}[a.command](a)
+        {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "quickstart": cmd_quickstart,
+         "sample": cmd_sample, "complete": cmd_complete}[a.command](a)
     except (ConfigError, DataError, CheckpointError) as e:
         print(f"patchgpt: error: {e}", file=sys.stderr)
         return 2

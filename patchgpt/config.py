@@ -57,6 +57,17 @@ class ClassifyConfig:
 
 
 @dataclass
+class GenerateConfig:
+    condition: str = "auto"      # auto (captions -> text, labels -> class, else none) | none | class | text
+    p_uncond: float = 0.1        # training: drop the condition to the null token this often (for guidance)
+    text_len: int = 32           # caption bytes kept (padded/truncated)
+    temperature: float = 1.0     # sampling defaults (CLI flags override)
+    top_k: int = 0
+    top_p: float = 1.0
+    cfg_scale: float = 0.0       # guidance: logits = cond + s * (cond - uncond); 0 = plain conditional
+
+
+@dataclass
 class TrainConfig:
     steps: int = 1000
     batch_size: int = 64         # images per optimizer step (split over `accum` micro-batches)
@@ -89,6 +100,7 @@ class RunConfig:
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     classify: ClassifyConfig = field(default_factory=ClassifyConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def to_dict(self) -> dict:
@@ -178,6 +190,7 @@ def check(cfg: RunConfig) -> None:
         "pretrain.target": (cfg.pretrain.target, ("patches", "tokens")),
         "classify.mode": (cfg.classify.mode, ("finetune", "linear", "attentive")),
         "classify.attention": (cfg.classify.attention, ("bidirectional", "causal")),
+        "generate.condition": (cfg.generate.condition, ("auto", "none", "class", "text")),
     }
     for key, (val, ok) in choices.items():
         if val not in ok:
@@ -193,6 +206,8 @@ def check(cfg: RunConfig) -> None:
         raise ConfigError("data.val_fraction must be in [0, 1)")
     if cfg.pretrain.target == "tokens" and cfg.tokenizer.kind != "colors":
         raise ConfigError("pretrain.target=tokens needs tokenizer.kind=colors (discrete pixels)")
+    if cfg.task == "generate" and cfg.tokenizer.kind == "patches":
+        raise ConfigError("generate needs discrete image tokens: tokenizer.kind=colors (or vq)")
 
 
 def default_config(task: str) -> RunConfig:
@@ -203,4 +218,8 @@ def default_config(task: str) -> RunConfig:
         cfg.train.lr, cfg.train.steps, cfg.train.warmup = 1e-3, 1500, 100
     elif task == "classify":
         cfg.train.lr, cfg.train.steps, cfg.train.warmup = 5e-4, 1000, 50
+    elif task == "generate":
+        cfg.tokenizer.kind, cfg.tokenizer.n_colors = "colors", 16
+        cfg.train.lr, cfg.train.steps, cfg.train.warmup = 1e-3, 3000, 100
+        cfg.data.augment = False  # a shifted digit is a different image to generate
     return cfg

@@ -6,6 +6,7 @@ from collections.abc import Iterable
 
 import torch
 
+from .data.base import to_device
 from .tasks import Task
 
 
@@ -18,6 +19,6 @@ def evaluate(task: Task, batches: Iterable[dict], device: torch.device | str = "
     for batch in batches:
         if batch["image"].numel() == 0:
             continue
-        m.update({k: v.to(device) for k, v in batch.items()})
+        m.update(to_device(batch, device))
     task.train(was_training)
     return m.compute()

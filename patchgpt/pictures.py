@@ -7,8 +7,8 @@ from pathlib import Path
 import torch
 
 from .data.base import ImageSet
-from .report import save_confusion, save_rows
-from .tasks import Classify, Pretrain, Task
+from .report import save_confusion, save_grid, save_rows
+from .tasks import Classify, Generate, Pretrain, Task
 
 
 def predictions_png(task: Pretrain, images: torch.Tensor, path: Path) -> Path:
@@ -29,4 +29,39 @@ def task_pictures(task: Task, out: Path, metrics: dict, val_set: ImageSet, devic
                               if val_set[i] is not None]).to(device)
         task.eval()
         written.append(predictions_png(task, images, out / "predictions.png"))
+    if isinstance(task, Generate):
+        written.append(samples_png(task, out / "samples.png", val_set))
     return written
+
+
+def _scale(task: Task) -> int:
+    return max(1, 64 // task.info.image_size[0])
+
+
+def samples_png(task: Generate, path: Path, val_set: ImageSet | None = None, per_row: int = 8, seed: int = 0,
+                **kw) -> Path:
+    """A grid of samples: one row per class, per caption (from the validation set), or 4 rows."""
+    if task.condition == "class":
+        K = min(len(task.info.classes), 16)
+        classes = torch.arange(K).repeat_interleave(per_row)
+        images = task.generate(len(classes), classes=classes, seed=seed, **kw)
+        rows = [(task.info.classes[k], images[k * per_row:(k + 1) * per_row]) for k in range(K)]
+        return save_rows(path, rows, scale=_scale(task))
+    if task.condition == "text":
+        texts: list[str] = []
+        for i in range(len(val_set) if val_set is not None else 0):
+            item = val_set[i]
+            if item is not None and item[2] not in texts:
+                texts.append(item[2])
+            if len(texts) == 6:
+                break
+        return prompts_png(task, path, texts, per_row, seed, **kw)
+    images = task.generate(4 * per_row, seed=seed, **kw)
+    return save_grid(path, images.cpu(), nrow=per_row, scale=_scale(task))
+
+
+def prompts_png(task: Generate, path: Path, texts: list[str], per_row: int = 8, seed: int = 0, **kw) -> Path:
+    """One row of samples per caption, labelled with the caption."""
+    images = task.generate(len(texts) * per_row, texts=[t for t in texts for _ in range(per_row)], seed=seed, **kw)
+    rows = [(t[:24], images[i * per_row:(i + 1) * per_row]) for i, t in enumerate(texts)]
+    return save_rows(path, rows, scale=_scale(task))

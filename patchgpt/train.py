@@ -22,7 +22,7 @@ from tqdm import tqdm
 from . import checkpoint
 from .config import ConfigError, RunConfig, check
 from .data import augment, build_datasets, eval_batches, train_batches
-from .data.base import DataError, DataInfo, ImageSet
+from .data.base import DataError, DataInfo, ImageSet, to_device
 from .evaluate import evaluate
 from .model import GPTConfig
 from .report import atomic_write_text, save_curves
@@ -211,7 +211,7 @@ def train(cfg: RunConfig, resume: bool = False, quiet: bool = False, until: int 
                     gen = step_generator(t.seed, step, micro)
                     if cfg.data.augment:
                         batch["image"] = augment(batch["image"], gen, cfg.data.shift, cfg.data.flip)
-                    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+                    batch = to_device(batch, device)
                     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
                         loss, logs = model(batch, gen)
                     (loss / t.accum).backward()

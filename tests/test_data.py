@@ -92,8 +92,9 @@ def test_digits_split_is_deterministic_and_disjoint():
     assert len(train) + len(val) == 1797
     assert sorted(train.indices + val.indices) == list(range(1797))
     assert info.channels == 1 and info.image_size == (8, 8) and info.num_classes == 10
-    x, y = train[0]
+    x, y, caption = train[0]
     _check_images(x, (1, 8, 8))
+    assert caption.startswith("the digit ") and info.captions
     imgs = train.images()
     _check_images(imgs, (len(train), 1, 8, 8))
     assert imgs.min() == -1.0 and imgs.max() == 1.0

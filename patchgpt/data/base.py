@@ -27,6 +27,7 @@ class DataInfo:
     channels: int
     image_size: tuple[int, int]
     classes: list[str] | None = None      # None for unlabeled data
+    captions: bool = False                # items carry a caption (batch["text"])
     skipped: list[str] = field(default_factory=list)  # files skipped as unreadable ("path: reason")
 
     @property
@@ -77,12 +78,23 @@ def split(ds: ImageSet, val_fraction: float, seed: int) -> tuple[ImageSet, Image
 
 
 def collate(items: list) -> dict:
-    """[(image, label), ...] -> {"image": (B, C, H, W), "label": (B,)}; drops None (skipped files)."""
+    """[(image, label[, caption]), ...] -> {"image": (B, C, H, W), "label": (B,)[, "text": [str]]}.
+
+    None items (files skipped as unreadable) are dropped.
+    """
     items = [it for it in items if it is not None]
     if not items:
         return {"image": torch.zeros(0), "label": torch.zeros(0, dtype=torch.long)}
-    return {"image": torch.stack([it[0] for it in items]),
-            "label": torch.tensor([it[1] for it in items], dtype=torch.long)}
+    batch = {"image": torch.stack([it[0] for it in items]),
+             "label": torch.tensor([it[1] for it in items], dtype=torch.long)}
+    if len(items[0]) > 2:
+        batch["text"] = [it[2] for it in items]
+    return batch
+
+
+def to_device(batch: dict, device: torch.device | str) -> dict:
+    """Move a batch's tensors to `device` (captions stay lists of str)."""
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 class StepSampler(torch.utils.data.Sampler):

@@ -13,7 +13,8 @@ DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "e
 
 
 class Digits(ImageSet):
-    """All 1,797 digits as (1, 8, 8) images in [-1, 1] (ink is bright) with labels 0-9."""
+    """All 1,797 digits as (1, 8, 8) images in [-1, 1] (ink is bright), labels 0-9, and captions
+    ("the digit seven") for text-conditioned generation."""
 
     def __init__(self) -> None:
         from sklearn.datasets import load_digits
@@ -22,13 +23,15 @@ class Digits(ImageSet):
         x = torch.tensor(d.images, dtype=torch.float32) / 16.0 * 2 - 1   # (N, 8, 8) in [-1, 1]
         self.x = x[:, None]                                                # (N, 1, 8, 8)
         self.y = torch.tensor(d.target, dtype=torch.long)
-        self.info = DataInfo(channels=1, image_size=(8, 8), classes=[str(i) for i in range(10)])
+        self.info = DataInfo(channels=1, image_size=(8, 8), classes=[str(i) for i in range(10)],
+                             captions=True)
 
     def __len__(self) -> int:
         return len(self.y)
 
     def __getitem__(self, i: int):
-        return self.x[i], int(self.y[i])
+        y = int(self.y[i])
+        return self.x[i], y, f"the digit {DIGIT_NAMES[y]}"
 
     def images(self, n: int | None = None) -> torch.Tensor:
         return self.x[:n]

@@ -55,10 +55,11 @@ def resize(im: Image.Image, size: int, policy: str) -> Image.Image:
         im = im.resize((nw, nh), Image.BICUBIC)
         left, top = (nw - size) // 2, (nh - size) // 2
         return im.crop((left, top, left + size, top + size))
-    if policy == "pad":
+    if policy in ("pad", "pad_white"):
         s = size / max(w, h)
         nw, nh = max(1, round(w * s)), max(1, round(h * s))
-        canvas = Image.new(im.mode, (size, size))
+        white = {"L": 255, "RGB": (255, 255, 255), "RGBA": (255, 255, 255, 255)}.get(im.mode, 0)
+        canvas = Image.new(im.mode, (size, size), white if policy == "pad_white" else 0)
         canvas.paste(im.resize((nw, nh), Image.BICUBIC), ((size - nw) // 2, (size - nh) // 2))
         return canvas
     raise DataError(f"data.resize={policy!r}: choose crop, stretch or pad")

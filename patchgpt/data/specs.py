@@ -12,6 +12,7 @@ SPECS = {
     "digits": "scikit-learn's bundled 8x8 handwritten digits (1,797 images, 10 classes)",
     "folder:PATH": "your images: one subfolder per class, or a flat folder of unlabeled images",
     "idx:PATH": "a folder of MNIST-format IDX files (train-images-idx3-ubyte[.gz], ...)",
+    "emoji": "colour emoji rendered from the Noto Color Emoji font, captioned with their Unicode names",
 }
 
 
@@ -28,6 +29,12 @@ def build_datasets(cfg: DataConfig) -> tuple[ImageSet, ImageSet, DataInfo]:
     kind, _, arg = spec.partition(":")
     if kind == "digits" and not arg:
         ds = _resized(Digits(), cfg)
+        train, val = split(ds, cfg.val_fraction, cfg.split_seed)
+        return train, val, ds.info
+    if kind == "emoji" and not arg:
+        from .emoji import Emoji
+
+        ds = Emoji(size=cfg.image_size or 16)
         train, val = split(ds, cfg.val_fraction, cfg.split_seed)
         return train, val, ds.info
     if kind == "folder" and arg:

@@ -2,8 +2,9 @@
 
 from .base import ImageInput, Task, next_token_loss
 from .classify import Classify
+from .generate_image import Generate
 from .pretrain import Pretrain
 
-TASKS: dict[str, type[Task]] = {"pretrain": Pretrain, "classify": Classify}
+TASKS: dict[str, type[Task]] = {"pretrain": Pretrain, "classify": Classify, "generate": Generate}
 
-__all__ = ["TASKS", "Classify", "ImageInput", "Pretrain", "Task", "next_token_loss"]
+__all__ = ["TASKS", "Classify", "Generate", "ImageInput", "Pretrain", "Task", "next_token_loss"]

@@ -1,6 +1,8 @@
 """Tokenizers turn data into `Sequence`s and back."""
 
 from .colors import ColorClusters
+from .labels import ClassLabel
 from .patches import Patches, grid_positions, normalize_patches
+from .text import Bytes
 
-__all__ = ["ColorClusters", "Patches", "grid_positions", "normalize_patches"]
+__all__ = ["Bytes", "ClassLabel", "ColorClusters", "Patches", "grid_positions", "normalize_patches"]

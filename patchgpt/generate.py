@@ -1,0 +1,201 @@
+"""Autoregressive sampling from a `GPT`, kept apart from the model.
+
+One prefill forward over the whole prompt fills a preallocated `KVCache` sized for prompt + generated
+tokens; then each step feeds one token per row and reads the next-token logits. The per-step path does no
+host synchronisation (no ``.item()``) and no Python-side bookkeeping beyond building a one-token `Sequence`:
+position tensors, labels, allowed-token masks and the output buffer are prepared before the loop.
+
+Per step, in float32: logits / temperature (temperature 0 = greedy argmax), the allowed-range mask
+(disallowed ids -> -inf), top-k, top-p (nucleus), then ``torch.multinomial(probs, 1, generator=...)``,
+exactly one draw per step, so a seeded `torch.Generator` reproduces the same tokens whether or not the cache
+is used. Classifier-free guidance runs the conditional and unconditional prompts as one doubled batch and
+mixes the logits as ``cond + cfg_scale * (cond - uncond)``.
+
+References (ideas, not code): LlamaGen ``autoregressive/models/generate.py`` (Sun et al. 2024; prefill then
+per-token decode with a static cache, classifier-free guidance on a doubled batch, top-k / top-p filters) and
+the nanochat engine (karpathy/nanochat; a preallocated KV cache and a lean per-step loop).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from collections.abc import Sequence as SequenceOf
+
+import torch
+from torch import Tensor
+
+from .model import GPT
+from .sequence import IGNORE, Sequence, concat
+
+__all__ = ["top_k_filter", "top_p_filter", "allowed_mask", "sample"]
+
+Ranges = SequenceOf[range]
+
+
+def top_k_filter(logits: Tensor, k: int) -> Tensor:
+    """Keep the `k` largest logits along the last dim (exactly k, ties broken by `torch.topk`); the rest -inf.
+
+    ``k <= 0`` or ``k >= V`` returns `logits` unchanged.
+    """
+    if k <= 0 or k >= logits.shape[-1]:
+        return logits
+    vals, idx = torch.topk(logits, k, dim=-1)
+    return torch.full_like(logits, float("-inf")).scatter_(-1, idx, vals)
+
+
+def top_p_filter(logits: Tensor, p: float) -> Tensor:
+    """Nucleus filter: keep the smallest set of top tokens whose cumulative probability is >= `p`.
+
+    The most likely token is always kept; the rest become -inf. ``p >= 1`` returns `logits` unchanged.
+    """
+    if p >= 1.0:
+        return logits
+    sorted_logits, idx = torch.sort(logits, dim=-1, descending=True)
+    probs = torch.softmax(sorted_logits.float(), dim=-1)
+    before = torch.cumsum(probs, dim=-1) - probs          # probability mass strictly above each token
+    drop = before >= p                                     # the set already reached p without this token
+    drop[..., 0] = False
+    drop = torch.zeros_like(drop).scatter_(-1, idx, drop)  # back to vocabulary order
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def allowed_mask(vocab_size: int, ranges: Ranges, device: torch.device | str | None = None) -> Tensor:
+    """Boolean (V,) mask, True on the ids of `ranges` (each clipped to the vocabulary)."""
+    mask = torch.zeros(vocab_size, dtype=torch.bool, device=device)
+    for r in ranges:
+        if r.step != 1:
+            ids = [i for i in r if 0 <= i < vocab_size]
+            mask[torch.tensor(ids, dtype=torch.long, device=device)] = True
+        else:
+            mask[max(r.start, 0):min(r.stop, vocab_size)] = True
+    return mask
+
+
+def _allowed_bias(vocab_size: int, ranges: Ranges, device: torch.device) -> Tensor:
+    """Float (V,) additive bias: 0 where allowed, -inf elsewhere."""
+    mask = allowed_mask(vocab_size, ranges, device)
+    if not bool(mask.any()):
+        raise ValueError(f"allowed ranges {list(ranges)} contain no id of a {vocab_size}-token vocabulary")
+    return torch.zeros(vocab_size, device=device).masked_fill_(~mask, float("-inf"))
+
+
+def _allowed_table(allowed, steps: int, vocab_size: int, device: torch.device) -> Tensor | None:
+    """Per-step additive biases (steps, V), or one (V,) bias for all steps, or None (everything allowed)."""
+    if allowed is None:
+        return None
+    if not callable(allowed):
+        return _allowed_bias(vocab_size, allowed, device)
+    memo: dict[tuple, Tensor] = {}
+    rows = []
+    for t in range(steps):
+        ranges = allowed(t)
+        key = tuple((r.start, r.stop, r.step) for r in ranges)
+        if key not in memo:
+            memo[key] = _allowed_bias(vocab_size, ranges, device)
+        rows.append(memo[key])
+    return torch.stack(rows) if rows else None
+
+
+def _batch_cat(a: Sequence, b: Sequence) -> Sequence:
+    """Stack two sequences of the same shape and structure along the batch dimension."""
+    if a.shape != b.shape:
+        raise ValueError(f"uncond_prompt has shape {b.shape}, prompt has {a.shape}")
+
+    def cat(x: Tensor | None, y: Tensor | None, name: str) -> Tensor | None:
+        if (x is None) != (y is None):
+            raise ValueError(f"prompt and uncond_prompt disagree on whether `{name}` is set")
+        return None if x is None else torch.cat([x, y], dim=0)
+
+    return Sequence(ids=cat(a.ids, b.ids, "ids"), labels=cat(a.labels, b.labels, "labels"),
+                    pos=cat(a.pos, b.pos, "pos"), patches=cat(a.patches, b.patches, "patches"),
+                    is_patch=cat(a.is_patch, b.is_patch, "is_patch"),
+                    weights=cat(a.weights, b.weights, "weights"), prefix_len=a.prefix_len)
+
+
+@torch.no_grad()
+def sample(model: GPT, prompt: Sequence, steps: int, *, positions: Tensor | None = None,
+           temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+           generator: torch.Generator | None = None,
+           allowed: list[range] | Callable[[int], list[range]] | None = None,
+           uncond_prompt: Sequence | None = None, cfg_scale: float = 0.0,
+           use_cache: bool = True) -> Tensor:
+    """Sample `steps` tokens after `prompt`. Returns generated ids (B, steps), int64.
+
+    Args:
+        model: the backbone; put it in eval mode first (dropout is not switched off here).
+        prompt: (B, T0) sequence; its `prefix_len` leading tokens attend bidirectionally.
+        steps: how many tokens to generate.
+        positions: (steps, 3) grid (frame, row, col) + 1 of each generated token, shared by all rows;
+            None = zeros (non-grid tokens).
+        temperature: logits are divided by it; 0 = greedy argmax (no randomness used).
+        top_k: keep only the k most likely tokens (0 = all).
+        top_p: nucleus sampling threshold (1 = off).
+        generator: random generator (on the model's device) for reproducible draws.
+        allowed: id ranges that may be emitted, or a function of the step index returning them.
+        uncond_prompt: the unconditional prompt for classifier-free guidance, same shape as `prompt`.
+        cfg_scale: guidance scale; logits = cond + cfg_scale * (cond - uncond). 0 = plain conditional.
+        use_cache: False recomputes the full forward over prompt + generated tokens at every step
+            (same tokens, much slower; for tests and benchmarks).
+    """
+    B, T0 = prompt.shape
+    device = prompt.ids.device
+    out = torch.empty(B, steps, dtype=torch.long, device=device)
+    if steps <= 0:
+        return out
+    V = model.cfg.vocab_size
+    if positions is None:
+        positions = torch.zeros(steps, 3, dtype=torch.long, device=device)
+    positions = positions.to(device=device, dtype=torch.long)
+    if positions.shape != (steps, 3):
+        raise ValueError(f"positions must be (steps, 3) = ({steps}, 3), got {tuple(positions.shape)}")
+
+    guided = uncond_prompt is not None and cfg_scale != 0.0
+    seq = _batch_cat(prompt, uncond_prompt) if guided else prompt
+    rows = 2 * B if guided else B
+    prefix_len = prompt.prefix_len
+
+    # Everything the loop needs, ready before it starts.
+    step_pos = positions[:, None, None, :].expand(steps, rows, 1, 3)   # step_pos[t]: (rows, 1, 3) view
+    labels = torch.full((rows, 1), IGNORE, dtype=torch.long, device=device)
+    bias = _allowed_table(allowed, steps, V, device)
+    per_step_bias = bias is not None and bias.dim() == 2
+    greedy = temperature == 0
+    inv_temp = 1.0 if greedy else 1.0 / float(temperature)
+    scale = float(cfg_scale)
+
+    def next_token(logits: Tensor, t: int) -> Tensor:
+        """(rows, V) logits of the last position -> (B, 1) sampled ids."""
+        logits = logits.float()
+        if guided:
+            cond, uncond = logits[:B], logits[B:]
+            logits = cond + scale * (cond - uncond)
+        if inv_temp != 1.0:
+            logits = logits * inv_temp
+        if bias is not None:
+            logits = logits + (bias[t] if per_step_bias else bias)
+        if greedy:
+            return logits.argmax(dim=-1, keepdim=True)
+        logits = top_p_filter(top_k_filter(logits, top_k), top_p)
+        probs = torch.softmax(logits, dim=-1)
+        return torch.multinomial(probs, 1, generator=generator)
+
+    def as_step(tok: Tensor, t: int) -> Sequence:
+        ids = torch.cat([tok, tok], dim=0) if guided else tok
+        return Sequence(ids=ids, labels=labels, pos=step_pos[t])
+
+    if use_cache:
+        cache = model.new_cache(rows, T0 + steps)
+        hidden = model(seq, cache=cache)
+        for t in range(steps):
+            tok = next_token(model.logits(hidden[:, -1]), t)
+            out[:, t:t + 1] = tok
+            if t + 1 < steps:
+                hidden = model(as_step(tok, t), cache=cache)
+    else:
+        cur = seq
+        for t in range(steps):
+            tok = next_token(model.logits(model(cur)[:, -1]), t)
+            out[:, t:t + 1] = tok
+            if t + 1 < steps:
+                cur = concat(cur, as_step(tok, t), prefix_len=prefix_len)
+    return out

@@ -1,0 +1,198 @@
+"""Contract tests of the sampling engine: cache equivalence, seeding, filters, allowed ranges, guidance."""
+
+import math
+
+import pytest
+import torch
+from torch import Tensor
+
+from patchgpt.generate import allowed_mask, sample, top_k_filter, top_p_filter
+from patchgpt.model import GPT, GPTConfig
+from patchgpt.sequence import IGNORE, Sequence, concat, tokens
+
+V = 24
+
+
+def tiny(sharp: float = 1.0, **kw) -> GPT:
+    """A 2-layer random GPT; `sharp` scales the head so logits are well separated (no near-ties)."""
+    torch.manual_seed(0)
+    cfg = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=64, vocab_size=V, patch_dim=12,
+                    max_rows=8, max_cols=8, **kw)
+    m = GPT(cfg).eval()
+    with torch.no_grad():
+        m.lm_head.weight.mul_(sharp)
+    return m
+
+
+class FixedLogits(GPT):
+    """A GPT whose next-token logits are a fixed vector, whatever the input."""
+
+    def __init__(self, logits: Tensor) -> None:
+        super().__init__(GPTConfig(n_layer=1, n_head=1, n_embd=8, block_size=128, vocab_size=logits.numel()))
+        self.register_buffer("fixed", logits.float())
+        self.eval()
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        return self.fixed.expand(*hidden.shape[:-1], -1)
+
+
+def prompt(B=3, T=4, prefix_len=0, patches=False) -> Sequence:
+    g = torch.Generator().manual_seed(7)
+    ids = torch.randint(0, V, (B, T), generator=g)
+    seq = tokens(ids).with_prefix(prefix_len)
+    if patches:  # a class token followed by patch inputs with grid positions
+        pos = torch.randint(1, 5, (B, T, 3), generator=g)
+        pos[:, 0] = 0
+        is_patch = torch.ones(B, T, dtype=torch.bool)
+        is_patch[:, 0] = False
+        seq = Sequence(ids=ids, labels=seq.labels, pos=pos, patches=torch.randn(B, T, 12, generator=g),
+                       is_patch=is_patch, prefix_len=prefix_len)
+    return seq
+
+
+def grid(steps: int, cols: int = 4) -> Tensor:
+    t = torch.arange(steps)
+    return torch.stack([torch.ones_like(t), t // cols + 1, t % cols + 1], dim=1)
+
+
+def run(m, p, steps=12, seed=0, **kw) -> Tensor:
+    return sample(m, p, steps, generator=torch.Generator().manual_seed(seed), **kw)
+
+
+@pytest.mark.parametrize("case", ["plain", "prefix", "grid"])
+def test_cached_equals_uncached_token_for_token(case):
+    m = tiny()
+    p = {"plain": prompt(), "prefix": prompt(T=5, prefix_len=3, patches=True), "grid": prompt(T=1)}[case]
+    kw = {"positions": grid(14)} if case == "grid" else {}
+    for seed in (0, 1):
+        a = run(m, p, 14, seed, **kw)
+        b = run(m, p, 14, seed, use_cache=False, **kw)
+        assert a.shape == (3, 14) and a.dtype == torch.long
+        assert torch.equal(a, b)
+
+
+def test_seeding_is_reproducible():
+    m = tiny()
+    p = prompt()
+    assert torch.equal(run(m, p, seed=3), run(m, p, seed=3))
+    assert not torch.equal(run(m, p, seed=3), run(m, p, seed=4))
+
+
+def test_greedy_is_deterministic_and_the_argmax_of_the_full_forward():
+    m = tiny(sharp=30.0)
+    p = prompt(T=5, prefix_len=2, patches=True)
+    pos = grid(10)
+    a = sample(m, p, 10, positions=pos, temperature=0)
+    assert torch.equal(a, sample(m, p, 10, positions=pos, temperature=0, generator=torch.Generator()))
+    assert torch.equal(a, sample(m, p, 10, positions=pos, temperature=0, use_cache=False))
+    # Teacher-force prompt + generated tokens through one full forward: each token is the argmax before it.
+    gen = Sequence(ids=a[:, :-1], labels=torch.full_like(a[:, :-1], IGNORE),
+                   pos=pos[:-1].expand(3, -1, -1))
+    with torch.no_grad():
+        logits = m.logits(m(concat(p, gen, prefix_len=p.prefix_len)))[:, p.shape[1] - 1:]
+    assert torch.equal(logits.argmax(-1), a)
+
+
+def test_top_k_filter_keeps_exactly_the_k_largest():
+    x = torch.randn(5, 50)
+    y = top_k_filter(x, 7)
+    kept = torch.isfinite(y)
+    assert (kept.sum(-1) == 7).all()
+    assert torch.equal(y[kept], x[kept])
+    assert (x.masked_fill(kept, -math.inf).max(-1).values < x.masked_fill(~kept, math.inf).min(-1).values).all()
+    assert top_k_filter(x, 0) is x and top_k_filter(x, 50) is x
+
+
+def test_top_p_filter_on_known_probabilities():
+    x = torch.tensor([0.05, 0.5, 0.15, 0.25, 0.05]).log()
+    finite = lambda p: torch.isfinite(top_p_filter(x, p)).nonzero().flatten().tolist()
+    assert finite(0.7) == [1, 3]           # 0.5 + 0.25 >= 0.7
+    assert finite(0.8) == [1, 2, 3]        # 0.9 >= 0.8
+    assert finite(0.3) == [1] and finite(0.0) == [1]  # the top token is always kept
+    assert top_p_filter(x, 1.0) is x
+    assert torch.equal(top_p_filter(x[None].expand(2, -1), 0.7), top_p_filter(x, 0.7).expand(2, -1))
+
+
+def test_sampling_with_top_k_and_top_p_never_emits_filtered_tokens():
+    probs = torch.tensor([0.02, 0.3, 0.03, 0.25, 0.2, 0.1, 0.05, 0.05])
+    m = FixedLogits(probs.log())
+    p = tokens(torch.zeros(64, 1, dtype=torch.long))
+    k = run(m, p, 40, top_k=3)
+    assert set(k.unique().tolist()) == {1, 3, 4}
+    n = run(m, p, 40, top_p=0.7)                # 0.3 + 0.25 + 0.2 = 0.75 >= 0.7
+    assert set(n.unique().tolist()) == {1, 3, 4}
+    both = run(m, p, 40, top_k=3, top_p=0.5)    # of the top 3, renormalised: 0.4 + 0.33 >= 0.5
+    assert set(both.unique().tolist()) == {1, 3}
+    assert torch.equal(run(m, p, 5, top_k=1), torch.ones(64, 5, dtype=torch.long))
+
+
+def test_top_k_1_equals_greedy():
+    m = tiny()
+    p = prompt(T=3, prefix_len=2)
+    assert torch.equal(run(m, p, 10, top_k=1), sample(m, p, 10, temperature=0))
+    assert torch.equal(run(m, p, 10, top_k=1, temperature=0.5), sample(m, p, 10, temperature=0))
+
+
+def test_allowed_mask():
+    assert allowed_mask(10, [range(2, 4), range(8, 20)], "cpu").nonzero().flatten().tolist() == [2, 3, 8, 9]
+    assert allowed_mask(10, [range(0, 10, 4)], "cpu").nonzero().flatten().tolist() == [0, 4, 8]
+    assert not allowed_mask(10, [], "cpu").any()
+
+
+def test_allowed_ranges_are_respected():
+    m = tiny(sharp=5.0)
+    p = prompt(B=8)
+    even, odd = [range(0, 4), range(20, 24)], [range(10, 13)]
+    out = run(m, p, 16, allowed=lambda t: even if t % 2 == 0 else odd)
+    assert out[:, 0::2].lt(4).logical_or(out[:, 0::2].ge(20)).all()
+    assert out[:, 1::2].ge(10).logical_and(out[:, 1::2].lt(13)).all()
+    assert torch.equal(out, run(m, p, 16, allowed=lambda t: even if t % 2 == 0 else odd, use_cache=False))
+    fixed = run(m, p, 16, allowed=[range(5, 7)], top_k=4)
+    assert fixed.ge(5).logical_and(fixed.lt(7)).all()
+    greedy = sample(m, p, 6, temperature=0, allowed=[range(5, 7)])
+    assert greedy.ge(5).logical_and(greedy.lt(7)).all()
+    with pytest.raises(ValueError, match="no id"):
+        run(m, p, 2, allowed=[range(V, V + 3)])
+
+
+def _batch_sizes(m: GPT) -> tuple[list[int], object]:
+    sizes: list[int] = []
+    handle = m.register_forward_pre_hook(lambda mod, args, kwargs: sizes.append(args[0].shape[0]),
+                                         with_kwargs=True)
+    return sizes, handle
+
+
+def test_cfg_scale_zero_is_plain_conditional_sampling():
+    m = tiny()
+    p = prompt(T=2, prefix_len=2)
+    u = Sequence(ids=p.ids.clone().fill_(0), labels=p.labels, pos=p.pos, prefix_len=2)
+    sizes, h = _batch_sizes(m)
+    out = run(m, p, 10, uncond_prompt=u, cfg_scale=0.0)
+    h.remove()
+    assert set(sizes) == {3}                  # no doubled batch at all
+    assert torch.equal(out, run(m, p, 10))
+
+
+def test_cfg_runs_one_doubled_batch_and_guides():
+    m = tiny(sharp=5.0)
+    p = prompt(T=2, prefix_len=2)
+    u = Sequence(ids=torch.zeros_like(p.ids), labels=p.labels, pos=p.pos, prefix_len=2)
+    sizes, h = _batch_sizes(m)
+    guided = run(m, p, 10, uncond_prompt=u, cfg_scale=1e4)
+    h.remove()
+    assert set(sizes) == {6} and len(sizes) == 10  # prefill + 9 one-token steps, all 2B rows
+    assert not torch.equal(guided, run(m, p, 10))
+    assert torch.equal(guided, run(m, p, 10, uncond_prompt=u, cfg_scale=1e4, use_cache=False))
+    # With a huge scale the guided logits are dominated by cond - uncond: greedy on that difference.
+    greedy = sample(m, p, 10, temperature=0, uncond_prompt=u, cfg_scale=1e4)
+    assert torch.equal(greedy, sample(m, p, 10, temperature=0, uncond_prompt=u, cfg_scale=1e4, use_cache=False))
+
+
+def test_edge_cases():
+    m = tiny()
+    p = prompt()
+    assert run(m, p, 0).shape == (3, 0)
+    with pytest.raises(ValueError, match="positions"):
+        run(m, p, 4, positions=torch.zeros(3, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="uncond_prompt"):
+        run(m, p, 4, uncond_prompt=prompt(B=2), cfg_scale=1.0)
