@@ -134,7 +134,8 @@ def read_meta(path: str | Path) -> dict:
 
 def info_from_meta(meta: dict) -> DataInfo:
     st = meta["state"]
-    return DataInfo(channels=st["channels"], image_size=tuple(st["image_size"]), classes=st["classes"])
+    return DataInfo(channels=st["channels"], image_size=tuple(st["image_size"]), classes=st["classes"],
+                    captions=st.get("captions", False))
 
 
 def load(path: str | Path, device: str | torch.device = "cpu"):

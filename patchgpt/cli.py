@@ -40,8 +40,8 @@ def _parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train a task", formatter_class=argparse.RawDescriptionHelpFormatter,
                        epilog="tasks: pretrain (generative, unlabeled images) | classify (labelled images) | "
-                       "generate (image generation: unconditional, class- or text-conditional)")
-    t.add_argument("task", choices=["pretrain", "classify", "generate"])
+                       "generate (image generation: unconditional, class- or text-conditional) | vq (learned image tokens)")
+    t.add_argument("task", choices=["pretrain", "classify", "generate", "vq"])
     t.add_argument("--data", help="data spec (default: digits)")
     t.add_argument("--model", choices=list(SIZES), help="backbone size (default: micro)")
     t.add_argument("--init", help="checkpoint or run directory to start from (backbone and tokenizer)")

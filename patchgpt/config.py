@@ -37,6 +37,8 @@ class TokenizerConfig:
     kind: str = "patches"        # patches (continuous, AIM/ViT) | colors (iGPT discrete pixels)
     patch_size: int = 2
     n_colors: int = 16
+    vq: str = ""                 # kind=vq: the `patchgpt train vq` run whose codes are the image tokens
+    vq_config: str = ""          # filled in from that run (JSON), so checkpoints load without it
 
 
 @dataclass
@@ -65,6 +67,17 @@ class GenerateConfig:
     top_k: int = 0
     top_p: float = 1.0
     cfg_scale: float = 0.0       # guidance: logits = cond + s * (cond - uncond); 0 = plain conditional
+
+
+@dataclass
+class VQTrainConfig:
+    downsample: int = 2          # code grid = image / downsample (2, 4 or 8)
+    hidden: int = 64
+    codebook_size: int = 256
+    code_dim: int = 32
+    beta: float = 0.25
+    l2_norm: bool = True
+    dead_after: int = 100        # restart codes unused for this many steps
 
 
 @dataclass
@@ -101,6 +114,7 @@ class RunConfig:
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     classify: ClassifyConfig = field(default_factory=ClassifyConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
+    vq: VQTrainConfig = field(default_factory=VQTrainConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def to_dict(self) -> dict:
@@ -186,7 +200,7 @@ def check(cfg: RunConfig) -> None:
     choices = {
         "data.resize": (cfg.data.resize, ("crop", "stretch", "pad")),
         "data.on_error": (cfg.data.on_error, ("stop", "skip")),
-        "tokenizer.kind": (cfg.tokenizer.kind, ("patches", "colors")),
+        "tokenizer.kind": (cfg.tokenizer.kind, ("patches", "colors", "vq")),
         "pretrain.target": (cfg.pretrain.target, ("patches", "tokens")),
         "classify.mode": (cfg.classify.mode, ("finetune", "linear", "attentive")),
         "classify.attention": (cfg.classify.attention, ("bidirectional", "causal")),
@@ -207,7 +221,9 @@ def check(cfg: RunConfig) -> None:
     if cfg.pretrain.target == "tokens" and cfg.tokenizer.kind != "colors":
         raise ConfigError("pretrain.target=tokens needs tokenizer.kind=colors (discrete pixels)")
     if cfg.task == "generate" and cfg.tokenizer.kind == "patches":
-        raise ConfigError("generate needs discrete image tokens: tokenizer.kind=colors (or vq)")
+        raise ConfigError("generate needs discrete image tokens: tokenizer.kind=colors or vq")
+    if cfg.tokenizer.kind == "vq" and not (cfg.tokenizer.vq or cfg.tokenizer.vq_config):
+        raise ConfigError("tokenizer.kind=vq needs tokenizer.vq=RUN_DIR of a `patchgpt train vq` run")
 
 
 def default_config(task: str) -> RunConfig:
@@ -218,6 +234,9 @@ def default_config(task: str) -> RunConfig:
         cfg.train.lr, cfg.train.steps, cfg.train.warmup = 1e-3, 1500, 100
     elif task == "classify":
         cfg.train.lr, cfg.train.steps, cfg.train.warmup = 5e-4, 1000, 50
+    elif task == "vq":
+        cfg.train.lr, cfg.train.steps, cfg.train.warmup, cfg.train.weight_decay = 2e-3, 2000, 50, 0.0
+        cfg.data.augment = False
     elif task == "generate":
         cfg.tokenizer.kind, cfg.tokenizer.n_colors = "colors", 16
         cfg.train.lr, cfg.train.steps, cfg.train.warmup = 1e-3, 3000, 100

@@ -8,7 +8,7 @@ import torch
 
 from .data.base import ImageSet
 from .report import save_confusion, save_grid, save_rows
-from .tasks import Classify, Generate, Pretrain, Task
+from .tasks import Classify, Generate, Pretrain, Task, TrainVQ
 
 
 def predictions_png(task: Pretrain, images: torch.Tensor, path: Path) -> Path:
@@ -31,6 +31,12 @@ def task_pictures(task: Task, out: Path, metrics: dict, val_set: ImageSet, devic
         written.append(predictions_png(task, images, out / "predictions.png"))
     if isinstance(task, Generate):
         written.append(samples_png(task, out / "samples.png", val_set))
+    if isinstance(task, TrainVQ) and len(val_set):
+        images = torch.stack([val_set[i][0] for i in range(min(16, len(val_set)))]).to(device)
+        recon = task.predict({"image": images})["recon"]
+        psnr = metrics.get("psnr", float("nan"))
+        written.append(save_rows(out / "reconstructions.png", [("original", images.cpu()),
+                                                               (f"{psnr:.1f} dB", recon.cpu())], scale=_scale(task)))
     return written
 
 

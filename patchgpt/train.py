@@ -80,6 +80,13 @@ def prepare(cfg: RunConfig) -> tuple[Task, ImageSet, ImageSet, DataInfo]:
         if cfg.data.spec != "digits":  # decode the new data like the data the checkpoint saw
             cfg.data.image_size = cfg.data.image_size or st["image_size"][0]
             cfg.data.channels = cfg.data.channels or st["channels"]
+    vq_ckpt = None
+    if cfg.tokenizer.kind == "vq" and cfg.tokenizer.vq:
+        vq_ckpt = checkpoint.resolve(cfg.tokenizer.vq)
+        vq_meta = checkpoint.read_meta(vq_ckpt)
+        if vq_meta["task"] != "vq":
+            raise ConfigError(f"tokenizer.vq={cfg.tokenizer.vq}: not a `patchgpt train vq` run")
+        cfg.tokenizer.vq_config = json.dumps(vq_meta["state"]["vq"])
     train_set, val_set, info = build_datasets(cfg.data)
     if init_meta is not None:
         st = init_meta["state"]
@@ -94,6 +101,13 @@ def prepare(cfg: RunConfig) -> tuple[Task, ImageSet, ImageSet, DataInfo]:
         for m in task.input.modules():
             if hasattr(m, "fitted"):
                 m.fitted = True
+    if vq_ckpt is not None and init_meta is None:
+        vq_task = checkpoint.load(vq_ckpt)
+        if tuple(vq_task.info.image_size) != tuple(info.image_size) or vq_task.info.channels != info.channels:
+            raise ConfigError(f"tokenizer.vq={cfg.tokenizer.vq} was trained on {vq_task.info.channels}x"
+                              f"{list(vq_task.info.image_size)} images, this data is {info.channels}x"
+                              f"{list(info.image_size)}")
+        task.input.tok.vq.load_state_dict(vq_task.vq.state_dict())
     if task.needs_fit():
         task.fit_tokenizer(train_set.images(4096), seed=cfg.train.seed)
     return task, train_set, val_set, info
@@ -179,11 +193,13 @@ def train(cfg: RunConfig, resume: bool = False, quiet: bool = False, until: int 
 
     t = cfg.train
     micro_bs = t.batch_size // t.accum
-    n_params = task.backbone.num_params()
+    n_params = task.num_params()
+    tokens_per_image = task.input.length if hasattr(task, "input") else 0
+    model_name = "VQ-VAE" if cfg.task == "vq" else f"GPT {cfg.size}"
     if not quiet:
         print(f"patchgpt: {cfg.task} on {cfg.data.spec}: {len(train_set)} train / {len(val_set)} val images "
-              f"{info.channels}x{info.image_size[0]}x{info.image_size[1]}, GPT {cfg.size} "
-              f"({n_params / 1e6:.2f}M params), {task.input.length} tokens/image, batch {t.batch_size} "
+              f"{info.channels}x{info.image_size[0]}x{info.image_size[1]}, {model_name} "
+              f"({n_params / 1e6:.2f}M params), {tokens_per_image} tokens/image, batch {t.batch_size} "
               f"= {t.accum} x {micro_bs}, {t.steps} steps on {device}", file=sys.stderr)
     batches = train_batches(train_set, micro_bs, t.seed, start * t.accum, (t.steps - start) * t.accum,
                             cfg.data.num_workers)

@@ -4,7 +4,8 @@ from .base import ImageInput, Task, next_token_loss
 from .classify import Classify
 from .generate_image import Generate
 from .pretrain import Pretrain
+from .vq import TrainVQ
 
-TASKS: dict[str, type[Task]] = {"pretrain": Pretrain, "classify": Classify, "generate": Generate}
+TASKS: dict[str, type[Task]] = {"pretrain": Pretrain, "classify": Classify, "generate": Generate, "vq": TrainVQ}
 
-__all__ = ["TASKS", "Classify", "Generate", "ImageInput", "Pretrain", "Task", "next_token_loss"]
+__all__ = ["TASKS", "Classify", "Generate", "ImageInput", "Pretrain", "Task", "TrainVQ", "next_token_loss"]

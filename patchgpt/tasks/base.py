@@ -6,6 +6,8 @@ predictions and accumulates its metric. ``forward(batch) -> (loss, logs)`` so ``
 
 from __future__ import annotations
 
+import json
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -15,6 +17,7 @@ from ..data.base import DataInfo
 from ..model import GPT
 from ..sequence import IGNORE, Sequence, Vocab, concat, tokens
 from ..tokenizers import ColorClusters, Patches
+from ..tokenizers.vq import VQVAE, VQCodes, VQConfig
 
 
 def next_token_loss(logits: Tensor, seq: Sequence) -> Tensor:
@@ -31,7 +34,8 @@ class ImageInput(nn.Module):
     """Images -> the backbone's input `Sequence`, with either tokenizer.
 
     ``patches``: one continuous token per P x P patch (AIM/ViT). ``colors``: a begin token then one colour
-    token per pixel (iGPT), so the first pixel is predicted too.
+    token per pixel (iGPT), so the first pixel is predicted too. ``vq``: a begin token then one learned code
+    per VQ-VAE grid cell.
     """
 
     def __init__(self, cfg: RunConfig, info: DataInfo, vocab: Vocab) -> None:
@@ -41,6 +45,10 @@ class ImageInput(nn.Module):
         self.bos = vocab.add("bos", 1).start
         if t.kind == "patches":
             self.tok = Patches(t.patch_size, info.channels, info.image_size, vocab)
+        elif t.kind == "vq":
+            vq = VQVAE(VQConfig.from_dict(json.loads(t.vq_config)))
+            vq.requires_grad_(False)  # a trained tokenizer: the GPT learns over its codes, never changes them
+            self.tok = VQCodes(vq, vocab)
         else:
             self.tok = ColorClusters(t.n_colors, info.channels, info.image_size, vocab)
         self.grid = self.tok.grid
@@ -52,12 +60,12 @@ class ImageInput(nn.Module):
     @property
     def length(self) -> int:
         """Tokens per image."""
-        return self.tok.num_patches + (1 if self.kind == "colors" else 0)
+        return self.tok.num_patches + (0 if self.kind == "patches" else 1)
 
     def encode(self, images: Tensor) -> Sequence:
         """(B, C, H, W) in [-1, 1] -> input `Sequence` (labels IGNORE)."""
         seq = self.tok.encode(images)
-        if self.kind == "colors":
+        if self.kind != "patches":
             bos = torch.full((images.shape[0], 1), self.bos, dtype=torch.long, device=images.device)
             seq = concat(tokens(bos), seq)
         return seq
@@ -95,12 +103,17 @@ class Task(nn.Module):
     def state(self) -> dict:
         """JSON-friendly state saved in config.json beside the weights (classes, vocab, ...)."""
         return {"vocab": self.vocab.entries(), "classes": self.info.classes,
-                "channels": self.info.channels, "image_size": list(self.info.image_size)}
+                "channels": self.info.channels, "image_size": list(self.info.image_size),
+                "captions": self.info.captions}
 
     def needs_fit(self) -> bool:
         """True if a tokenizer must be fitted on training data before training (a colour palette)."""
         inp = getattr(self, "input", None)
         return inp is not None and inp.kind == "colors" and not inp.tok.fitted
+
+    def num_params(self) -> int:
+        """Trainable and frozen parameters of the whole task."""
+        return sum(p.numel() for p in self.parameters())
 
     def fit_tokenizer(self, images: Tensor, seed: int = 0) -> None:
         self.input.tok.fit(images, seed=seed)

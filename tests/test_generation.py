@@ -1,0 +1,110 @@
+"""Image generation end to end: class/text/unconditional training, sampling, completion, VQ tokens, eval."""
+
+import json
+
+import pytest
+import torch
+
+import patchgpt
+from patchgpt.cli import main
+from patchgpt.config import ConfigError
+from patchgpt.data import Digits
+from patchgpt.tasks import Generate
+from patchgpt.train import train
+
+from .helpers import tiny_config
+
+
+def gen_config(out, condition="class", steps=3, **kw):
+    cfg = tiny_config("generate", out, steps=steps)
+    cfg.generate.condition = condition
+    cfg.tokenizer.n_colors = 4
+    return cfg
+
+
+def test_generate_sequence_layout(tmp_path):
+    ds = Digits()
+    task = Generate(gen_config(tmp_path), ds.info)
+    task.fit_tokenizer(ds.x[:64])
+    batch = {"image": ds.x[:2], "label": ds.y[:2]}
+    seq = task.sequence(batch)
+    # [class] [bos] 64 pixel tokens; labels: the bos and every pixel but the last predict the next pixel.
+    assert seq.ids.shape == (2, 66) and seq.prefix_len == 1
+    assert (seq.labels[:, :1] == -1).all() and (seq.labels[:, -1] == -1).all()
+    assert torch.equal(seq.labels[:, 1:-1], seq.ids[:, 2:])
+    assert seq.ids[0, 0] == task.labels.ids.start + int(ds.y[0])
+
+
+def test_condition_follows_the_data(tmp_path):
+    ds = Digits()
+    assert Generate(gen_config(tmp_path, "auto"), ds.info).condition == "text"  # digits carry captions
+    info = type(ds.info)(channels=1, image_size=(8, 8), classes=None)
+    assert Generate(gen_config(tmp_path, "auto"), info).condition == "none"
+    with pytest.raises(ConfigError, match="needs labels"):
+        Generate(gen_config(tmp_path, "class"), info)
+
+
+@pytest.mark.parametrize("condition", ["class", "text", "none"])
+def test_generate_trains_and_samples(tmp_path, condition):
+    out = train(gen_config(tmp_path / condition, condition, steps=2), quiet=True)
+    task = patchgpt.load(out)
+    kw = {"class": {"classes": torch.tensor([3, 7])}, "text": {"texts": ["the digit three", "the digit seven"]},
+          "none": {}}[condition]
+    a = task.generate(2, seed=1, **kw)
+    assert a.shape == (2, 1, 8, 8) and a.min() >= -1 and a.max() <= 1
+    torch.testing.assert_close(a, task.generate(2, seed=1, **kw))          # seeded
+    torch.testing.assert_close(a, task.generate(2, seed=1, use_cache=False, **kw))  # cache == no cache
+    assert (out / "samples.png").exists()
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["bits_per_dim"] > 0
+
+
+def test_completion_keeps_the_given_tokens(tmp_path):
+    out = train(gen_config(tmp_path / "c", "class", steps=1), quiet=True)
+    task = patchgpt.load(out)
+    ds = Digits()
+    ids = task.input.encode(ds.x[:1]).ids[:, 1:]                            # (1, 64) without bos
+    keep = ids[:, :24].expand(3, 24)
+    images = task.generate(3, classes=torch.tensor([1, 1, 1]), keep=keep, seed=0)
+    again = task.input.encode(images).ids[:, 1:]
+    assert torch.equal(again[:, :24], keep)
+
+
+def test_cli_sample_complete_eval(tmp_path, capsys):
+    gen, judge = tmp_path / "gen", tmp_path / "judge"
+    common = ["--model", "nano", "--steps", "2", "--quiet", "--set", "train.batch_size=16"]
+    assert main(["train", "generate", "--out", str(gen), "--set", "generate.condition=class",
+                 "--set", "tokenizer.n_colors=4", *common]) == 0
+    assert main(["train", "classify", "--out", str(judge), *common]) == 0
+    capsys.readouterr()
+    assert main(["sample", str(gen), "--class", "7", "--class", "1", "--n", "4", "--cfg", "1.5",
+                 "--top-k", "3", "--out", str(tmp_path / "s.png")]) == 0
+    assert (tmp_path / "s.png").stat().st_size > 0
+    from patchgpt.report import save_grid
+
+    save_grid(tmp_path / "digit.png", Digits().x[:1], nrow=1)
+    assert main(["complete", str(gen), str(tmp_path / "digit.png"), "--class", "3", "--n", "2",
+                 "--out", str(tmp_path / "c.png")]) == 0
+    assert (tmp_path / "c.png").stat().st_size > 0
+    capsys.readouterr()
+    assert main(["eval", str(gen), "--judge", str(judge), "--per-class", "2", "--json"]) == 0
+    m = json.loads(capsys.readouterr().out)
+    assert 0 <= m["judge_accuracy"] <= 1 and m["bits_per_dim"] > 0 and len(m["judge_per_class"]) == 10
+    assert main(["sample", str(gen), "--class", "eleven"]) == 2
+
+
+def test_vq_tokens_for_generation(tmp_path):
+    vq = train(tiny_config("vq", tmp_path / "vq", steps=3), quiet=True)
+    m = json.loads((vq / "metrics.json").read_text())
+    assert {"psnr", "codebook_usage", "perplexity"} <= set(m)
+    assert (vq / "reconstructions.png").exists()
+    cfg = gen_config(tmp_path / "g", "class", steps=2)
+    cfg.tokenizer.kind, cfg.tokenizer.vq = "vq", str(vq)
+    out = train(cfg, quiet=True)
+    task = patchgpt.load(out)
+    assert task.input.length == 1 + 16  # bos + a 4x4 code grid (8x8 digits, downsample 2)
+    assert task.generate(2, classes=torch.tensor([0, 1])).shape == (2, 1, 8, 8)
+    # The generator's VQ weights are those of the VQ run, frozen.
+    src = patchgpt.load(vq).vq.state_dict()
+    for k, v in task.input.tok.vq.state_dict().items():
+        assert torch.equal(v, src[k])
