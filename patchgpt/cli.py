@@ -40,7 +40,7 @@ def _parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train a task", formatter_class=argparse.RawDescriptionHelpFormatter,
                        epilog="tasks: pretrain (generative, unlabeled images) | classify (labelled images) | "
-                       "generate (image generation: unconditional, class- or text-conditional) | vq (learned image tokens)")
+                       "generate (unconditional, class- or text-conditional images) | vq (learned image tokens)")
     t.add_argument("task", choices=["pretrain", "classify", "generate", "vq"])
     t.add_argument("--data", help="data spec (default: digits)")
     t.add_argument("--model", choices=list(SIZES), help="backbone size (default: micro)")
@@ -58,6 +58,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--judge", help="generate: a classify checkpoint that judges class-conditional samples")
     e.add_argument("--per-class", type=int, default=20, help="generate: samples per class to judge")
     e.add_argument("--out", help="generate: where to write sample grids (default: CKPT's run directory)")
+    e.add_argument("--cfg", type=float, help="generate: guidance scale for the judged samples")
+    e.add_argument("--temperature", type=float, help="generate: temperature for the judged samples")
 
     r = sub.add_parser("predict", help="classify image files; prints JSON")
     r.add_argument("ckpt", help="checkpoint or run directory of a classify run")
@@ -228,10 +230,11 @@ def _eval_generator(task, a: argparse.Namespace) -> dict:
     from .report import save_rows
 
     run_dir = Path(a.out) if a.out else resolve(a.ckpt).parent.parent
-    out: dict = {"samples_png": str(samples_png(task, run_dir / "eval_samples.png"))}
+    out: dict = {"samples_png": str(samples_png(task, run_dir / "eval_samples.png", cfg_scale=a.cfg,
+                                                temperature=a.temperature))}
     if task.condition == "class":
         judge = load(a.judge) if a.judge else train_judge(task.cfg, run_dir / "judge")
-        r = judge_accuracy(task, judge, per_class=a.per_class)
+        r = judge_accuracy(task, judge, per_class=a.per_class, cfg_scale=a.cfg, temperature=a.temperature)
         K = len(task.info.classes)
         rows = [(task.info.classes[k], r["samples"][r["requested"] == k][:10]) for k in range(K)]
         out["judged_png"] = str(save_rows(run_dir / "judged_samples.png", rows, scale=_scale(task)))

@@ -137,6 +137,8 @@ def sample(model: GPT, prompt: Sequence, steps: int, *, positions: Tensor | None
         use_cache: False recomputes the full forward over prompt + generated tokens at every step
             (same tokens, much slower; for tests and benchmarks).
     """
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
     B, T0 = prompt.shape
     device = prompt.ids.device
     out = torch.empty(B, steps, dtype=torch.long, device=device)

@@ -35,13 +35,15 @@ def recipes(out: Path, smoke: bool = False) -> dict[str, RunConfig]:
         cfg.train.eval_every = 0 if smoke else max(1, steps // 5)  # a few points on the val-loss curve
         return cfg
 
-    pre = base("pretrain", "pretrain", 1500, 1e-3)
+    pre = base("pretrain", "pretrain", 2500, 1e-3)
     pre.tokenizer.patch_size = 2
+    # A 2x2 grey patch has 4 values: normalising each patch (AIM's default) would erase most of what it holds.
+    pre.pretrain.norm_pix = False
     runs = {"pretrain": pre}
     for name, mode, init, steps, lr in [("probe_random", "linear", "", 300, 3e-3),
                                         ("probe_linear", "linear", "pretrain", 300, 3e-3),
                                         ("probe_attentive", "attentive", "pretrain", 300, 1e-3),
-                                        ("finetune", "finetune", "pretrain", 800, 5e-4)]:
+                                        ("finetune", "finetune", "pretrain", 2000, 5e-4)]:
         cfg = base("classify", name, steps, lr)
         cfg.classify.mode = mode
         cfg.tokenizer = pre.tokenizer
@@ -52,6 +54,7 @@ def recipes(out: Path, smoke: bool = False) -> dict[str, RunConfig]:
         if mode != "finetune":
             cfg.classify.label_smoothing = 0.0
             cfg.train.weight_decay = 0.0
+            cfg.classify.layer = 3  # probes read block 3 of 4: the last block specialises in pixel prediction
         runs[name] = cfg
     return runs
 

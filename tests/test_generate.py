@@ -13,6 +13,15 @@ from patchgpt.sequence import IGNORE, Sequence, concat, tokens
 V = 24
 
 
+@pytest.fixture(autouse=True)
+def _one_thread(_seed_and_threads):
+    """Tiny models gain nothing from intra-op threads, and a busy machine makes them stall on each op."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def tiny(sharp: float = 1.0, **kw) -> GPT:
     """A 2-layer random GPT; `sharp` scales the head so logits are well separated (no near-ties)."""
     torch.manual_seed(0)
@@ -64,11 +73,9 @@ def test_cached_equals_uncached_token_for_token(case):
     m = tiny()
     p = {"plain": prompt(), "prefix": prompt(T=5, prefix_len=3, patches=True), "grid": prompt(T=1)}[case]
     kw = {"positions": grid(14)} if case == "grid" else {}
-    for seed in (0, 1):
-        a = run(m, p, 14, seed, **kw)
-        b = run(m, p, 14, seed, use_cache=False, **kw)
-        assert a.shape == (3, 14) and a.dtype == torch.long
-        assert torch.equal(a, b)
+    a = run(m, p, 14, **kw)
+    assert a.shape == (3, 14) and a.dtype == torch.long
+    assert torch.equal(a, run(m, p, 14, use_cache=False, **kw))
 
 
 def test_seeding_is_reproducible():
@@ -116,14 +123,14 @@ def test_top_p_filter_on_known_probabilities():
 def test_sampling_with_top_k_and_top_p_never_emits_filtered_tokens():
     probs = torch.tensor([0.02, 0.3, 0.03, 0.25, 0.2, 0.1, 0.05, 0.05])
     m = FixedLogits(probs.log())
-    p = tokens(torch.zeros(64, 1, dtype=torch.long))
-    k = run(m, p, 40, top_k=3)
+    p = tokens(torch.zeros(400, 1, dtype=torch.long))
+    k = run(m, p, 6, top_k=3)                   # 2400 draws each
     assert set(k.unique().tolist()) == {1, 3, 4}
-    n = run(m, p, 40, top_p=0.7)                # 0.3 + 0.25 + 0.2 = 0.75 >= 0.7
+    n = run(m, p, 6, top_p=0.7)                 # 0.3 + 0.25 + 0.2 = 0.75 >= 0.7
     assert set(n.unique().tolist()) == {1, 3, 4}
-    both = run(m, p, 40, top_k=3, top_p=0.5)    # of the top 3, renormalised: 0.4 + 0.33 >= 0.5
+    both = run(m, p, 6, top_k=3, top_p=0.5)     # of the top 3, renormalised: 0.4 + 0.33 >= 0.5
     assert set(both.unique().tolist()) == {1, 3}
-    assert torch.equal(run(m, p, 5, top_k=1), torch.ones(64, 5, dtype=torch.long))
+    assert torch.equal(run(m, p, 3, top_k=1), torch.ones(400, 3, dtype=torch.long))
 
 
 def test_top_k_1_equals_greedy():
@@ -194,5 +201,7 @@ def test_edge_cases():
     assert run(m, p, 0).shape == (3, 0)
     with pytest.raises(ValueError, match="positions"):
         run(m, p, 4, positions=torch.zeros(3, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="temperature"):
+        run(m, p, 4, temperature=-1.0)
     with pytest.raises(ValueError, match="uncond_prompt"):
         run(m, p, 4, uncond_prompt=prompt(B=2), cfg_scale=1.0)

@@ -16,19 +16,14 @@ SPECS = {
 }
 
 
-def _resized(ds: ImageSet, cfg: DataConfig) -> ImageSet:
-    """Digits at another size or channel count (for experiments); other sources resize while decoding."""
-    if not cfg.image_size and not cfg.channels:
-        return ds
-    raise DataError("digits are 8x8 grayscale; data.image_size/data.channels apply to folder and idx data")
-
-
 def build_datasets(cfg: DataConfig) -> tuple[ImageSet, ImageSet, DataInfo]:
     """The (train, val, info) sets for `cfg.spec`; a `DataError` explains a bad spec in one line."""
     spec = cfg.spec.strip()
     kind, _, arg = spec.partition(":")
     if kind == "digits" and not arg:
-        ds = _resized(Digits(), cfg)
+        if cfg.image_size not in (0, 8) or cfg.channels not in (0, 1):
+            raise DataError("digits are 8x8 grayscale; data.image_size/data.channels apply to other sources")
+        ds = Digits()
         train, val = split(ds, cfg.val_fraction, cfg.split_seed)
         return train, val, ds.info
     if kind == "emoji" and not arg:
