@@ -54,7 +54,8 @@ def recipes(out: Path, smoke: bool = False) -> dict[str, RunConfig]:
         if mode != "finetune":
             cfg.classify.label_smoothing = 0.0
             cfg.train.weight_decay = 0.0
-            cfg.classify.layer = 3  # probes read block 3 of 4: the last block specialises in pixel prediction
+            # Probes read the second-to-last block: the last one specialises in predicting pixels.
+            cfg.classify.layer = max(1, pre.model.n_layer - 1)
         runs[name] = cfg
     return runs
 

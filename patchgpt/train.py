@@ -25,6 +25,7 @@ from .data import augment, build_datasets, eval_batches, train_batches
 from .data.base import DataError, DataInfo, ImageSet, to_device
 from .evaluate import evaluate
 from .model import GPTConfig
+from .pictures import task_pictures
 from .report import atomic_write_text, save_curves
 from .tasks import TASKS, Task
 
@@ -188,7 +189,7 @@ def train(cfg: RunConfig, resume: bool = False, quiet: bool = False, until: int 
         atomic_write_text(log_path, "".join(json.dumps(r) + "\n" for r in _read_log(log_path, start)))
     else:
         log_path.write_text("")
-    (out / "config.json").write_text(cfg.dumps())
+    atomic_write_text(out / "config.json", cfg.dumps())
     model = torch.compile(task) if cfg.train.compile else task
 
     t = cfg.train
@@ -268,6 +269,8 @@ def train(cfg: RunConfig, resume: bool = False, quiet: bool = False, until: int 
         bar.close()
         log_f.close()
     if step == t.steps:
+        if not metrics:  # resumed a run that had already finished: evaluate its final checkpoint again
+            metrics = evaluate(task, eval_batches(val_set, 256, cfg.data.num_workers), device)
         finish(task, cfg, out, metrics, val_set, device)
     return out
 
@@ -283,8 +286,6 @@ def finish(task: Task, cfg: RunConfig, out: Path, metrics: dict, val_set: ImageS
     series = {"train loss": [(r["step"], r["loss"]) for r in rows if "loss" in r],
               "val loss": [(r["step"], r["val/val_loss"]) for r in rows if "val/val_loss" in r]}
     save_curves(out / "loss.png", series, title=f"{cfg.task} ({cfg.size}, {cfg.data.spec})")
-    from .pictures import task_pictures
-
     try:
         task_pictures(task, out, metrics, val_set, device)
     except DataError as e:
