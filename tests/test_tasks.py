@@ -30,7 +30,7 @@ def test_token_loss_at_init_is_near_log_vocab(tmp_path):
     task, batch = colors_pretrain(tmp_path)
     loss, _ = task(batch)
     V = task.vocab.size
-    assert abs(float(loss) - math.log(V)) < 0.05 * math.log(V)
+    assert abs(loss.item() - math.log(V)) < 0.05 * math.log(V)
 
 
 def overfit(task, batch, steps=150, lr=3e-3):
