@@ -97,8 +97,13 @@ def prepare(cfg: RunConfig) -> tuple[Task, ImageSet, ImageSet, DataInfo]:
     task = TASKS[cfg.task](cfg, info)
     if init_meta is not None:
         src_task = checkpoint.load(cfg.init)
-        task.backbone.load_state_dict(src_task.backbone.state_dict())
-        task.input.load_state_dict(src_task.input.state_dict())
+        try:
+            task.backbone.load_state_dict(src_task.backbone.state_dict())
+            task.input.load_state_dict(src_task.input.state_dict())
+        except RuntimeError as e:
+            first = str(e).strip().splitlines()[-1].strip()
+            raise ConfigError(f"--init {cfg.init}: its {src_task.name} backbone does not fit a {cfg.task} model "
+                              f"({first})") from None
         for m in task.input.modules():
             if hasattr(m, "fitted"):
                 m.fitted = True
