@@ -16,13 +16,13 @@ Run: ``PYTHONPATH=. python benchmarks/bench_backbone.py [--threads 2 --repeats 7
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import time
 
 import torch
 import transformers
+from common import write_json
 from torch import Tensor, nn
 from transformers import GPT2Config, GPT2Model
 
@@ -161,9 +161,7 @@ def main() -> None:
     for mode in ("train", "infer"):
         print(f"{mode + ' MFU':22}{mfu['patchgpt'][mode]:12.1%}{mfu['hf_gpt2'][mode]:12.1%}")
     print(f"{'parameters':22}{params['patchgpt']:12,}{params['hf_gpt2']:12,}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=2)
+    write_json(args.json, res)
 
 
 if __name__ == "__main__":

@@ -33,14 +33,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import inspect
-import json
 import platform
 import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 import transformers
+from common import timed, write_json
 from transformers import ImageGPTConfig, ImageGPTForCausalImageModeling
 from transformers.models.imagegpt.modeling_imagegpt import ImageGPTAttention
 
@@ -53,12 +52,6 @@ VOCAB, WIDTH, LAYERS, HEADS, SIDE = 513, 256, 4, 8, 32
 PIXELS = SIDE * SIDE            # 1024
 SOS = VOCAB - 1                 # 512; ImageGPT's start-of-sequence id
 PAD = 0                         # never used (no eos); must not be SOS, or generate masks the prompt out
-
-
-def timed(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
 
 
 def main() -> None:
@@ -176,9 +169,7 @@ def main() -> None:
           f"{ratio['sample']:13.3f}")
     print(f"{'sample tokens/s':24}{tok_s['patchgpt']:12.1f}{tok_s['hf_imagegpt']:13.1f}{ratio['sample']:13.3f}")
     print(f"{'parameters':24}{params['patchgpt']:12,}{params['hf_imagegpt']:13,}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=2)
+    write_json(args.json, res)
 
 
 if __name__ == "__main__":

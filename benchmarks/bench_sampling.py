@@ -24,13 +24,12 @@ Run: ``PYTHONPATH=. python benchmarks/bench_sampling.py [--threads 2 --repeats 5
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
-import time
 
 import torch
 import transformers
+from common import timed, write_json
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from patchgpt.generate import sample
@@ -57,12 +56,6 @@ def build_hf() -> tuple[GPT2LMHeadModel, str]:
     except (ValueError, TypeError, ImportError):
         hf = GPT2LMHeadModel(GPT2Config(**kw))
     return hf.eval(), hf.config._attn_implementation
-
-
-def timed(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
 
 
 def main() -> None:
@@ -147,9 +140,7 @@ def main() -> None:
     print("(ratios: median of per-repeat ratios; ms/step = whole call incl. prefill / tokens; the no-cache "
           f"path was timed only over the first {nc_steps} tokens of a fresh run — over all {STEPS} it is slower "
           "per token, its step cost grows with length)")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=2)
+    write_json(args.json, res)
 
 
 if __name__ == "__main__":
