@@ -13,6 +13,7 @@ from .checkpoint import CheckpointError
 from .config import ConfigError, RunConfig, apply_size, default_config, set_override
 from .data.base import DataError
 from .model import SIZES
+from .tasks import TASKS
 
 EPILOG = """examples:
   patchgpt quickstart --out runs/quickstart
@@ -40,8 +41,9 @@ def _parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train a task", formatter_class=argparse.RawDescriptionHelpFormatter,
                        epilog="tasks: pretrain (generative, unlabeled images) | classify (labelled images) | "
-                       "generate (unconditional, class- or text-conditional images) | vq (learned image tokens)")
-    t.add_argument("task", choices=["pretrain", "classify", "generate", "vq"])
+                       "generate (unconditional, class- or text-conditional images) | vq (learned image tokens) | "
+                       "detect (boxes as tokens, Pix2Seq-style)")
+    t.add_argument("task", choices=list(TASKS))
     t.add_argument("--data", help="data spec (default: digits)")
     t.add_argument("--model", choices=list(SIZES), help="backbone size (default: micro)")
     t.add_argument("--init", help="checkpoint or run directory to start from (backbone and tokenizer)")
@@ -53,7 +55,8 @@ def _parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="evaluate a checkpoint on its validation data (or --data)")
     e.add_argument("ckpt", help="checkpoint or run directory")
-    e.add_argument("--data", help="another data spec to evaluate on")
+    e.add_argument("--data", help="another data spec to evaluate on (its validation split, or all with --all)")
+    e.add_argument("--all", action="store_true", help="evaluate on every item of --data, not its validation split")
     e.add_argument("--json", action="store_true", help="print the metrics as JSON")
     e.add_argument("--judge", help="generate: a classify checkpoint that judges class-conditional samples")
     e.add_argument("--per-class", type=int, default=20, help="generate: samples per class to judge")
@@ -61,11 +64,13 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--cfg", type=float, help="generate: guidance scale for the judged samples")
     e.add_argument("--temperature", type=float, help="generate: temperature for the judged samples")
 
-    r = sub.add_parser("predict", help="classify image files; prints JSON")
-    r.add_argument("ckpt", help="checkpoint or run directory of a classify run")
+    r = sub.add_parser("predict", help="classify or detect objects in image files; prints JSON")
+    r.add_argument("ckpt", help="checkpoint or run directory of a classify or detect run")
     r.add_argument("images", nargs="+", help="image files")
-    r.add_argument("--top", type=int, default=5, help="probabilities to list per image (default: 5)")
-    r.add_argument("--out", help="also write the JSON to this file")
+    r.add_argument("--top", type=int, default=5, help="classify: probabilities to list per image (default: 5)")
+    r.add_argument("--out", help="classify: also write the JSON to this file; detect: a directory for one JSON "
+                   "and one PNG with the boxes drawn per image")
+    r.add_argument("--min-score", type=float, default=0.0, help="detect: drop boxes scoring below this")
 
     def sampling_flags(x: argparse.ArgumentParser) -> None:
         x.add_argument("--class", dest="cls", action="append", help="class name or index (repeatable)")
@@ -204,11 +209,25 @@ def cmd_eval(a: argparse.Namespace) -> None:
     cfg: RunConfig = task.cfg
     if a.data:
         cfg.data.spec = a.data
-    _, val, info = build_datasets(cfg.data)
+    if a.all:
+        from .data.specs import whole_dataset
+
+        val = whole_dataset(cfg.data, cfg.data.spec, task.info.classes)
+        info = val.info
+    else:
+        _, val, info = build_datasets(cfg.data, classes=task.info.classes)
     if info.classes and task.info.classes and info.classes != task.info.classes:
         raise DataError(f"{cfg.data.spec}: classes {info.classes} differ from the checkpoint's {task.info.classes}")
     metrics = evaluate(task, eval_batches(val, 256))
     from .tasks import Generate
+
+    if "_detections" in metrics:
+        from .checkpoint import resolve
+        from .report import atomic_write_text
+
+        run_dir = Path(a.out) if a.out else resolve(a.ckpt).parent.parent
+        path = atomic_write_text(run_dir / "eval_detections.json", json.dumps(metrics.pop("_detections")))
+        metrics["detections_json"] = str(path)
 
     if isinstance(task, Generate):
         metrics.update(_eval_generator(task, a))
@@ -249,8 +268,12 @@ def cmd_predict(a: argparse.Namespace) -> None:
     from .tasks import Classify
 
     task = load(a.ckpt)
+    from .tasks import Detect
+
+    if isinstance(task, Detect):
+        return _predict_boxes(task, a)
     if not isinstance(task, Classify):
-        raise ConfigError(f"{a.ckpt}: predict needs a classify checkpoint, this one is {task.name!r}")
+        raise ConfigError(f"{a.ckpt}: predict needs a classify or detect checkpoint, this one is {task.name!r}")
     d = task.cfg.data
     C = task.info.channels
     H = task.info.image_size[0]
@@ -268,6 +291,45 @@ def cmd_predict(a: argparse.Namespace) -> None:
         from .report import atomic_write_text
 
         atomic_write_text(a.out, text + "\n")
+
+
+def _predict_boxes(task, a: argparse.Namespace) -> None:
+    """Detect objects in each image: JSON per image (pixels of the original image) and a PNG with boxes."""
+    from .data.coco import letterbox, to_pixels
+    from .data.images import load_pil, to_mode, to_tensor
+    from .report import atomic_write_text, save_boxes
+
+    S, C = task.info.image_size[0], task.info.channels
+    out = Path(a.out) if a.out else None
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+    names = task.info.classes
+    results = []
+    for i in range(0, len(a.images), 32):
+        paths = a.images[i:i + 32]
+        originals, metas, inputs = [], [], []
+        for p in paths:
+            im = to_mode(load_pil(p), C)
+            boxed, meta = letterbox(im, S, task.cfg.data.resize)
+            originals.append(im)
+            metas.append(meta)
+            inputs.append(to_tensor(boxed))
+        dets = task.predict({"image": torch.stack(inputs)})["detections"]
+        for p, im, meta, det in zip(paths, originals, metas, dets, strict=True):
+            keep = det["scores"] >= a.min_score
+            px = to_pixels(det["boxes"][keep], meta, S).tolist()
+            cls, scores = det["classes"][keep].tolist(), det["scores"][keep].tolist()
+            objs = [{"box": [round(v, 1) for v in b], "class": names[c], "score": round(s, 4)}
+                    for b, c, s in zip(px, cls, scores, strict=True)]
+            r = {"image": p, "width": meta["width"], "height": meta["height"], "objects": objs}
+            results.append(r)
+            if out:
+                stem = Path(p).stem
+                atomic_write_text(out / f"{stem}.json", json.dumps(r, indent=2) + "\n")
+                shown = [o for o in objs if o["score"] >= task.cfg.detect.draw_score]
+                save_boxes(out / f"{stem}.png", im.convert("RGB"), [o["box"] for o in shown],
+                           [f"{o['class']} {o['score']:.2f}" for o in shown], [names.index(o["class"]) for o in shown])
+    print(json.dumps(results, indent=2))
 
 
 def cmd_quickstart(a: argparse.Namespace) -> None:

@@ -19,7 +19,8 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    spec: str = "digits"         # digits | folder:PATH | idx:PATH
+    spec: str = "digits"         # digits | folder:PATH | idx:PATH | emoji | coco:ANN.json[:DIR] | digit-scenes
+    val_spec: str = ""           # a separate validation source (the whole of `spec` then trains)
     image_size: int = 0          # square side after resizing; 0 = the source's native size (folders: 32)
     channels: int = 0            # 1 or 3 (or 4); 0 = the source's native channels (folders: 3, RGB)
     resize: str = "crop"         # crop: shorter side to size then centre crop | stretch | pad (letterbox)
@@ -70,6 +71,20 @@ class GenerateConfig:
 
 
 @dataclass
+class DetectConfig:
+    bins: int = 64               # coordinate bins over [0, 1] (about one per input pixel is plenty)
+    max_objects: int = 10        # objects per image, real plus noise; more are dropped in training
+    noise: bool = True           # Pix2Seq sequence augmentation: pad with noise objects up to max_objects
+    jitter: float = 0.2          # noise boxes: real boxes shifted/resized by up to this fraction of their size
+    noise_weight: float = 1.0    # loss weight of the noise class token
+    order: str = "random"        # object order in training: random | area | raster
+    temperature: float = 0.0     # decoding: 0 = greedy; > 0 samples (with top_p for nucleus sampling)
+    top_p: float = 1.0
+    nms_iou: float = 0.7         # class-wise NMS threshold on decoded boxes (1 = off)
+    draw_score: float = 0.3      # pictures: draw boxes scoring at least this
+
+
+@dataclass
 class VQTrainConfig:
     downsample: int = 2          # code grid = image / downsample (2, 4 or 8)
     hidden: int = 64
@@ -115,6 +130,7 @@ class RunConfig:
     classify: ClassifyConfig = field(default_factory=ClassifyConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     vq: VQTrainConfig = field(default_factory=VQTrainConfig)
+    detect: DetectConfig = field(default_factory=DetectConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def to_dict(self) -> dict:
@@ -205,6 +221,7 @@ def check(cfg: RunConfig) -> None:
         "classify.mode": (cfg.classify.mode, ("finetune", "linear", "attentive")),
         "classify.attention": (cfg.classify.attention, ("bidirectional", "causal")),
         "generate.condition": (cfg.generate.condition, ("auto", "none", "class", "text")),
+        "detect.order": (cfg.detect.order, ("random", "area", "raster")),
     }
     for key, (val, ok) in choices.items():
         if val not in ok:
@@ -241,4 +258,8 @@ def default_config(task: str) -> RunConfig:
         cfg.tokenizer.kind, cfg.tokenizer.n_colors = "colors", 16
         cfg.train.lr, cfg.train.steps, cfg.train.warmup = 1e-3, 3000, 100
         cfg.data.augment = False  # a shifted digit is a different image to generate
+    elif task == "detect":
+        cfg.tokenizer.patch_size = 8
+        cfg.data.resize = "pad"   # letterbox: every box stays inside the image
+        cfg.train.lr, cfg.train.steps, cfg.train.warmup = 1e-3, 3000, 200
     return cfg

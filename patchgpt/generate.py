@@ -118,8 +118,9 @@ def sample(model: GPT, prompt: Sequence, steps: int, *, positions: Tensor | None
            generator: torch.Generator | None = None,
            allowed: list[range] | Callable[[int], list[range]] | None = None,
            uncond_prompt: Sequence | None = None, cfg_scale: float = 0.0,
-           use_cache: bool = True) -> Tensor:
-    """Sample `steps` tokens after `prompt`. Returns generated ids (B, steps), int64.
+           use_cache: bool = True, stop_token: int | None = None, stop_check: int = 1,
+           return_logits: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+    """Sample up to `steps` tokens after `prompt`. Returns generated ids (B, steps), int64.
 
     Args:
         model: the backbone; put it in eval mode first (dropout is not switched off here).
@@ -136,14 +137,21 @@ def sample(model: GPT, prompt: Sequence, steps: int, *, positions: Tensor | None
         cfg_scale: guidance scale; logits = cond + cfg_scale * (cond - uncond). 0 = plain conditional.
         use_cache: False recomputes the full forward over prompt + generated tokens at every step
             (same tokens, much slower; for tests and benchmarks).
+        stop_token: once every row has emitted this id, stop early (checked every `stop_check` steps, one
+            host synchronisation each); the remaining columns of the output are filled with it.
+        return_logits: also return the (B, steps, V) float32 logits each token was drawn from (after guidance,
+            before temperature, masks and filters), e.g. to score what was generated.
     """
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     B, T0 = prompt.shape
     device = prompt.ids.device
     out = torch.empty(B, steps, dtype=torch.long, device=device)
+    raw = torch.zeros(B, steps, model.cfg.vocab_size, device=device) if return_logits else None
+    if stop_token is not None:
+        out.fill_(stop_token)
     if steps <= 0:
-        return out
+        return (out, raw) if return_logits else out
     V = model.cfg.vocab_size
     if positions is None:
         positions = torch.zeros(steps, 3, dtype=torch.long, device=device)
@@ -171,6 +179,8 @@ def sample(model: GPT, prompt: Sequence, steps: int, *, positions: Tensor | None
         if guided:
             cond, uncond = logits[:B], logits[B:]
             logits = cond + scale * (cond - uncond)
+        if raw is not None:
+            raw[:, t] = logits
         if inv_temp != 1.0:
             logits = logits * inv_temp
         if bias is not None:
@@ -185,19 +195,32 @@ def sample(model: GPT, prompt: Sequence, steps: int, *, positions: Tensor | None
         ids = torch.cat([tok, tok], dim=0) if guided else tok
         return Sequence(ids=ids, labels=labels, pos=step_pos[t])
 
+    done = torch.zeros(B, 1, dtype=torch.bool, device=device) if stop_token is not None else None
+
+    def finished(tok: Tensor, t: int) -> bool:
+        """Record `tok` at step t; True when every row has stopped (checked every `stop_check` steps)."""
+        if done is None:
+            out[:, t:t + 1] = tok
+            return False
+        out[:, t:t + 1] = torch.where(done, stop_token, tok)
+        done.logical_or_(tok == stop_token)
+        return (t + 1) % stop_check == 0 and bool(done.all())
+
     if use_cache:
         cache = model.new_cache(rows, T0 + steps)
         hidden = model(seq, cache=cache)
         for t in range(steps):
             tok = next_token(model.logits(hidden[:, -1]), t)
-            out[:, t:t + 1] = tok
+            if finished(tok, t):
+                break
             if t + 1 < steps:
                 hidden = model(as_step(tok, t), cache=cache)
     else:
         cur = seq
         for t in range(steps):
             tok = next_token(model.logits(model(cur)[:, -1]), t)
-            out[:, t:t + 1] = tok
+            if finished(tok, t):
+                break
             if t + 1 < steps:
                 cur = concat(cur, as_step(tok, t), prefix_len=prefix_len)
-    return out
+    return (out, raw) if return_logits else out

@@ -7,8 +7,8 @@ from pathlib import Path
 import torch
 
 from .data.base import ImageSet
-from .report import save_confusion, save_grid, save_rows
-from .tasks import Classify, Generate, Pretrain, Task, TrainVQ
+from .report import draw_boxes, save_confusion, save_detection_grid, save_grid, save_rows, tensor_to_pil
+from .tasks import Classify, Detect, Generate, Pretrain, Task, TrainVQ
 
 
 def predictions_png(task: Pretrain, images: torch.Tensor, path: Path) -> Path:
@@ -37,7 +37,31 @@ def task_pictures(task: Task, out: Path, metrics: dict, val_set: ImageSet, devic
         psnr = metrics.get("psnr", float("nan"))
         written.append(save_rows(out / "reconstructions.png", [("original", images.cpu()),
                                                                (f"{psnr:.1f} dB", recon.cpu())], scale=_scale(task)))
+    if isinstance(task, Detect) and len(val_set):
+        written.append(detections_png(task, [val_set[i] for i in range(min(12, len(val_set)))], out / "detections.png",
+                                      device))
     return written
+
+
+def detections_png(task: Detect, items: list, path: Path, device="cpu") -> Path:
+    """Validation images with predicted boxes (solid, "class score") over the ground truth (dashed, grey)."""
+    items = [it for it in items if it is not None]
+    images = torch.stack([it[0] for it in items]).to(device)
+    task.eval()
+    dets = task.predict({"image": images})["detections"]
+    S = task.info.image_size[0]
+    scale = max(1, 256 // S)
+    panels = []
+    for (image, _, target), det in zip(items, dets, strict=True):
+        pil = tensor_to_pil(image.cpu(), scale)
+        gt = (target["boxes"] * S * scale).tolist()
+        pil = draw_boxes(pil, gt, [""] * len(gt), dashed=True, colour="#9e9e9e")
+        keep = det["scores"] >= task.cfg.detect.draw_score
+        boxes = (det["boxes"][keep] * S * scale).tolist()
+        names = [f"{task.info.classes[c]} {s:.2f}" for c, s in zip(det["classes"][keep].tolist(),
+                                                                      det["scores"][keep].tolist(), strict=True)]
+        panels.append(draw_boxes(pil, boxes, names, det["classes"][keep].tolist()))
+    return save_detection_grid(path, panels)
 
 
 def _scale(task: Task) -> int:

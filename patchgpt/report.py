@@ -247,3 +247,58 @@ def save_rows(path: str | Path, rows: list[tuple[str, Images]], scale: int = 1) 
         img.paste(grid, (label_w, y))
         y += h
     return _save_png(path, img)
+
+
+_BOX_COLOURS = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45",
+                "#fabed4", "#469990", "#dcbeff", "#9a6324", "#800000", "#aaffc3", "#808000", "#000075"]
+
+
+def draw_boxes(image: Image.Image, boxes: list[list[float]], labels: list[str], classes: list[int] | None = None,
+               dashed: bool = False, colour: str | None = None) -> Image.Image:
+    """Draw xyxy pixel `boxes` with their `labels` on a copy of `image` (RGB), one colour per class
+    (or all in `colour`); `dashed` for ground truth."""
+    img = image.convert("RGB")
+    draw = ImageDraw.Draw(img)
+    font = _font(max(9, min(14, img.size[1] // 20)))
+    for i, (box, text) in enumerate(zip(boxes, labels, strict=True)):
+        col = colour or _BOX_COLOURS[(classes[i] if classes is not None else i) % len(_BOX_COLOURS)]
+        x0, y0, x1, y1 = (float(v) for v in box)
+        if dashed:
+            for a, b in (((x0, y0), (x1, y0)), ((x1, y0), (x1, y1)), ((x1, y1), (x0, y1)), ((x0, y1), (x0, y0))):
+                n = max(1, int(max(abs(b[0] - a[0]), abs(b[1] - a[1])) // 4))
+                for k in range(0, n, 2):
+                    p = (a[0] + (b[0] - a[0]) * k / n, a[1] + (b[1] - a[1]) * k / n)
+                    q = (a[0] + (b[0] - a[0]) * (k + 1) / n, a[1] + (b[1] - a[1]) * (k + 1) / n)
+                    draw.line([p, q], fill=col, width=1)
+        else:
+            draw.rectangle([x0, y0, x1, y1], outline=col, width=2)
+        if text:
+            tw, th = _text_size(draw, text, font)
+            ty = y0 - th - 2 if y0 - th - 2 >= 0 else y0 + 1
+            draw.rectangle([x0, ty, x0 + tw + 3, ty + th + 1], fill=col)
+            draw.text((x0 + 2, ty), text, fill="white", font=font)
+    return img
+
+
+def save_boxes(path: str | Path, image: Image.Image, boxes: list[list[float]], labels: list[str],
+               classes: list[int] | None = None) -> Path:
+    """`draw_boxes` saved as a PNG atomically; returns the path."""
+    return _save_png(path, draw_boxes(image, boxes, labels, classes))
+
+
+def tensor_to_pil(image: Images, scale: int = 1) -> Image.Image:
+    """One (C, H, W) image in [-1, 1] -> a Pillow image, upscaled `scale` times (nearest)."""
+    img = image_grid(image[None], nrow=1, pad=0)
+    return img.resize((img.size[0] * scale, img.size[1] * scale), Image.NEAREST) if scale > 1 else img
+
+
+def save_detection_grid(path: str | Path, panels: list[Image.Image], ncol: int = 4, pad: int = 4) -> Path:
+    """Tile equally sized RGB panels into one PNG (white gaps); returns the path."""
+    w, h = panels[0].size
+    cols = min(ncol, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    sheet = Image.new("RGB", (cols * w + (cols + 1) * pad, rows * h + (rows + 1) * pad), "white")
+    for i, p in enumerate(panels):
+        r, c = divmod(i, cols)
+        sheet.paste(p, (pad + c * (w + pad), pad + r * (h + pad)))
+    return _save_png(path, sheet)

@@ -285,7 +285,9 @@ def _scalars(metrics: dict, prefix: str = "") -> dict:
 
 
 def finish(task: Task, cfg: RunConfig, out: Path, metrics: dict, val_set: ImageSet, device) -> None:
-    """metrics.json, the loss curve and the task's pictures."""
+    """metrics.json, the loss curve and the task's pictures (and detections.json for detection)."""
+    if "_detections" in metrics:
+        atomic_write_text(out / "detections.json", json.dumps(metrics.pop("_detections")))
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
     rows = _read_log(out / "log.jsonl", cfg.train.steps)
     series = {"train loss": [(r["step"], r["loss"]) for r in rows if "loss" in r],

@@ -29,6 +29,8 @@ class DataInfo:
     classes: list[str] | None = None      # None for unlabeled data
     captions: bool = False                # items carry a caption (batch["text"])
     skipped: list[str] = field(default_factory=list)  # files skipped as unreadable ("path: reason")
+    boxes: bool = False                   # items carry detection targets (batch["boxes"], ["classes"])
+    category_ids: list[int] | None = None  # COCO category id of each class (detection output)
 
     @property
     def num_classes(self) -> int:
@@ -67,6 +69,22 @@ class Subset(ImageSet):
         return self.base.labels()[torch.tensor(self.indices, dtype=torch.long)]
 
 
+class ConcatSet(ImageSet):
+    """Two sets one after the other (same `info`)."""
+
+    def __init__(self, a: ImageSet, b: ImageSet) -> None:
+        self.a, self.b, self.info = a, b, a.info
+
+    def __len__(self) -> int:
+        return len(self.a) + len(self.b)
+
+    def __getitem__(self, i: int):
+        return self.a[i] if i < len(self.a) else self.b[i - len(self.a)]
+
+    def labels(self) -> Tensor:
+        return torch.cat([self.a.labels(), self.b.labels()])
+
+
 def split(ds: ImageSet, val_fraction: float, seed: int) -> tuple[ImageSet, ImageSet]:
     """Deterministic train/val split by a seeded permutation (the same every run for the same seed)."""
     n = len(ds)
@@ -78,18 +96,33 @@ def split(ds: ImageSet, val_fraction: float, seed: int) -> tuple[ImageSet, Image
 
 
 def collate(items: list) -> dict:
-    """[(image, label[, caption]), ...] -> {"image": (B, C, H, W), "label": (B,)[, "text": [str]]}.
+    """[(image, label[, caption | target]), ...] -> {"image": (B, C, H, W), "label": (B,)[, "text": [str]]}.
 
-    None items (files skipped as unreadable) are dropped.
+    A detection target (a dict of ``boxes`` (N, 4), ``classes`` (N,), ``meta``) becomes ``boxes``
+    (B, Nmax, 4) and ``classes`` (B, Nmax) padded with class -1, and ``meta`` (a list). None items (files
+    skipped as unreadable) are dropped.
     """
     items = [it for it in items if it is not None]
     if not items:
         return {"image": torch.zeros(0), "label": torch.zeros(0, dtype=torch.long)}
     batch = {"image": torch.stack([it[0] for it in items]),
              "label": torch.tensor([it[1] for it in items], dtype=torch.long)}
-    if len(items[0]) > 2:
+    if len(items[0]) > 2 and isinstance(items[0][2], dict):
+        batch.update(pad_targets([it[2] for it in items]))
+    elif len(items[0]) > 2:
         batch["text"] = [it[2] for it in items]
     return batch
+
+
+def pad_targets(targets: list[dict]) -> dict:
+    """Detection targets of one batch -> padded ``boxes`` (B, N, 4), ``classes`` (B, N) (-1 = none), ``meta``."""
+    n = max([len(t["classes"]) for t in targets] + [1])
+    boxes = torch.zeros(len(targets), n, 4)
+    classes = torch.full((len(targets), n), -1, dtype=torch.long)
+    for b, t in enumerate(targets):
+        k = len(t["classes"])
+        boxes[b, :k], classes[b, :k] = t["boxes"], t["classes"]
+    return {"boxes": boxes, "classes": classes, "meta": [t["meta"] for t in targets]}
 
 
 def to_device(batch: dict, device: torch.device | str) -> dict:

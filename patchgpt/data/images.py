@@ -73,16 +73,21 @@ def to_tensor(im: Image.Image) -> torch.Tensor:
     return torch.from_numpy(a).permute(2, 0, 1) / 127.5 - 1.0   # (H, W, C) -> (C, H, W)
 
 
-def load_image(path: str | Path, channels: int, size: int, policy: str = "crop") -> torch.Tensor:
-    """Read one image file as (C, size, size) in [-1, 1]; a `DataError` names the file if it cannot."""
+def load_pil(path: str | Path) -> Image.Image:
+    """Open and decode one image file with Pillow; a `DataError` names the file if it cannot."""
     try:
         with Image.open(path) as im:
             im.load()
-            return to_tensor(resize(to_mode(im, channels), size, policy))
+            return im.copy() if im.mode not in ("P", "PA") else im.convert("RGBA")
     except FileNotFoundError:
         raise DataError(f"{path}: no such file") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise DataError(f"{path}: cannot read image ({type(e).__name__}: {e})") from None
+
+
+def load_image(path: str | Path, channels: int, size: int, policy: str = "crop") -> torch.Tensor:
+    """Read one image file as (C, size, size) in [-1, 1]; a `DataError` names the file if it cannot."""
+    return to_tensor(resize(to_mode(load_pil(path), channels), size, policy))
 
 
 def list_images(root: Path) -> list[Path]:

@@ -1,9 +1,12 @@
-"""Parse data specs (``digits``, ``folder:PATH``, ``idx:PATH``) into train and validation sets."""
+"""Parse data specs (``digits``, ``folder:PATH``, ``idx:PATH``, ``emoji``, ``coco:ANN.json[:DIR]``,
+``digit-scenes``) into train and validation sets."""
 
 from __future__ import annotations
 
+import dataclasses
+
 from ..config import DataConfig
-from .base import DataError, DataInfo, ImageSet, split
+from .base import ConcatSet, DataError, DataInfo, ImageSet, split
 from .digits import Digits
 from .idx import IdxImages, find_idx
 from .images import ImageFolder
@@ -13,12 +16,46 @@ SPECS = {
     "folder:PATH": "your images: one subfolder per class, or a flat folder of unlabeled images",
     "idx:PATH": "a folder of MNIST-format IDX files (train-images-idx3-ubyte[.gz], ...)",
     "emoji": "colour emoji rendered from the Noto Color Emoji font, captioned with their Unicode names",
+    "coco:ANN.json[:IMAGES_DIR]": "COCO instance annotations (detection); images next to the JSON by default",
+    "digit-scenes": "detection scenes: 1-4 real handwritten digits pasted on 64x64 canvases, exact boxes",
 }
 
 
-def build_datasets(cfg: DataConfig) -> tuple[ImageSet, ImageSet, DataInfo]:
-    """The (train, val, info) sets for `cfg.spec`; a `DataError` explains a bad spec in one line."""
-    spec = cfg.spec.strip()
+def _coco_args(arg: str) -> tuple[str, str | None]:
+    """``ANN.json[:IMAGES_DIR]`` -> (annotation file, images dir or None)."""
+    i = arg.lower().find(".json:")
+    return (arg[:i + 5], arg[i + 6:]) if i >= 0 else (arg, None)
+
+
+def build_datasets(cfg: DataConfig, classes: list[str] | None = None) -> tuple[ImageSet, ImageSet, DataInfo]:
+    """The (train, val, info) sets for `cfg.spec`; a `DataError` explains a bad spec in one line.
+
+    With ``cfg.val_spec`` set, the whole of `cfg.spec` trains and the whole of `cfg.val_spec` validates.
+    `classes` (a checkpoint's) fixes the class order of sources that can follow it (COCO files).
+    """
+    if cfg.val_spec:
+        train, _, info = _build(cfg, cfg.spec, classes, val_fraction=0.0)
+        val_full = whole_dataset(cfg, cfg.val_spec, info.classes)
+        if val_full.info.classes != info.classes:
+            raise DataError(f"data.val_spec={cfg.val_spec}: classes {val_full.info.classes} differ from "
+                            f"{cfg.spec}'s {info.classes}")
+        return train, val_full, info
+    return _build(cfg, cfg.spec, classes)
+
+
+def whole_dataset(cfg: DataConfig, spec: str, classes: list[str] | None = None) -> ImageSet:
+    """Every item of `spec` (no train/validation split): for evaluating on a separate file or folder."""
+    train, val, _ = _build(cfg, spec, classes, val_fraction=0.0)
+    if spec.strip() == "digit-scenes":
+        return val
+    return ConcatSet(train, val) if len(val) else train
+
+
+def _build(cfg: DataConfig, spec: str, classes: list[str] | None = None,
+           val_fraction: float | None = None) -> tuple[ImageSet, ImageSet, DataInfo]:
+    spec = spec.strip()
+    if val_fraction is not None:
+        cfg = dataclasses.replace(cfg, val_fraction=val_fraction)
     kind, _, arg = spec.partition(":")
     if kind == "digits" and not arg:
         if cfg.image_size not in (0, 8) or cfg.channels not in (0, 1):
@@ -46,5 +83,20 @@ def build_datasets(cfg: DataConfig) -> tuple[ImageSet, ImageSet, DataInfo]:
             return train_ds, val_ds, train_ds.info
         train, val = split(train_ds, cfg.val_fraction, cfg.split_seed)
         return train, val, train_ds.info
+    if kind == "digit-scenes" and not arg:
+        from .scenes import digit_scenes
+
+        if cfg.channels not in (0, 1):
+            raise DataError("digit-scenes are grayscale; data.channels does not apply")
+        train, val = digit_scenes(size=cfg.image_size or 64, split_seed=cfg.split_seed)
+        return train, val, train.info
+    if kind == "coco" and arg:
+        from .coco import CocoDetection
+
+        ann, images_dir = _coco_args(arg)
+        ds = CocoDetection(ann, images_dir, channels=cfg.channels or 3, size=cfg.image_size or 64,
+                           resize=cfg.resize, on_error=cfg.on_error, classes=classes)
+        train, val = split(ds, cfg.val_fraction, cfg.split_seed)
+        return train, val, ds.info
     known = "; ".join(f"{k} ({v})" for k, v in SPECS.items())
     raise DataError(f"unknown data spec {spec!r}; use one of: {known}")

@@ -2,10 +2,12 @@
 
 from .base import ImageInput, Task, next_token_loss
 from .classify import Classify
+from .detect import Detect
 from .generate_image import Generate
 from .pretrain import Pretrain
 from .vq import TrainVQ
 
-TASKS: dict[str, type[Task]] = {"pretrain": Pretrain, "classify": Classify, "generate": Generate, "vq": TrainVQ}
+TASKS: dict[str, type[Task]] = {"pretrain": Pretrain, "classify": Classify, "generate": Generate, "vq": TrainVQ,
+                               "detect": Detect}
 
-__all__ = ["TASKS", "Classify", "Generate", "ImageInput", "Pretrain", "Task", "TrainVQ", "next_token_loss"]
+__all__ = ["TASKS", "Classify", "Detect", "Generate", "ImageInput", "Pretrain", "Task", "TrainVQ", "next_token_loss"]

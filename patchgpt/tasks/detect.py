@@ -1,0 +1,230 @@
+"""Object detection as a token sequence with the one decoder-only GPT (Pix2Seq, without the encoder).
+
+The image patches and a task token form a bidirectional prefix; the objects follow, 5 tokens each
+(``x_min y_min x_max y_max class``), then an end token. Training is next-token cross-entropy over the
+object tokens with Pix2Seq's sequence augmentation: the real objects (in random order) are followed by noise
+objects — jittered copies of real boxes and random boxes — labelled with a "noise" class whose coordinates
+carry no loss, up to ``detect.max_objects``. The model so learns to say "noise" rather than to stop early,
+and decoding keeps proposing boxes, which COCO's AP rewards when they are scored.
+
+Inference decodes all rows in one batch with the KV cache (`patchgpt.generate.sample`), constrained so that
+coordinates come only where coordinates belong, then a real class, or the end token. A box's score is its
+class token's probability under the full distribution (noise included), so noise-like proposals score low;
+class-wise non-maximum suppression removes duplicates.
+
+References: Pix2Seq (Chen et al. 2022; google-research/pix2seq ``tasks/object_detection.py``), prefix-causal
+attention over image patches (AIM, El-Nouby et al. 2024).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..coco_eval import coco_map, ground_truth
+from ..config import RunConfig
+from ..data.base import DataError, DataInfo
+from ..data.coco import to_pixels
+from ..generate import sample
+from ..sequence import IGNORE, Sequence, concat, tokens
+from ..tokenizers.boxes import TOKENS_PER_OBJECT, Boxes
+from .base import ImageInput, Task, build_backbone, next_token_loss
+
+
+def box_iou(a: Tensor, b: Tensor) -> Tensor:
+    """(N, 4) x (M, 4) xyxy -> (N, M) IoU."""
+    lt = torch.maximum(a[:, None, :2], b[None, :, :2])                  # (N, M, 2)
+    rb = torch.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = (rb - lt).clamp(min=0).prod(-1)                               # (N, M)
+    area = lambda x: (x[:, 2:] - x[:, :2]).clamp(min=0).prod(-1)         # noqa: E731
+    return inter / (area(a)[:, None] + area(b)[None, :] - inter).clamp(min=1e-9)
+
+
+def nms(boxes: Tensor, scores: Tensor, classes: Tensor, iou: float) -> Tensor:
+    """Indices kept by class-wise non-maximum suppression, by descending score (``iou >= 1`` keeps all)."""
+    order = scores.argsort(descending=True)
+    if iou >= 1.0 or len(order) < 2:
+        return order
+    ious = box_iou(boxes[order], boxes[order])
+    same = classes[order][:, None] == classes[order][None, :]
+    keep: list[int] = []
+    for i in range(len(order)):
+        if all(not (same[i, j] and ious[i, j] > iou) for j in keep):
+            keep.append(i)
+    return order[torch.tensor(keep, dtype=torch.long)]
+
+
+class Detect(Task):
+    """Predict boxes and classes as tokens after the image (``patchgpt train detect``)."""
+
+    name = "detect"
+
+    def __init__(self, cfg: RunConfig, info: DataInfo) -> None:
+        super().__init__(cfg, info)
+        if not info.boxes:
+            raise DataError(f"detection needs boxes; {cfg.data.spec} has none (use coco:ANN.json[:IMAGES_DIR] "
+                            "or digit-scenes)")
+        d = cfg.detect
+        self.input = ImageInput(cfg, info, self.vocab)
+        self.task_id = self.vocab.add("task_detect", 1).start
+        self.boxes = Boxes(d.bins, len(info.classes), self.vocab)
+        self.max_objects = d.max_objects
+        length = self.input.length + 1 + TOKENS_PER_OBJECT * d.max_objects + 1
+        self.backbone = build_backbone(cfg, self.vocab, self.input.patch_dim, length, self.input.grid)
+
+    def state(self) -> dict:
+        return {**super().state(), "boxes": True, "category_ids": self.info.category_ids}
+
+    # ---- training sequences -------------------------------------------------------------------------
+
+    def _noise_boxes(self, real: Tensor, n: int, gen: torch.Generator | None) -> Tensor:
+        """`n` noise boxes (n, 4): half jittered copies of `real` boxes (if any), the rest random."""
+        if n <= 0:
+            return torch.zeros(0, 4)
+        rand = lambda *s: torch.rand(*s, generator=gen)                   # noqa: E731
+        centre, size = rand(n, 2), rand(n, 2) * 0.5 + 0.05
+        out = torch.cat([centre - size / 2, centre + size / 2], dim=1)    # (n, 4) random boxes
+        if len(real):
+            k = n // 2
+            src = real[torch.randint(0, len(real), (k,), generator=gen)]  # (k, 4)
+            wh = (src[:, 2:] - src[:, :2]).repeat(1, 2)                   # (k, 4)
+            out[:k] = src + (rand(k, 4) - 0.5) * wh * self.cfg.detect.jitter * 2
+        return out.clamp(0, 1)
+
+    def _targets(self, boxes: Tensor, classes: Tensor, gen: torch.Generator | None) -> tuple[Tensor, Tensor]:
+        """One image's padded objects -> (ids (L,), labels (L,)) of the object part (labels = next token)."""
+        d = self.cfg.detect
+        keep = classes >= 0
+        boxes, classes = boxes[keep].cpu(), classes[keep].cpu()
+        n = len(classes)
+        if d.order == "random":
+            perm = torch.randperm(n, generator=gen) if gen is not None else torch.arange(n)
+        elif d.order == "area":
+            perm = ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])).argsort(descending=True)
+        else:  # raster: top to bottom, then left to right
+            perm = (boxes[:, 1] * 4 + boxes[:, 0]).argsort()
+        perm = perm[:self.max_objects]
+        boxes, classes = boxes[perm], classes[perm]
+        n_noise = self.max_objects - len(classes) if d.noise and gen is not None else 0
+        noise = self._noise_boxes(boxes, n_noise, gen)
+        all_boxes = torch.cat([boxes, noise])
+        all_cls = torch.cat([classes, torch.full((n_noise,), -1, dtype=torch.long)])
+        ids = torch.cat([torch.tensor([self.task_id]), self.boxes.encode(all_boxes, all_cls)])  # task, objs, end
+        labels = ids[1:].clone()                                           # what each input position predicts
+        is_noise_coord = torch.zeros_like(labels, dtype=torch.bool)
+        for j in range(len(classes), len(all_cls)):
+            is_noise_coord[j * TOKENS_PER_OBJECT:j * TOKENS_PER_OBJECT + 4] = True
+        labels[is_noise_coord] = IGNORE
+        return ids[:-1], labels
+
+    def sequence(self, batch: dict, gen: torch.Generator | None = None) -> Sequence:
+        """Image prefix + task token + objects; labels on the object tokens (noise coordinates excluded)."""
+        images = batch["image"]
+        dev = images.device
+        img = self.input.encode(images)
+        parts = [self._targets(b, c, gen) for b, c in zip(batch["boxes"], batch["classes"], strict=True)]
+        L = max(len(ids) for ids, _ in parts)
+        ids = torch.full((len(parts), L), self.boxes.end, dtype=torch.long)
+        labels = torch.full((len(parts), L), IGNORE, dtype=torch.long)
+        for b, (i, lab) in enumerate(parts):
+            ids[b, :len(i)], labels[b, :len(lab)] = i, lab
+        weights = torch.ones(len(parts), L)
+        weights[labels == self.boxes.noise] = self.cfg.detect.noise_weight
+        objs = tokens(ids.to(dev), labels.to(dev))
+        objs = Sequence(ids=objs.ids, labels=objs.labels, pos=objs.pos, weights=weights.to(dev))
+        return concat(img, objs, prefix_len=img.ids.shape[1] + 1)
+
+    def _flip(self, batch: dict, gen: torch.Generator) -> dict:
+        """Horizontal flips of half the images, with their boxes (``data.flip``)."""
+        flip = (torch.rand(batch["image"].shape[0], generator=gen) < 0.5).to(batch["image"].device)
+        images = torch.where(flip[:, None, None, None], batch["image"].flip(-1), batch["image"])
+        b = batch["boxes"]
+        flipped = torch.stack([1 - b[..., 2], b[..., 1], 1 - b[..., 0], b[..., 3]], dim=-1)   # (B, N, 4)
+        return {**batch, "image": images, "boxes": torch.where(flip[:, None, None], flipped, b)}
+
+    def forward(self, batch: dict, gen: torch.Generator | None = None) -> tuple[Tensor, dict]:
+        if gen is not None and self.cfg.data.augment and self.cfg.data.flip:
+            batch = self._flip(batch, gen)
+        seq = self.sequence(batch, gen)
+        P = seq.prefix_len - 1
+        h = self.backbone(seq)[:, P:]                                      # (B, L, C) task token onwards
+        tail = Sequence(ids=seq.ids[:, P:], labels=seq.labels[:, P:], pos=seq.pos[:, P:],
+                        weights=seq.weights[:, P:])
+        loss = next_token_loss(self.backbone.logits(h), tail)
+        return loss, {"loss": loss.detach()}
+
+    # ---- inference ----------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def predict(self, batch: dict, temperature: float | None = None, top_p: float | None = None,
+                max_objects: int | None = None, use_cache: bool = True, seed: int = 0) -> dict:
+        """Detect objects in ``batch["image"]`` (B, C, H, W).
+
+        Returns ``{"detections": [{"boxes": (N, 4) normalized xyxy, "classes": (N,), "scores": (N,)}, ...]}``,
+        one entry per image, sorted by score. Greedy by default (``detect.temperature=0``); a temperature
+        > 0 with ``top_p`` < 1 gives nucleus sampling.
+        """
+        d = self.cfg.detect
+        images = batch["image"]
+        B, dev = images.shape[0], images.device
+        img = self.input.encode(images)
+        prompt = concat(img, tokens(torch.full((B, 1), self.task_id, dtype=torch.long, device=dev)),
+                        prefix_len=img.ids.shape[1] + 1)
+        n_obj = min(max_objects or self.max_objects, self.max_objects)
+        gen = torch.Generator(device=dev).manual_seed(seed)
+        ids, raw = sample(self.backbone, prompt, TOKENS_PER_OBJECT * n_obj + 1,
+                          temperature=d.temperature if temperature is None else temperature,
+                          top_p=d.top_p if top_p is None else top_p, generator=gen,
+                          allowed=self.boxes.allowed, use_cache=use_cache, stop_token=self.boxes.end,
+                          stop_check=TOKENS_PER_OBJECT, return_logits=True)
+        out = []
+        cls_range = self.boxes.classes
+        for b in range(B):
+            boxes, classes = self.boxes.decode(ids[b].cpu())
+            n = len(classes)
+            probs = raw[b, TOKENS_PER_OBJECT - 1:TOKENS_PER_OBJECT * n:TOKENS_PER_OBJECT,
+                        cls_range.start:cls_range.stop].softmax(-1).cpu()       # (n, K + 1)
+            scores = probs.gather(1, classes.clamp(min=0)[:, None])[:, 0] if n else torch.zeros(0)
+            ok = (classes >= 0) & (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+            boxes, classes, scores = boxes[ok], classes[ok], scores[ok]
+            keep = nms(boxes, scores, classes, d.nms_iou)
+            out.append({"boxes": boxes[keep], "classes": classes[keep], "scores": scores[keep]})
+        return {"detections": out}
+
+    def metric(self) -> DetectMetric:
+        return DetectMetric(self)
+
+
+class DetectMetric:
+    """Validation loss and COCO mAP (AP, AP50, AP75, per-class AP), with the detections as COCO results."""
+
+    def __init__(self, task: Detect) -> None:
+        self.task = task
+        self.metas: list[dict] = []
+        self.results: list[dict] = []
+        self.loss_sum, self.n = 0.0, 0
+
+    def update(self, batch: dict) -> None:
+        t = self.task
+        loss, _ = t(batch)
+        B = batch["image"].shape[0]
+        self.loss_sum += float(loss) * B
+        self.n += B
+        dets = t.predict(batch)["detections"]
+        S = t.info.image_size[0]
+        cat_ids = t.info.category_ids or list(range(1, len(t.info.classes) + 1))
+        for meta, det in zip(batch["meta"], dets, strict=True):
+            self.metas.append(meta)
+            px = to_pixels(det["boxes"], meta, S)                               # (N, 4) xyxy pixels
+            for box, c, s in zip(px.tolist(), det["classes"].tolist(), det["scores"].tolist(), strict=True):
+                self.results.append({"image_id": meta["image_id"], "category_id": cat_ids[c],
+                                     "bbox": [round(box[0], 2), round(box[1], 2), round(box[2] - box[0], 2),
+                                              round(box[3] - box[1], 2)], "score": round(s, 5)})
+
+    def compute(self) -> dict:
+        t = self.task
+        cat_ids = t.info.category_ids or list(range(1, len(t.info.classes) + 1))
+        gt = ground_truth(self.metas, cat_ids, t.info.classes)
+        m = coco_map(gt, self.results, t.info.classes)
+        return {"val_loss": self.loss_sum / max(self.n, 1), **m, "images": self.n,
+                "detections_per_image": len(self.results) / max(self.n, 1), "_detections": self.results}

@@ -1,0 +1,88 @@
+"""Boxes: objects as token sequences, ``x_min y_min x_max y_max class`` each, then an end token (Pix2Seq).
+
+Reference: Pix2Seq (Chen et al. 2022, google-research/pix2seq ``tasks/object_detection.py``, ``vocab.py``):
+coordinates quantized into `bins` uniform bins over [0, 1], one token per coordinate; a class token per
+object; noise objects for sequence augmentation carry their own class. Ranges come from the shared `Vocab`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..sequence import Vocab
+
+TOKENS_PER_OBJECT = 5
+
+
+class Boxes:
+    """Quantize normalized xyxy boxes and class indices into tokens, and back.
+
+    Args:
+        bins: coordinate bins over [0, 1]; bin q stands for the value q / (bins - 1).
+        num_classes: real classes; the id after them is the "noise" class (sequence augmentation).
+        vocab: the shared vocab; reserves ``box_coords`` (bins), ``box_classes`` (num_classes + 1), ``box_end``.
+    """
+
+    def __init__(self, bins: int, num_classes: int, vocab: Vocab) -> None:
+        if bins < 2:
+            raise ValueError(f"Boxes needs at least 2 bins, got {bins}")
+        self.bins, self.num_classes = bins, num_classes
+        self.coords = vocab.add("box_coords", bins)
+        self.classes = vocab.add("box_classes", num_classes + 1)
+        self.noise = self.classes.stop - 1
+        self.end = vocab.add("box_end", 1).start
+
+    def quantize(self, boxes: Tensor) -> Tensor:
+        """(..., 4) floats in [0, 1] -> (..., 4) coordinate ids (values outside [0, 1] are clipped)."""
+        q = torch.round(boxes.clamp(0, 1) * (self.bins - 1)).long()
+        return q + self.coords.start
+
+    def dequantize(self, ids: Tensor) -> Tensor:
+        """(..., 4) coordinate ids -> (..., 4) floats in [0, 1] (bin centres)."""
+        return (ids - self.coords.start).clamp(0, self.bins - 1).float() / (self.bins - 1)
+
+    def encode(self, boxes: Tensor, classes: Tensor) -> Tensor:
+        """One image's (N, 4) normalized xyxy boxes and (N,) class indices (-1 = noise) -> (5N + 1,) ids.
+
+        The objects keep the given order; the last id is the end token.
+        """
+        cls = torch.where(classes >= 0, classes + self.classes.start, torch.full_like(classes, self.noise))
+        obj = torch.cat([self.quantize(boxes), cls[:, None]], dim=1)        # (N, 5)
+        end = torch.tensor([self.end], dtype=torch.long, device=boxes.device)
+        return torch.cat([obj.reshape(-1), end])                            # (N, 5) -> (5N + 1,)
+
+    def decode(self, ids: Tensor) -> tuple[Tensor, Tensor]:
+        """(L,) ids -> (boxes (N, 4) in [0, 1], classes (N,)) up to the first end token.
+
+        Objects must be well formed (4 coordinate ids, then a class id); decoding stops at the first
+        one that is not, so a truncated or malformed tail is dropped. Noise objects come back as class -1;
+        coordinates are sorted so that x_min <= x_max and y_min <= y_max.
+        """
+        ids = ids.tolist()
+        boxes, classes = [], []
+        for i in range(0, len(ids) - TOKENS_PER_OBJECT + 1, TOKENS_PER_OBJECT):
+            obj = ids[i:i + TOKENS_PER_OBJECT]
+            if obj[0] == self.end or not all(c in self.coords for c in obj[:4]) or obj[4] not in self.classes:
+                break
+            boxes.append(obj[:4])
+            classes.append(-1 if obj[4] == self.noise else obj[4] - self.classes.start)
+        if not boxes:
+            return torch.zeros(0, 4), torch.zeros(0, dtype=torch.long)
+        b = self.dequantize(torch.tensor(boxes))                              # (N, 4)
+        x0, x1 = torch.minimum(b[:, 0], b[:, 2]), torch.maximum(b[:, 0], b[:, 2])
+        y0, y1 = torch.minimum(b[:, 1], b[:, 3]), torch.maximum(b[:, 1], b[:, 3])
+        return torch.stack([x0, y0, x1, y1], dim=1), torch.tensor(classes, dtype=torch.long)
+
+    def allowed(self, step: int, with_noise: bool = False) -> list[range]:
+        """Ids a decoder may emit at generated position `step` (0-based, objects back to back).
+
+        Coordinates at slots 0-3 (slot 0 may also end the sequence), a class at slot 4; the noise class
+        only if `with_noise`.
+        """
+        slot = step % TOKENS_PER_OBJECT
+        if slot == 0:
+            return [self.coords, range(self.end, self.end + 1)]
+        if slot < 4:
+            return [self.coords]
+        return [self.classes] if with_noise else [range(self.classes.start, self.noise)]
