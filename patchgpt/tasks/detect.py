@@ -18,6 +18,8 @@ attention over image patches (AIM, El-Nouby et al. 2024).
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from torch import Tensor
 
@@ -175,8 +177,8 @@ class Detect(Task):
         ids, raw = sample(self.backbone, prompt, TOKENS_PER_OBJECT * n_obj + 1,
                           temperature=d.temperature if temperature is None else temperature,
                           top_p=d.top_p if top_p is None else top_p, generator=gen,
-                          allowed=self.boxes.allowed, use_cache=use_cache, stop_token=self.boxes.end,
-                          stop_check=TOKENS_PER_OBJECT, return_logits=True)
+                          allowed=partial(self.boxes.allowed, max_objects=n_obj), use_cache=use_cache,
+                          stop_token=self.boxes.end, stop_check=TOKENS_PER_OBJECT, return_logits=True)
         out = []
         cls_range = self.boxes.classes
         for b in range(B):

@@ -74,12 +74,14 @@ class Boxes:
         y0, y1 = torch.minimum(b[:, 1], b[:, 3]), torch.maximum(b[:, 1], b[:, 3])
         return torch.stack([x0, y0, x1, y1], dim=1), torch.tensor(classes, dtype=torch.long)
 
-    def allowed(self, step: int, with_noise: bool = False) -> list[range]:
+    def allowed(self, step: int, max_objects: int | None = None, with_noise: bool = False) -> list[range]:
         """Ids a decoder may emit at generated position `step` (0-based, objects back to back).
 
         Coordinates at slots 0-3 (slot 0 may also end the sequence), a class at slot 4; the noise class
-        only if `with_noise`.
+        only if `with_noise`; only the end token once `max_objects` objects are out.
         """
+        if max_objects is not None and step >= TOKENS_PER_OBJECT * max_objects:
+            return [range(self.end, self.end + 1)]
         slot = step % TOKENS_PER_OBJECT
         if slot == 0:
             return [self.coords, range(self.end, self.end + 1)]
