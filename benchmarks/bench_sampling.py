@@ -65,7 +65,10 @@ def main() -> None:
     ap.add_argument("--nocache-steps", type=int, default=64, help="tokens over which the no-cache path is timed")
     ap.add_argument("--quick", action="store_true", help="smoke test: 2 repeats, 32 tokens (no-cache: 8)")
     ap.add_argument("--json", type=str, default=None, help="write the results dict here")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (timings synchronise the device)")
     args = ap.parse_args()
+    dev = torch.device(args.device)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     steps, nc_steps = STEPS, min(args.nocache_steps, STEPS)
     if args.quick:
         args.repeats, steps, nc_steps = 2, 32, 8
@@ -74,10 +77,11 @@ def main() -> None:
     transformers.logging.set_verbosity_error()
 
     ours = GPT(GPTConfig(n_layer=LAYERS, n_head=HEADS, n_embd=WIDTH, vocab_size=VOCAB, block_size=STEPS + 1,
-                         max_rows=SIDE, max_cols=SIDE)).eval()
+                         max_rows=SIDE, max_cols=SIDE)).eval().to(dev)
     hf, attn_impl = build_hf()
-    prompt = tokens(torch.zeros(BATCH, 1, dtype=torch.long))
-    pos = grid_positions(steps)
+    hf.to(dev)
+    prompt = tokens(torch.zeros(BATCH, 1, dtype=torch.long, device=dev))
+    pos = grid_positions(steps).to(dev)
     ids = prompt.ids
     gen_kw = dict(attention_mask=torch.ones_like(ids), do_sample=True, top_k=0, top_p=1.0, temperature=1.0,
                   max_new_tokens=steps, min_new_tokens=steps, pad_token_id=EOS, eos_token_id=EOS)
@@ -85,7 +89,7 @@ def main() -> None:
 
     def ours_run(n: int, use_cache: bool) -> torch.Tensor:
         return sample(ours, prompt, n, positions=pos[:n], use_cache=use_cache,
-                      generator=torch.Generator().manual_seed(next(seed)))
+                      generator=torch.Generator(dev).manual_seed(next(seed)))
 
     def hf_run() -> torch.Tensor:
         with torch.no_grad():
@@ -100,7 +104,7 @@ def main() -> None:
     # Warm-up, and the checks that make the numbers mean something.
     assert hf_run().shape == (BATCH, steps + 1), "HF generate stopped early"
     assert ours_run(steps, True).shape == (BATCH, steps)
-    g = lambda: torch.Generator().manual_seed(1234)
+    g = lambda: torch.Generator(dev).manual_seed(1234)
     same = torch.equal(sample(ours, prompt, nc_steps, positions=pos[:nc_steps], generator=g()),
                        sample(ours, prompt, nc_steps, positions=pos[:nc_steps], generator=g(), use_cache=False))
     print(f"warm-up done; cached == uncached tokens over {nc_steps} steps (same seed): {same}", flush=True)
@@ -110,7 +114,8 @@ def main() -> None:
     for r in range(args.repeats):
         order = names[r % len(names):] + names[:r % len(names)]
         for name in order:
-            secs[name].append(timed(runs[name][0]))
+            sync()
+            secs[name].append(timed(lambda f=runs[name][0]: (f(), sync())))
         print(f"repeat {r + 1}/{args.repeats} done", flush=True)
 
     tps = {n: [BATCH * runs[n][1] / s for s in v] for n, v in secs.items()}
@@ -120,14 +125,15 @@ def main() -> None:
     c_nc, nc = names[2], names[3]
     ratios = {"patchgpt_cache_over_hf": ratio(names[0], names[1]),
               f"cache_over_nocache_first_{nc_steps}": ratio(c_nc, nc)}
-    res = {"threads": args.threads, "repeats": args.repeats, "batch": BATCH, "steps": steps,
+    res = {"device": args.device, "threads": args.threads, "repeats": args.repeats, "batch": BATCH, "steps": steps,
            "nocache_steps": nc_steps, "torch": torch.__version__, "transformers": transformers.__version__,
            "machine": platform.machine(), "hf_attn_implementation": attn_impl,
            "params": {"patchgpt": ours.num_params(), "hf": sum(p.numel() for p in hf.parameters())},
            "cached_equals_uncached": same, "median_tokens_per_s": med, "median_ms_per_step": ms_step,
            "ratios": ratios, "tokens_per_s": tps, "seconds": secs}
 
-    print(f"\ntorch {torch.__version__}, transformers {transformers.__version__}, threads={args.threads}, "
+    print(f"\n{args.device}, torch {torch.__version__}, transformers {transformers.__version__}, "
+          f"threads={args.threads}, "
           f"batch={BATCH}, prompt 1 token, vocab {VOCAB}, width {WIDTH}, {LAYERS} layers, {HEADS} heads, fp32, "
           f"{args.repeats} repeats, HF attention: {attn_impl}")
     print(f"\n{'(medians)':30}{'measured':>24}{'tokens/s':>11}{'ms/step':>10}")
