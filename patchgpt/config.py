@@ -78,6 +78,7 @@ class DetectConfig:
     jitter: float = 0.2          # noise boxes: real boxes shifted/resized by up to this fraction of their size
     noise_weight: float = 1.0    # loss weight of the noise class token
     order: str = "random"        # object order in training: random | area | raster
+    coord_pos: bool = True       # coordinate tokens carry the patch-grid row/column they point at
     temperature: float = 0.0     # decoding: 0 = greedy; > 0 samples (with top_p for nucleus sampling)
     top_p: float = 1.0
     nms_iou: float = 0.7         # class-wise NMS threshold on decoded boxes (1 = off)

@@ -118,7 +118,8 @@ def sample(model: GPT, prompt: Sequence, steps: int, *, positions: Tensor | None
            generator: torch.Generator | None = None,
            allowed: list[range] | Callable[[int], list[range]] | None = None,
            uncond_prompt: Sequence | None = None, cfg_scale: float = 0.0,
-           use_cache: bool = True, stop_token: int | None = None, stop_check: int = 1,
+           use_cache: bool = True, token_positions: Callable[[Tensor, int], Tensor] | None = None,
+           stop_token: int | None = None, stop_check: int = 1,
            return_logits: bool = False) -> Tensor | tuple[Tensor, Tensor]:
     """Sample up to `steps` tokens after `prompt`. Returns generated ids (B, steps), int64.
 
@@ -137,6 +138,8 @@ def sample(model: GPT, prompt: Sequence, steps: int, *, positions: Tensor | None
         cfg_scale: guidance scale; logits = cond + cfg_scale * (cond - uncond). 0 = plain conditional.
         use_cache: False recomputes the full forward over prompt + generated tokens at every step
             (same tokens, much slower; for tests and benchmarks).
+        token_positions: a function (tokens (B, 1), step) -> (B, 1, 3) giving the position of a generated
+            token from its value (e.g. a box coordinate pointing at a grid cell); overrides `positions`.
         stop_token: once every row has emitted this id, stop early (checked every `stop_check` steps, one
             host synchronisation each); the remaining columns of the output are filled with it.
         return_logits: also return the (B, steps, V) float32 logits each token was drawn from (after guidance,
@@ -193,7 +196,8 @@ def sample(model: GPT, prompt: Sequence, steps: int, *, positions: Tensor | None
 
     def as_step(tok: Tensor, t: int) -> Sequence:
         ids = torch.cat([tok, tok], dim=0) if guided else tok
-        return Sequence(ids=ids, labels=labels, pos=step_pos[t])
+        pos = step_pos[t] if token_positions is None else token_positions(ids, t)
+        return Sequence(ids=ids, labels=labels, pos=pos)
 
     done = torch.zeros(B, 1, dtype=torch.bool, device=device) if stop_token is not None else None
 

@@ -132,9 +132,20 @@ class Detect(Task):
             ids[b, :len(i)], labels[b, :len(lab)] = i, lab
         weights = torch.ones(len(parts), L)
         weights[labels == self.boxes.noise] = self.cfg.detect.noise_weight
-        objs = tokens(ids.to(dev), labels.to(dev))
-        objs = Sequence(ids=objs.ids, labels=objs.labels, pos=objs.pos, weights=weights.to(dev))
+        slots = (torch.arange(L) - 1).remainder(TOKENS_PER_OBJECT).expand(len(parts), L)  # task token: slot 4
+        pos = self._positions(ids, slots)
+        objs = Sequence(ids=ids.to(dev), labels=labels.to(dev), pos=pos.to(dev), weights=weights.to(dev))
         return concat(img, objs, prefix_len=img.ids.shape[1] + 1)
+
+    def _positions(self, ids: Tensor, slots: Tensor) -> Tensor:
+        """Grid positions of object tokens (``detect.coord_pos``), else none."""
+        if not self.cfg.detect.coord_pos:
+            return torch.zeros(*ids.shape, 3, dtype=torch.long, device=ids.device)
+        return self.boxes.grid_pos(ids, slots, self.input.grid)
+
+    def _step_positions(self, tok: Tensor, t: int) -> Tensor:
+        """(B, 1) token generated at step t -> its (B, 1, 3) position."""
+        return self._positions(tok, torch.full_like(tok, t % TOKENS_PER_OBJECT))
 
     def _flip(self, batch: dict, gen: torch.Generator) -> dict:
         """Horizontal flips of half the images, with their boxes (``data.flip``)."""
@@ -178,6 +189,7 @@ class Detect(Task):
                           temperature=d.temperature if temperature is None else temperature,
                           top_p=d.top_p if top_p is None else top_p, generator=gen,
                           allowed=partial(self.boxes.allowed, max_objects=n_obj), use_cache=use_cache,
+                          token_positions=self._step_positions,
                           stop_token=self.boxes.end, stop_check=TOKENS_PER_OBJECT, return_logits=True)
         out = []
         cls_range = self.boxes.classes

@@ -74,6 +74,26 @@ class Boxes:
         y0, y1 = torch.minimum(b[:, 1], b[:, 3]), torch.maximum(b[:, 1], b[:, 3])
         return torch.stack([x0, y0, x1, y1], dim=1), torch.tensor(classes, dtype=torch.long)
 
+    def grid_pos(self, ids: Tensor, slots: Tensor, grid: tuple[int, int]) -> Tensor:
+        """(..., 3) positions of object tokens: each coordinate points at the grid cell it falls in.
+
+        An x coordinate (slots 0 and 2) gets column ``floor(x * cols) + 1``, a y coordinate (slots 1 and 3)
+        row ``floor(y * rows) + 1``; classes and the end token get 0 (no grid position). Sharing the patch
+        grid's row/column embeddings lets a coordinate token find the patches it names by attention.
+
+        Args:
+            ids: (...,) token ids; slots: (...,) their index within an object (0-4).
+            grid: (rows, cols) of the image's patch grid.
+        """
+        is_coord = (ids >= self.coords.start) & (ids < self.coords.stop) & (slots < 4)
+        v = self.dequantize(ids)
+        col = (v * grid[1]).floor().long().clamp(max=grid[1] - 1) + 1
+        row = (v * grid[0]).floor().long().clamp(max=grid[0] - 1) + 1
+        pos = torch.zeros(*ids.shape, 3, dtype=torch.long, device=ids.device)
+        pos[..., 2] = torch.where(is_coord & (slots % 2 == 0), col, 0)
+        pos[..., 1] = torch.where(is_coord & (slots % 2 == 1), row, 0)
+        return pos
+
     def allowed(self, step: int, max_objects: int | None = None, with_noise: bool = False) -> list[range]:
         """Ids a decoder may emit at generated position `step` (0-based, objects back to back).
 
