@@ -77,6 +77,7 @@ class DetectConfig:
     noise: bool = True           # Pix2Seq sequence augmentation: pad with noise objects up to max_objects
     jitter: float = 0.2          # noise boxes: real boxes shifted/resized by up to this fraction of their size
     noise_weight: float = 1.0    # loss weight of the noise class token
+    class_weight: float = 1.0    # loss weight of real class tokens (coordinates weigh 1)
     order: str = "random"        # object order in training: random | area | raster
     coord_pos: bool = True       # coordinate tokens carry the patch-grid row/column they point at
     temperature: float = 0.0     # decoding: 0 = greedy; > 0 samples (with top_p for nucleus sampling)

@@ -306,3 +306,12 @@ def test_letterbox_then_to_pixels_inverts():
     assert out.size == (40, 40)
     box = torch.tensor([[0.0, 15 / 40, 1.0, 25 / 40]])                    # the whole letterboxed content
     assert torch.allclose(to_pixels(box, meta, 40), torch.tensor([[0.0, 0.0, 80.0, 20.0]]), atol=1e-4)
+
+
+def test_coordinate_tokens_point_at_their_grid_cell():
+    tok = Boxes(64, num_classes=3, vocab=Vocab())
+    ids = tok.encode(torch.tensor([[0.0, 0.5, 0.99, 1.0]]), torch.tensor([1]))[:5]   # x0 y0 x1 y1 class
+    pos = tok.grid_pos(ids, torch.arange(5), grid=(8, 4))
+    assert pos[:, 0].tolist() == [0] * 5                                  # no frame
+    assert pos[:, 2].tolist() == [1, 0, 4, 0, 0]                          # x -> column (1-based), 4 columns
+    assert pos[:, 1].tolist() == [0, 5, 0, 8, 0]                          # y -> row (1-based), 8 rows

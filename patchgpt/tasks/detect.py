@@ -21,6 +21,7 @@ from __future__ import annotations
 from functools import partial
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ..coco_eval import coco_map, ground_truth
@@ -131,6 +132,7 @@ class Detect(Task):
         for b, (i, lab) in enumerate(parts):
             ids[b, :len(i)], labels[b, :len(lab)] = i, lab
         weights = torch.ones(len(parts), L)
+        weights[(labels >= self.boxes.classes.start) & (labels < self.boxes.noise)] = self.cfg.detect.class_weight
         weights[labels == self.boxes.noise] = self.cfg.detect.noise_weight
         slots = (torch.arange(L) - 1).remainder(TOKENS_PER_OBJECT).expand(len(parts), L)  # task token: slot 4
         pos = self._positions(ids, slots)
@@ -163,8 +165,17 @@ class Detect(Task):
         h = self.backbone(seq)[:, P:]                                      # (B, L, C) task token onwards
         tail = Sequence(ids=seq.ids[:, P:], labels=seq.labels[:, P:], pos=seq.pos[:, P:],
                         weights=seq.weights[:, P:])
-        loss = next_token_loss(self.backbone.logits(h), tail)
-        return loss, {"loss": loss.detach()}
+        logits = self.backbone.logits(h)                                   # (B, L, V)
+        loss = next_token_loss(logits, tail)
+        with torch.no_grad():   # the two halves of the loss, for the log: where boxes go, and what they are
+            nll = F.cross_entropy(logits.float().transpose(1, 2), tail.labels, ignore_index=IGNORE,
+                                  reduction="none")                        # (B, L)
+            lab = tail.labels
+            is_cls = (lab >= self.boxes.classes.start) & (lab < self.boxes.noise)
+            is_coord = (lab >= self.boxes.coords.start) & (lab < self.boxes.coords.stop)
+            logs = {"loss": loss.detach(), "loss_class": nll[is_cls].mean() if is_cls.any() else nll.sum() * 0,
+                    "loss_coord": nll[is_coord].mean() if is_coord.any() else nll.sum() * 0}
+        return loss, logs
 
     # ---- inference ----------------------------------------------------------------------------------
 
