@@ -138,8 +138,9 @@ def sample(model: GPT, prompt: Sequence, steps: int, *, positions: Tensor | None
         cfg_scale: guidance scale; logits = cond + cfg_scale * (cond - uncond). 0 = plain conditional.
         use_cache: False recomputes the full forward over prompt + generated tokens at every step
             (same tokens, much slower; for tests and benchmarks).
-        token_positions: a function (tokens (B, 1), step) -> (B, 1, 3) giving the position of a generated
-            token from its value (e.g. a box coordinate pointing at a grid cell); overrides `positions`.
+        token_positions: a function (generated ids so far (B, t + 1), step t) -> (B, 1, 3), the position of
+            the token generated at step t from its value and those before it (e.g. box coordinates pointing
+            at grid cells); overrides `positions`.
         stop_token: once every row has emitted this id, stop early (checked every `stop_check` steps, one
             host synchronisation each); the remaining columns of the output are filled with it.
         return_logits: also return the (B, steps, V) float32 logits each token was drawn from (after guidance,
@@ -196,7 +197,11 @@ def sample(model: GPT, prompt: Sequence, steps: int, *, positions: Tensor | None
 
     def as_step(tok: Tensor, t: int) -> Sequence:
         ids = torch.cat([tok, tok], dim=0) if guided else tok
-        pos = step_pos[t] if token_positions is None else token_positions(ids, t)
+        if token_positions is None:
+            pos = step_pos[t]
+        else:
+            pos = token_positions(out[:, :t + 1], t)                       # (B, 1, 3)
+            pos = torch.cat([pos, pos], dim=0) if guided else pos
         return Sequence(ids=ids, labels=labels, pos=pos)
 
     done = torch.zeros(B, 1, dtype=torch.bool, device=device) if stop_token is not None else None

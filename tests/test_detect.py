@@ -311,7 +311,9 @@ def test_letterbox_then_to_pixels_inverts():
 def test_coordinate_tokens_point_at_their_grid_cell():
     tok = Boxes(64, num_classes=3, vocab=Vocab())
     ids = tok.encode(torch.tensor([[0.0, 0.5, 0.99, 1.0]]), torch.tensor([1]))[:5]   # x0 y0 x1 y1 class
-    pos = tok.grid_pos(ids, torch.arange(5), grid=(8, 4))
+    pos = tok.grid_pos(ids[None], grid=(8, 4))[0]
     assert pos[:, 0].tolist() == [0] * 5                                  # no frame
-    assert pos[:, 2].tolist() == [1, 0, 4, 0, 0]                          # x -> column (1-based), 4 columns
-    assert pos[:, 1].tolist() == [0, 5, 0, 8, 0]                          # y -> row (1-based), 8 rows
+    assert pos[:, 2].tolist() == [1, 1, 4, 2, 0]                          # columns (1-based) of 4
+    assert pos[:, 1].tolist() == [0, 5, 5, 7, 0]                          # rows (1-based) of 8
+    two = torch.cat([ids, ids])                                           # a second object: same positions
+    assert torch.equal(tok.grid_pos(two[None], grid=(8, 4))[0, 5:], pos)

@@ -134,20 +134,19 @@ class Detect(Task):
         weights = torch.ones(len(parts), L)
         weights[(labels >= self.boxes.classes.start) & (labels < self.boxes.noise)] = self.cfg.detect.class_weight
         weights[labels == self.boxes.noise] = self.cfg.detect.noise_weight
-        slots = (torch.arange(L) - 1).remainder(TOKENS_PER_OBJECT).expand(len(parts), L)  # task token: slot 4
-        pos = self._positions(ids, slots)
+        pos = torch.cat([torch.zeros(len(parts), 1, 3, dtype=torch.long), self._positions(ids[:, 1:])], dim=1)
         objs = Sequence(ids=ids.to(dev), labels=labels.to(dev), pos=pos.to(dev), weights=weights.to(dev))
         return concat(img, objs, prefix_len=img.ids.shape[1] + 1)
 
-    def _positions(self, ids: Tensor, slots: Tensor) -> Tensor:
-        """Grid positions of object tokens (``detect.coord_pos``), else none."""
+    def _positions(self, ids: Tensor) -> Tensor:
+        """(B, L) object tokens from slot 0 -> (B, L, 3) grid positions (``detect.coord_pos``), else none."""
         if not self.cfg.detect.coord_pos:
             return torch.zeros(*ids.shape, 3, dtype=torch.long, device=ids.device)
-        return self.boxes.grid_pos(ids, slots, self.input.grid)
+        return self.boxes.grid_pos(ids, self.input.grid)
 
-    def _step_positions(self, tok: Tensor, t: int) -> Tensor:
-        """(B, 1) token generated at step t -> its (B, 1, 3) position."""
-        return self._positions(tok, torch.full_like(tok, t % TOKENS_PER_OBJECT))
+    def _step_positions(self, history: Tensor, t: int) -> Tensor:
+        """Generated ids so far (B, t + 1) -> the (B, 1, 3) position of the last one."""
+        return self._positions(history[:, max(0, t - t % TOKENS_PER_OBJECT):])[:, -1:]
 
     def _flip(self, batch: dict, gen: torch.Generator) -> dict:
         """Horizontal flips of half the images, with their boxes (``data.flip``)."""

@@ -74,24 +74,31 @@ class Boxes:
         y0, y1 = torch.minimum(b[:, 1], b[:, 3]), torch.maximum(b[:, 1], b[:, 3])
         return torch.stack([x0, y0, x1, y1], dim=1), torch.tensor(classes, dtype=torch.long)
 
-    def grid_pos(self, ids: Tensor, slots: Tensor, grid: tuple[int, int]) -> Tensor:
-        """(..., 3) positions of object tokens: each coordinate points at the grid cell it falls in.
+    def grid_pos(self, ids: Tensor, grid: tuple[int, int]) -> Tensor:
+        """(B, L) object tokens (objects back to back from slot 0) -> (B, L, 3) grid positions.
 
-        An x coordinate (slots 0 and 2) gets column ``floor(x * cols) + 1``, a y coordinate (slots 1 and 3)
-        row ``floor(y * rows) + 1``; classes and the end token get 0 (no grid position). Sharing the patch
-        grid's row/column embeddings lets a coordinate token find the patches it names by attention.
-
-        Args:
-            ids: (...,) token ids; slots: (...,) their index within an object (0-4).
-            grid: (rows, cols) of the image's patch grid.
+        Each coordinate points at the patch-grid cell it names, through the same row/column embeddings as the
+        image's patches: ``x_min`` gets its column, ``y_min`` the cell (y_min, x_min), ``x_max`` the cell
+        (y_min, x_max), and ``y_max`` — the token whose output predicts the class — the cell at the box's
+        centre, so the class is read where the object is. Classes and the end token get 0 (no position).
+        Rows and columns are ``floor(v * n) + 1``.
         """
-        is_coord = (ids >= self.coords.start) & (ids < self.coords.stop) & (slots < 4)
-        v = self.dequantize(ids)
-        col = (v * grid[1]).floor().long().clamp(max=grid[1] - 1) + 1
-        row = (v * grid[0]).floor().long().clamp(max=grid[0] - 1) + 1
-        pos = torch.zeros(*ids.shape, 3, dtype=torch.long, device=ids.device)
-        pos[..., 2] = torch.where(is_coord & (slots % 2 == 0), col, 0)
-        pos[..., 1] = torch.where(is_coord & (slots % 2 == 1), row, 0)
+        B, L = ids.shape
+        v = self.dequantize(ids)                                          # (B, L) in [0, 1]
+        is_coord = (ids >= self.coords.start) & (ids < self.coords.stop)
+        back = lambda k: torch.cat([v[:, :1].expand(B, k), v[:, :L - k]], dim=1) if k < L else v.clone()  # noqa: E731
+        cell = lambda x, n: (x * n).floor().long().clamp(0, n - 1) + 1   # noqa: E731
+        R, C = grid
+        slot = torch.arange(L, device=ids.device) % TOKENS_PER_OBJECT      # (L,)
+        rows = torch.stack([torch.zeros_like(v), back(0), back(1), (back(2) + v) / 2], dim=0)  # per slot 0..3
+        cols = torch.stack([v, back(1), v, (back(3) + back(1)) / 2], dim=0)
+        s = slot.clamp(max=3)[None, :, None].expand(1, L, B).transpose(1, 2)  # (1, B, L)
+        row = rows.gather(0, s)[0]                                        # (B, L)
+        col = cols.gather(0, s)[0]
+        pos = torch.zeros(B, L, 3, dtype=torch.long, device=ids.device)
+        ok = is_coord & (slot < 4)[None]
+        pos[..., 1] = torch.where(ok & (slot > 0)[None], cell(row, R), 0)
+        pos[..., 2] = torch.where(ok, cell(col, C), 0)
         return pos
 
     def allowed(self, step: int, max_objects: int | None = None, with_noise: bool = False) -> list[range]:
