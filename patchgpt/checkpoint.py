@@ -135,7 +135,7 @@ def read_meta(path: str | Path) -> dict:
 def info_from_meta(meta: dict) -> DataInfo:
     st = meta["state"]
     return DataInfo(channels=st["channels"], image_size=tuple(st["image_size"]), classes=st["classes"],
-                    captions=st.get("captions", False))
+                    captions=st.get("captions", False), frames=st.get("frames", 0))
 
 
 def load(path: str | Path, device: str | torch.device = "cpu"):

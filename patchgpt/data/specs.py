@@ -1,4 +1,5 @@
-"""Parse data specs (``digits``, ``folder:PATH``, ``idx:PATH``) into train and validation sets."""
+"""Parse data specs (``digits``, ``folder:PATH``, ``idx:PATH``, ``videos:PATH``, ...) into train and validation
+sets."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ SPECS = {
     "folder:PATH": "your images: one subfolder per class, or a flat folder of unlabeled images",
     "idx:PATH": "a folder of MNIST-format IDX files (train-images-idx3-ubyte[.gz], ...)",
     "emoji": "colour emoji rendered from the Noto Color Emoji font, captioned with their Unicode names",
+    "videos:PATH": "your video clips (mp4, avi, webm, mkv, gif): one subfolder per class, or a flat folder",
+    "moving-digits": "bundled digits moving and bouncing on a canvas, labelled by direction (8 classes)",
 }
 
 
@@ -30,6 +33,21 @@ def build_datasets(cfg: DataConfig) -> tuple[ImageSet, ImageSet, DataInfo]:
         from .emoji import Emoji
 
         ds = Emoji(size=cfg.image_size or 16)
+        train, val = split(ds, cfg.val_fraction, cfg.split_seed)
+        return train, val, ds.info
+    if kind == "videos" and arg:
+        from .video import VideoFolder
+
+        ds = VideoFolder(arg, frames=cfg.frames or 8, size=cfg.image_size or 32, channels=cfg.channels or 3,
+                         resize=cfg.resize, stride=cfg.frame_stride, on_error=cfg.on_error)
+        train, val = split(ds, cfg.val_fraction, cfg.split_seed)
+        return train, val, ds.info
+    if kind == "moving-digits" and not arg:
+        from .moving import MovingDigits
+
+        if cfg.channels not in (0, 1):
+            raise DataError("moving-digits are grayscale; data.channels applies to other sources")
+        ds = MovingDigits(frames=cfg.frames or 8, size=cfg.image_size or 16)
         train, val = split(ds, cfg.val_fraction, cfg.split_seed)
         return train, val, ds.info
     if kind == "folder" and arg:

@@ -4,8 +4,11 @@ from .base import ImageInput, Task, next_token_loss
 from .classify import Classify
 from .generate_image import Generate
 from .pretrain import Pretrain
+from .video import VideoClassify, VideoPretrain
 from .vq import TrainVQ
 
-TASKS: dict[str, type[Task]] = {"pretrain": Pretrain, "classify": Classify, "generate": Generate, "vq": TrainVQ}
+TASKS: dict[str, type[Task]] = {"pretrain": Pretrain, "classify": Classify, "generate": Generate, "vq": TrainVQ,
+                                "video-classify": VideoClassify, "video-pretrain": VideoPretrain}
 
-__all__ = ["TASKS", "Classify", "Generate", "ImageInput", "Pretrain", "Task", "TrainVQ", "next_token_loss"]
+__all__ = ["TASKS", "Classify", "Generate", "ImageInput", "Pretrain", "Task", "TrainVQ", "VideoClassify",
+           "VideoPretrain", "next_token_loss"]
