@@ -41,7 +41,7 @@ def frame_count(path: str | Path) -> int:
     try:
         with av.open(str(path)) as c:
             if not c.streams.video:
-                raise DataError(f"{path}: no video stream")
+                raise DataError(f"{path}: no video stream (not a video, or truncated)")
             s = c.streams.video[0]
             if s.frames > 0:
                 return int(s.frames)
