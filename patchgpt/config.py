@@ -30,7 +30,7 @@ class DataConfig:
     shift: int = 1               # max translation in pixels
     flip: bool = False           # horizontal flips (off by default: digits and text are not symmetric)
     num_workers: int = 0         # DataLoader worker processes for decoding
-    frames: int = 0              # video: frames per clip; 0 = the source's default (8)
+    frames: int = 0              # video: frames per clip; 0 = the source's default (videos: 8, moving-digits: 4)
     frame_stride: int = 0        # video: 0 = sample frames uniformly over the clip | N = every Nth from the start
 
 
@@ -249,6 +249,6 @@ def default_config(task: str) -> RunConfig:
     elif task in ("video-classify", "video-pretrain"):
         cfg.data.spec = "moving-digits"
         cfg.tokenizer.patch_size, cfg.tokenizer.tubelet = 4, 2
-        cfg.train.lr, cfg.train.steps, cfg.train.warmup = 1e-3, 1000, 50
+        cfg.train.lr, cfg.train.steps, cfg.train.warmup = 2e-3, 2000, 50
         cfg.pretrain.norm_pix = False  # next-frame pictures roll predictions out in pixel space
     return cfg

@@ -28,7 +28,7 @@ class MovingDigits(ImageSet):
         seed: clips are a pure function of (seed, index).
     """
 
-    def __init__(self, n: int = 6000, frames: int = 8, size: int = 16, seed: int = 0) -> None:
+    def __init__(self, n: int = 6000, frames: int = 4, size: int = 16, seed: int = 0) -> None:
         from sklearn.datasets import load_digits
 
         if size < 12:

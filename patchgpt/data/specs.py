@@ -47,7 +47,7 @@ def build_datasets(cfg: DataConfig) -> tuple[ImageSet, ImageSet, DataInfo]:
 
         if cfg.channels not in (0, 1):
             raise DataError("moving-digits are grayscale; data.channels applies to other sources")
-        ds = MovingDigits(frames=cfg.frames or 8, size=cfg.image_size or 16)
+        ds = MovingDigits(frames=cfg.frames or 4, size=cfg.image_size or 16)
         train, val = split(ds, cfg.val_fraction, cfg.split_seed)
         return train, val, ds.info
     if kind == "folder" and arg:
