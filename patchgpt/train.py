@@ -81,6 +81,7 @@ def prepare(cfg: RunConfig) -> tuple[Task, ImageSet, ImageSet, DataInfo]:
         if cfg.data.spec != "digits":  # decode the new data like the data the checkpoint saw
             cfg.data.image_size = cfg.data.image_size or st["image_size"][0]
             cfg.data.channels = cfg.data.channels or st["channels"]
+            cfg.data.frames = cfg.data.frames or st.get("frames", 0)  # clips: as many frames as pretraining saw
     vq_ckpt = None
     if cfg.tokenizer.kind == "vq" and cfg.tokenizer.vq:
         vq_ckpt = checkpoint.resolve(cfg.tokenizer.vq)
