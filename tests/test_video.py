@@ -182,9 +182,14 @@ def test_moving_digits_deterministic_and_first_move_shows_the_label():
     assert len(set(labels.tolist())) == 8
 
 
-def test_image_tasks_refuse_clips_and_video_tasks_refuse_images(tmp_path, capsys):
-    code = main(["train", "classify", "--data", "moving-digits", "--out", str(tmp_path / "a"), "--quiet"])
-    assert code == 2 and "video-classify" in capsys.readouterr().err
+@pytest.mark.parametrize("task", ["classify", "pretrain", "generate", "vq"])
+def test_image_tasks_refuse_clips(tmp_path, capsys, task):
+    code = main(["train", task, "--data", "moving-digits", "--out", str(tmp_path / "a"), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and "holds clips" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_video_tasks_refuse_images(tmp_path, capsys):
     code = main(["train", "video-classify", "--data", "digits", "--out", str(tmp_path / "b"), "--quiet"])
     assert code == 2 and "needs clips" in capsys.readouterr().err
 
@@ -256,6 +261,8 @@ def test_next_frame_predictor_trains_through_the_cli(tmp_path, capsys):
     metrics = json.loads((pre / "metrics.json").read_text())
     assert {"val_loss", "next_frames_mse", "repeat_last_frame_mse"} <= set(metrics)
     assert (pre / "next_frames.png").stat().st_size > 0
+    code, out, err = cli(capsys, "eval", str(pre), "--json")
+    assert code == 0 and json.loads(out)["next_frames_mse"] == pytest.approx(metrics["next_frames_mse"]), err
     # The pretrained backbone initialises a video classifier (an attentive probe here).
     code, out, err = cli(capsys, "train", "video-classify", "--init", str(pre), "--out", str(tmp_path / "probe"),
                          "--steps", "3", "--quiet", "--set", "classify.mode=attentive", "--set", "data.frames=4",
