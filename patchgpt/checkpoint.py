@@ -136,7 +136,7 @@ def info_from_meta(meta: dict) -> DataInfo:
     st = meta["state"]
     return DataInfo(channels=st["channels"], image_size=tuple(st["image_size"]), classes=st["classes"],
                     captions=st.get("captions", False), boxes=st.get("boxes", False),
-                    category_ids=st.get("category_ids"))
+                    category_ids=st.get("category_ids"), frames=st.get("frames", 0))
 
 
 def load(path: str | Path, device: str | torch.device = "cpu"):

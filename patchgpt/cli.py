@@ -25,8 +25,12 @@ EPILOG = """examples:
   patchgpt train generate --data digits --set generate.condition=class --out runs/gen
   patchgpt sample runs/gen --class 7 --n 16 --cfg 1.5 --out sevens.png
   patchgpt complete runs/gen digit.png --class 3 --keep 0.5 --out completion.png
+  patchgpt train video-classify --data moving-digits --out runs/vid
+  patchgpt train video-classify --data videos:~/clips --out runs/clips
+  patchgpt predict runs/clips clip.mp4
 
 data specs: digits | folder:PATH (one subfolder per class, or flat = unlabeled) | idx:PATH (MNIST IDX files)
+            | videos:PATH (clips: mp4, avi, webm, mkv, gif) | moving-digits (bundled digits in motion)
 any config field: --set section.key=value (see a run's config.json for every key)"""
 
 
@@ -42,7 +46,8 @@ def _parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a task", formatter_class=argparse.RawDescriptionHelpFormatter,
                        epilog="tasks: pretrain (generative, unlabeled images) | classify (labelled images) | "
                        "generate (unconditional, class- or text-conditional images) | vq (learned image tokens) | "
-                       "detect (boxes as tokens, Pix2Seq-style)")
+                       "detect (boxes as tokens, Pix2Seq-style) | video-classify (labelled clips) | "
+                       "video-pretrain (next-tubelet regression, next frames)")
     t.add_argument("task", choices=list(TASKS))
     t.add_argument("--data", help="data spec (default: digits)")
     t.add_argument("--model", choices=list(SIZES), help="backbone size (default: micro)")
@@ -64,10 +69,10 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--cfg", type=float, help="generate: guidance scale for the judged samples")
     e.add_argument("--temperature", type=float, help="generate: temperature for the judged samples")
 
-    r = sub.add_parser("predict", help="classify or detect objects in image files; prints JSON")
-    r.add_argument("ckpt", help="checkpoint or run directory of a classify or detect run")
-    r.add_argument("images", nargs="+", help="image files")
-    r.add_argument("--top", type=int, default=5, help="classify: probabilities to list per image (default: 5)")
+    r = sub.add_parser("predict", help="classify or detect objects in image files, or classify clips; prints JSON")
+    r.add_argument("ckpt", help="checkpoint or run directory of a classify, detect or video-classify run")
+    r.add_argument("images", nargs="+", help="image files (video files for a video-classify run)")
+    r.add_argument("--top", type=int, default=5, help="classify: probabilities to list per input (default: 5)")
     r.add_argument("--out", help="classify: also write the JSON to this file; detect: a directory for one JSON "
                    "and one PNG with the boxes drawn per image")
     r.add_argument("--min-score", type=float, default=0.0, help="detect: drop boxes scoring below this")
@@ -265,7 +270,7 @@ def _eval_generator(task, a: argparse.Namespace) -> dict:
 def cmd_predict(a: argparse.Namespace) -> None:
     from .checkpoint import load
     from .data import load_image
-    from .tasks import Classify
+    from .tasks import Classify, VideoClassify
 
     task = load(a.ckpt)
     from .tasks import Detect
@@ -277,14 +282,20 @@ def cmd_predict(a: argparse.Namespace) -> None:
     d = task.cfg.data
     C = task.info.channels
     H = task.info.image_size[0]
-    images = torch.stack([load_image(p, C, H, d.resize) for p in a.images])
-    probs = task.predict({"image": images})["probs"]
+    if isinstance(task, VideoClassify):
+        from .data.video import read_video
+
+        clips = torch.stack([read_video(p, task.info.frames, H, C, d.resize, d.frame_stride) for p in a.images])
+        probs = task.predict({"video": clips})["probs"]                   # clips (B, F, C, H, W)
+    else:
+        images = torch.stack([load_image(p, C, H, d.resize) for p in a.images])
+        probs = task.predict({"image": images})["probs"]
     names = task.info.classes
     results = []
     for path, pr in zip(a.images, probs, strict=True):
         vals, idx = pr.topk(min(a.top, len(names)))
         probs_top = {names[i]: round(v, 6) for v, i in zip(vals.tolist(), idx.tolist(), strict=True)}
-        results.append({"image": path, "class": names[idx[0]], "score": float(vals[0]), "probs": probs_top})
+        results.append({task.key: path, "class": names[idx[0]], "score": float(vals[0]), "probs": probs_top})
     text = json.dumps(results, indent=2)
     print(text)
     if a.out:

@@ -31,6 +31,8 @@ class DataConfig:
     shift: int = 1               # max translation in pixels
     flip: bool = False           # horizontal flips (off by default: digits and text are not symmetric)
     num_workers: int = 0         # DataLoader worker processes for decoding
+    frames: int = 0              # video: frames per clip; 0 = the source's default (videos: 8, moving-digits: 4)
+    frame_stride: int = 0        # video: 0 = sample frames uniformly over the clip | N = every Nth from the start
 
 
 @dataclass
@@ -40,6 +42,7 @@ class TokenizerConfig:
     n_colors: int = 16
     vq: str = ""                 # kind=vq: the `patchgpt train vq` run whose codes are the image tokens
     vq_config: str = ""          # filled in from that run (JSON), so checkpoints load without it
+    tubelet: int = 2             # video: frames per T x P x P tubelet
 
 
 @dataclass
@@ -241,6 +244,8 @@ def check(cfg: RunConfig) -> None:
         raise ConfigError("pretrain.target=tokens needs tokenizer.kind=colors (discrete pixels)")
     if cfg.task == "generate" and cfg.tokenizer.kind == "patches":
         raise ConfigError("generate needs discrete image tokens: tokenizer.kind=colors or vq")
+    if cfg.task.startswith("video-") and cfg.tokenizer.kind != "patches":
+        raise ConfigError(f"{cfg.task} reads clips as tubelets: tokenizer.kind must be patches")
     if cfg.tokenizer.kind == "vq" and not (cfg.tokenizer.vq or cfg.tokenizer.vq_config):
         raise ConfigError("tokenizer.kind=vq needs tokenizer.vq=RUN_DIR of a `patchgpt train vq` run")
 
@@ -264,4 +269,9 @@ def default_config(task: str) -> RunConfig:
         cfg.tokenizer.patch_size = 8
         cfg.data.resize = "pad"   # letterbox: every box stays inside the image
         cfg.train.lr, cfg.train.steps, cfg.train.warmup = 1e-3, 3000, 200
+    elif task in ("video-classify", "video-pretrain"):
+        cfg.data.spec = "moving-digits"
+        cfg.tokenizer.patch_size, cfg.tokenizer.tubelet = 4, 2
+        cfg.train.lr, cfg.train.steps, cfg.train.warmup = 2e-3, 2000, 50
+        cfg.pretrain.norm_pix = False  # next-frame pictures roll predictions out in pixel space
     return cfg

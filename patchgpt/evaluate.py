@@ -6,7 +6,7 @@ from collections.abc import Iterable
 
 import torch
 
-from .data.base import to_device
+from .data.base import batch_len, to_device
 from .tasks import Task
 
 
@@ -17,7 +17,7 @@ def evaluate(task: Task, batches: Iterable[dict], device: torch.device | str = "
     task.eval()
     m = task.metric()
     for batch in batches:
-        if batch["image"].numel() == 0:
+        if batch_len(batch) == 0:
             continue
         m.update(to_device(batch, device))
     task.train(was_training)

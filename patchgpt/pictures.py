@@ -8,7 +8,7 @@ import torch
 
 from .data.base import ImageSet
 from .report import draw_boxes, save_confusion, save_detection_grid, save_grid, save_rows, tensor_to_pil
-from .tasks import Classify, Detect, Generate, Pretrain, Task, TrainVQ
+from .tasks import Classify, Detect, Generate, Pretrain, Task, TrainVQ, VideoClassify, VideoPretrain
 
 
 def predictions_png(task: Pretrain, images: torch.Tensor, path: Path) -> Path:
@@ -18,13 +18,40 @@ def predictions_png(task: Pretrain, images: torch.Tensor, path: Path) -> Path:
     return save_rows(path, [("original", images.cpu()), ("predicted", pred.cpu())], scale=scale)
 
 
+def next_frames_png(task: VideoPretrain, clips: torch.Tensor, path: Path) -> Path:
+    """For each clip (B, F, C, H, W): its real frames above the model's (given frames, then predicted ones)."""
+    pred = task.predict_frames(clips).cpu()
+    k = task.context_slices() * task.input.tok.tubelet
+    rows = []
+    for b in range(clips.shape[0]):
+        rows += [(f"real {b + 1}", clips[b].cpu()), (f"given {k}, pred", pred[b])]
+    return save_rows(path, rows, scale=_scale(task))
+
+
+def clips_png(task: VideoClassify, clips: torch.Tensor, labels: list[int], path: Path) -> Path:
+    """One row of frames per clip (B, F, C, H, W), labelled "true: predicted"."""
+    pred = task.predict({"video": clips})["pred"].tolist()
+    names = task.info.classes
+    rows = [(f"{names[y]}: {names[p]}", clips[b].cpu()) for b, (y, p) in enumerate(zip(labels, pred, strict=True))]
+    return save_rows(path, rows, scale=_scale(task))
+
+
 def task_pictures(task: Task, out: Path, metrics: dict, val_set: ImageSet, device) -> list[Path]:
     """Write the task's PNGs into `out` and return their paths."""
     written = []
     if isinstance(task, Classify) and "confusion" in metrics:
         written.append(save_confusion(out / "confusion.png", metrics["confusion"], task.info.classes,
                                       title=f"validation top-1 {metrics['top1']:.3f}"))
-    if isinstance(task, Pretrain) and len(val_set):
+    if isinstance(task, VideoClassify) and len(val_set):
+        items = [it for it in (val_set[i] for i in range(min(6, len(val_set)))) if it is not None]
+        task.eval()
+        written.append(clips_png(task, torch.stack([it[0] for it in items]).to(device),
+                                 [it[1] for it in items], out / "clips.png"))
+    if isinstance(task, VideoPretrain) and len(val_set) and task.input.slices > 1:
+        clips = torch.stack([it[0] for it in (val_set[i] for i in range(min(4, len(val_set)))) if it is not None])
+        task.eval()
+        written.append(next_frames_png(task, clips.to(device), out / "next_frames.png"))
+    elif isinstance(task, Pretrain) and not isinstance(task, VideoPretrain) and len(val_set):
         images = torch.stack([val_set[i][0] for i in range(min(8, len(val_set)))
                               if val_set[i] is not None]).to(device)
         task.eval()

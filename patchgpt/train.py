@@ -22,7 +22,7 @@ from tqdm import tqdm
 from . import checkpoint
 from .config import ConfigError, RunConfig, check
 from .data import augment, build_datasets, eval_batches, train_batches
-from .data.base import DataError, DataInfo, ImageSet, to_device
+from .data.base import DataError, DataInfo, ImageSet, batch_len, input_key, to_device
 from .evaluate import evaluate
 from .model import GPTConfig
 from .pictures import task_pictures
@@ -81,6 +81,7 @@ def prepare(cfg: RunConfig) -> tuple[Task, ImageSet, ImageSet, DataInfo]:
         if cfg.data.spec != "digits":  # decode the new data like the data the checkpoint saw
             cfg.data.image_size = cfg.data.image_size or st["image_size"][0]
             cfg.data.channels = cfg.data.channels or st["channels"]
+            cfg.data.frames = cfg.data.frames or st.get("frames", 0)  # clips: as many frames as pretraining saw
     vq_ckpt = None
     if cfg.tokenizer.kind == "vq" and cfg.tokenizer.vq:
         vq_ckpt = checkpoint.resolve(cfg.tokenizer.vq)
@@ -228,17 +229,18 @@ def train(cfg: RunConfig, resume: bool = False, quiet: bool = False, until: int 
                 total, logs, n_img = 0.0, {}, 0
                 for micro in range(t.accum):
                     batch = next(batches)
-                    if batch["image"].numel() == 0:
+                    if batch_len(batch) == 0:
                         continue
                     gen = step_generator(t.seed, step, micro)
+                    key = input_key(batch)  # "image", or "video" for clips
                     if cfg.data.augment:
-                        batch["image"] = augment(batch["image"], gen, cfg.data.shift, cfg.data.flip)
+                        batch[key] = augment(batch[key], gen, cfg.data.shift, cfg.data.flip)
                     batch = to_device(batch, device)
                     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
                         loss, logs = model(batch, gen)
                     (loss / t.accum).backward()
                     total += float(loss.detach()) / t.accum
-                    n_img += batch["image"].shape[0]
+                    n_img += batch_len(batch)
                 if not math.isfinite(total):
                     raise TrainingError(f"loss became {total} at step {step}; the last good checkpoint is "
                                         f"step {last_ckpt} in {out}. Lower train.lr or check the data.")

@@ -31,6 +31,7 @@ class DataInfo:
     skipped: list[str] = field(default_factory=list)  # files skipped as unreadable ("path: reason")
     boxes: bool = False                   # items carry detection targets (batch["boxes"], ["classes"])
     category_ids: list[int] | None = None  # COCO category id of each class (detection output)
+    frames: int = 0                       # video: frames per clip (items are (F, C, H, W)); 0 = images
 
     @property
     def num_classes(self) -> int:
@@ -99,13 +100,14 @@ def collate(items: list) -> dict:
     """[(image, label[, caption | target]), ...] -> {"image": (B, C, H, W), "label": (B,)[, "text": [str]]}.
 
     A detection target (a dict of ``boxes`` (N, 4), ``classes`` (N,), ``meta``) becomes ``boxes``
-    (B, Nmax, 4) and ``classes`` (B, Nmax) padded with class -1, and ``meta`` (a list). None items (files
-    skipped as unreadable) are dropped.
+    (B, Nmax, 4) and ``classes`` (B, Nmax) padded with class -1, and ``meta`` (a list). Clips (F, C, H, W)
+    become {"video": (B, F, C, H, W), "label": (B,)}. None items (files skipped as unreadable) are dropped.
     """
     items = [it for it in items if it is not None]
     if not items:
         return {"image": torch.zeros(0), "label": torch.zeros(0, dtype=torch.long)}
-    batch = {"image": torch.stack([it[0] for it in items]),
+    key = "video" if items[0][0].dim() == 4 else "image"
+    batch = {key: torch.stack([it[0] for it in items]),
              "label": torch.tensor([it[1] for it in items], dtype=torch.long)}
     if len(items[0]) > 2 and isinstance(items[0][2], dict):
         batch.update(pad_targets([it[2] for it in items]))
@@ -123,6 +125,17 @@ def pad_targets(targets: list[dict]) -> dict:
         k = len(t["classes"])
         boxes[b, :k], classes[b, :k] = t["boxes"], t["classes"]
     return {"boxes": boxes, "classes": classes, "meta": [t["meta"] for t in targets]}
+
+
+def input_key(batch: dict) -> str:
+    """The batch's pixel input: "video" for clips, else "image"."""
+    return "video" if "video" in batch else "image"
+
+
+def batch_len(batch: dict) -> int:
+    """Items in a batch (0 for a batch whose every file was skipped)."""
+    x = batch[input_key(batch)]
+    return x.shape[0] if x.numel() else 0
 
 
 def to_device(batch: dict, device: torch.device | str) -> dict:
@@ -175,7 +188,13 @@ def eval_batches(ds: ImageSet, batch_size: int, num_workers: int = 0) -> Iterato
 
 
 def augment(images: Tensor, gen: torch.Generator, shift: int = 1, flip: bool = False) -> Tensor:
-    """Random translation by up to `shift` pixels (edge-replicated) and optional horizontal flips."""
+    """Random translation by up to `shift` pixels (edge-replicated) and optional horizontal flips.
+
+    Clips (B, F, C, H, W) get one shift and flip per clip, the same for all its frames."""
+    if images.dim() == 5:
+        B, F_, C, H, W = images.shape
+        out = augment(images.reshape(B, F_ * C, H, W), gen, shift, flip)   # frames folded into channels
+        return out.reshape(B, F_, C, H, W)
     B, C, H, W = images.shape
     if shift > 0:
         padded = F.pad(images, (shift, shift, shift, shift), mode="replicate")   # (B, C, H+2s, W+2s)

@@ -1,5 +1,5 @@
 """Parse data specs (``digits``, ``folder:PATH``, ``idx:PATH``, ``emoji``, ``coco:ANN.json[:DIR]``,
-``digit-scenes``) into train and validation sets."""
+``digit-scenes``, ``videos:PATH``, ``moving-digits``) into train and validation sets."""
 
 from __future__ import annotations
 
@@ -18,6 +18,8 @@ SPECS = {
     "emoji": "colour emoji rendered from the Noto Color Emoji font, captioned with their Unicode names",
     "coco:ANN.json[:IMAGES_DIR]": "COCO instance annotations (detection); images next to the JSON by default",
     "digit-scenes": "detection scenes: 1-4 real handwritten digits pasted on 64x64 canvases, exact boxes",
+    "videos:PATH": "your video clips (mp4, avi, webm, mkv, gif): one subfolder per class, or a flat folder",
+    "moving-digits": "bundled digits moving and bouncing on a canvas, labelled by direction (8 classes)",
 }
 
 
@@ -67,6 +69,21 @@ def _build(cfg: DataConfig, spec: str, classes: list[str] | None = None,
         from .emoji import Emoji
 
         ds = Emoji(size=cfg.image_size or 16)
+        train, val = split(ds, cfg.val_fraction, cfg.split_seed)
+        return train, val, ds.info
+    if kind == "videos" and arg:
+        from .video import VideoFolder
+
+        ds = VideoFolder(arg, frames=cfg.frames or 8, size=cfg.image_size or 32, channels=cfg.channels or 3,
+                         resize=cfg.resize, stride=cfg.frame_stride, on_error=cfg.on_error)
+        train, val = split(ds, cfg.val_fraction, cfg.split_seed)
+        return train, val, ds.info
+    if kind == "moving-digits" and not arg:
+        from .moving import MovingDigits
+
+        if cfg.channels not in (0, 1):
+            raise DataError("moving-digits are grayscale; data.channels applies to other sources")
+        ds = MovingDigits(frames=cfg.frames or 4, size=cfg.image_size or 16)
         train, val = split(ds, cfg.val_fraction, cfg.split_seed)
         return train, val, ds.info
     if kind == "folder" and arg:

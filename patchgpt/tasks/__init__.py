@@ -5,9 +5,11 @@ from .classify import Classify
 from .detect import Detect
 from .generate_image import Generate
 from .pretrain import Pretrain
+from .video import VideoClassify, VideoPretrain
 from .vq import TrainVQ
 
 TASKS: dict[str, type[Task]] = {"pretrain": Pretrain, "classify": Classify, "generate": Generate, "vq": TrainVQ,
-                               "detect": Detect}
+                               "detect": Detect, "video-classify": VideoClassify, "video-pretrain": VideoPretrain}
 
-__all__ = ["TASKS", "Classify", "Detect", "Generate", "ImageInput", "Pretrain", "Task", "TrainVQ", "next_token_loss"]
+__all__ = ["TASKS", "Classify", "Detect", "Generate", "ImageInput", "Pretrain", "Task", "TrainVQ", "VideoClassify",
+           "VideoPretrain", "next_token_loss"]

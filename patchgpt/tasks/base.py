@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import RunConfig
-from ..data.base import DataInfo
+from ..data.base import DataError, DataInfo
 from ..model import GPT
 from ..sequence import IGNORE, Sequence, Vocab, concat, tokens
 from ..tokenizers import ColorClusters, Patches
@@ -40,6 +40,8 @@ class ImageInput(nn.Module):
 
     def __init__(self, cfg: RunConfig, info: DataInfo, vocab: Vocab) -> None:
         super().__init__()
+        if info.frames:
+            raise DataError(f"{cfg.data.spec} holds clips: use video-classify or video-pretrain")
         t = cfg.tokenizer
         self.kind = t.kind
         self.bos = vocab.add("bos", 1).start
@@ -52,6 +54,7 @@ class ImageInput(nn.Module):
         else:
             self.tok = ColorClusters(t.n_colors, info.channels, info.image_size, vocab)
         self.grid = self.tok.grid
+        self.slices = 1  # time slices of the position grid: 1 for images
 
     @property
     def patch_dim(self) -> int:
@@ -71,11 +74,14 @@ class ImageInput(nn.Module):
         return seq
 
 
-def build_backbone(cfg: RunConfig, vocab: Vocab, patch_dim: int, length: int, grid: tuple[int, int]) -> GPT:
-    """The GPT sized by `cfg.model`, with vocab, patch width and position tables fitted to the input."""
+def build_backbone(cfg: RunConfig, vocab: Vocab, patch_dim: int, length: int, grid: tuple[int, int],
+                   frames: int = 1) -> GPT:
+    """The GPT sized by `cfg.model`, with vocab, patch width and position tables fitted to the input
+    (`frames`: time slices of a clip's tubelets)."""
     m = cfg.model
     m.vocab_size, m.patch_dim = vocab.size, patch_dim
     m.block_size = max(m.block_size, length)
+    m.max_frames = max(m.max_frames, frames)
     m.max_rows, m.max_cols = max(m.max_rows, grid[0]), max(m.max_cols, grid[1])
     return GPT(m)
 
@@ -104,7 +110,7 @@ class Task(nn.Module):
         """JSON-friendly state saved in config.json beside the weights (classes, vocab, ...)."""
         return {"vocab": self.vocab.entries(), "classes": self.info.classes,
                 "channels": self.info.channels, "image_size": list(self.info.image_size),
-                "captions": self.info.captions}
+                "captions": self.info.captions, "frames": self.info.frames}
 
     def needs_fit(self) -> bool:
         """True if a tokenizer must be fitted on training data before training (a colour palette)."""

@@ -38,14 +38,16 @@ class Classify(Task):
     """Predict one label per image from the GPT's features (``classify.mode``: finetune|linear|attentive)."""
 
     name = "classify"
+    key = "image"  # the batch entry read as input ("video" for clips)
 
     def __init__(self, cfg: RunConfig, info: DataInfo) -> None:
         super().__init__(cfg, info)
         if not info.classes:
             raise DataError(f"classification needs labelled data; {cfg.data.spec} has no classes "
                             "(use one subfolder per class)")
-        self.input = ImageInput(cfg, info, self.vocab)
-        self.backbone = build_backbone(cfg, self.vocab, self.input.patch_dim, self.input.length, self.input.grid)
+        self.input = self.make_input(cfg, info)
+        self.backbone = build_backbone(cfg, self.vocab, self.input.patch_dim, self.input.length, self.input.grid,
+                                       self.input.slices)
         c = cfg.classify
         self.mode = c.mode
         n_layer = cfg.model.n_layer
@@ -66,6 +68,10 @@ class Classify(Task):
         if self.frozen:
             self.backbone.requires_grad_(False)
 
+    def make_input(self, cfg: RunConfig, info: DataInfo) -> nn.Module:
+        """The input tokenizer (images here; `VideoClassify` reads clips as tubelets)."""
+        return ImageInput(cfg, info, self.vocab)
+
     @property
     def frozen(self) -> bool:
         return self.mode != "finetune"
@@ -77,13 +83,13 @@ class Classify(Task):
         return self
 
     def sequence(self, batch: dict) -> Sequence:
-        seq = self.input.encode(batch["image"])
+        seq = self.input.encode(batch[self.key])
         prefix = seq.ids.shape[1] if self.cfg.classify.attention == "bidirectional" else 0
         return seq.with_prefix(prefix)
 
     def features(self, images: Tensor) -> Tensor:
-        """(B, C, H, W) -> token features (B, T, C) from the chosen layer."""
-        seq = self.sequence({"image": images})
+        """(B, C, H, W) images (or (B, F, C, H, W) clips) -> token features (B, T, C) from the chosen layer."""
+        seq = self.sequence({self.key: images})
         if self.frozen:
             with torch.no_grad():
                 return self.backbone(seq, upto=self.layer)
@@ -95,7 +101,7 @@ class Classify(Task):
         return self.head(self.drop(pooled))                               # (B, K)
 
     def forward(self, batch: dict, gen: torch.Generator | None = None) -> tuple[Tensor, dict]:
-        logits = self.logits(batch["image"])
+        logits = self.logits(batch[self.key])
         loss = F.cross_entropy(logits, batch["label"], label_smoothing=self.cfg.classify.label_smoothing)
         acc = (logits.argmax(-1) == batch["label"]).float().mean()
         return loss, {"loss": loss.detach(), "acc": acc.detach()}
@@ -103,7 +109,7 @@ class Classify(Task):
     @torch.no_grad()
     def predict(self, batch: dict) -> dict:
         """{"logits": (B, K), "probs": (B, K), "pred": (B,)}."""
-        logits = self.logits(batch["image"])
+        logits = self.logits(batch[self.key])
         probs = logits.float().softmax(-1)
         return {"logits": logits, "probs": probs, "pred": probs.argmax(-1)}
 

@@ -25,20 +25,26 @@ class Pretrain(Task):
     """Next-patch or next-token prediction over images."""
 
     name = "pretrain"
+    key = "image"  # the batch entry read as input ("video" for clips)
 
     def __init__(self, cfg: RunConfig, info: DataInfo) -> None:
         super().__init__(cfg, info)
-        self.input = ImageInput(cfg, info, self.vocab)
-        self.backbone = build_backbone(cfg, self.vocab, self.input.patch_dim, self.input.length, self.input.grid)
+        self.input = self.make_input(cfg, info)
+        self.backbone = build_backbone(cfg, self.vocab, self.input.patch_dim, self.input.length, self.input.grid,
+                                       self.input.slices)
         self.target = cfg.pretrain.target
         C = cfg.model.n_embd
         if self.target == "patches":
             D, k = self.input.patch_dim, cfg.pretrain.head_hidden
             self.head = nn.Sequential(nn.Linear(C, k * C), nn.GELU(), nn.Linear(k * C, D)) if k else nn.Linear(C, D)
 
+    def make_input(self, cfg: RunConfig, info: DataInfo) -> nn.Module:
+        """The input tokenizer (images here; `VideoPretrain` reads clips as tubelets)."""
+        return ImageInput(cfg, info, self.vocab)
+
     def sequence(self, batch: dict, prefix_len: int = 0) -> Sequence:
         """Input sequence with next-token labels; positions inside the prefix carry no loss."""
-        seq = self.input.encode(batch["image"])
+        seq = self.input.encode(batch[self.key])
         B, T = seq.ids.shape
         labels = torch.full_like(seq.ids, IGNORE)
         if self.target == "tokens":
@@ -116,7 +122,7 @@ class PretrainMetric:
 
     def update(self, batch: dict) -> None:
         out = self.task.predict(batch)
-        b = batch["image"].shape[0]
+        b = batch[self.task.key].shape[0]
         self.total += float(out["loss"]) * b
         self.n += b
 

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from ..config import RunConfig
-from ..data.base import DataInfo
+from ..data.base import DataError, DataInfo
 from ..tokenizers.vq import VQVAE, VQConfig
 from .base import Task
 
@@ -31,6 +31,8 @@ class TrainVQ(Task):
 
     def __init__(self, cfg: RunConfig, info: DataInfo) -> None:
         super().__init__(cfg, info)
+        if info.frames:
+            raise DataError(f"{cfg.data.spec} holds clips: the VQ tokenizer trains on images")
         self.vq = VQVAE(vq_config(cfg, info))
 
     def forward(self, batch: dict, gen: torch.Generator | None = None) -> tuple[Tensor, dict]:
