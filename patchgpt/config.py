@@ -83,6 +83,7 @@ class DetectConfig:
     class_weight: float = 1.0    # loss weight of real class tokens (coordinates weigh 1)
     order: str = "random"        # object order in training: random | area | raster
     coord_pos: bool = True       # coordinate tokens carry the patch-grid row/column they point at
+    glimpse: bool = True         # an input-only token with the box's pixels (one patch) precedes each class
     temperature: float = 0.0     # decoding: 0 = greedy; > 0 samples (with top_p for nucleus sampling)
     top_p: float = 1.0
     nms_iou: float = 0.7         # class-wise NMS threshold on decoded boxes (1 = off)

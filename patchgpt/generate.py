@@ -119,6 +119,7 @@ def sample(model: GPT, prompt: Sequence, steps: int, *, positions: Tensor | None
            allowed: list[range] | Callable[[int], list[range]] | None = None,
            uncond_prompt: Sequence | None = None, cfg_scale: float = 0.0,
            use_cache: bool = True, token_positions: Callable[[Tensor, int], Tensor] | None = None,
+           inject: Callable[[Tensor, int], Sequence | None] | None = None, max_injected: int = 0,
            stop_token: int | None = None, stop_check: int = 1,
            return_logits: bool = False) -> Tensor | tuple[Tensor, Tensor]:
     """Sample up to `steps` tokens after `prompt`. Returns generated ids (B, steps), int64.
@@ -141,6 +142,9 @@ def sample(model: GPT, prompt: Sequence, steps: int, *, positions: Tensor | None
         token_positions: a function (generated ids so far (B, t + 1), step t) -> (B, 1, 3), the position of
             the token generated at step t from its value and those before it (e.g. box coordinates pointing
             at grid cells); overrides `positions`.
+        inject: a function (generated ids so far (B, t + 1), step t) -> a (B, k) `Sequence` to feed after the
+            token of step t, or None: input-only tokens that are not sampled and not returned (e.g. a glimpse
+            of the image region a generated box names). ``max_injected`` bounds their total length.
         stop_token: once every row has emitted this id, stop early (checked every `stop_check` steps, one
             host synchronisation each); the remaining columns of the output are filled with it.
         return_logits: also return the (B, steps, V) float32 logits each token was drawn from (after guidance,
@@ -215,8 +219,12 @@ def sample(model: GPT, prompt: Sequence, steps: int, *, positions: Tensor | None
         done.logical_or_(tok == stop_token)
         return (t + 1) % stop_check == 0 and bool(done.all())
 
+    def injected(t: int) -> Sequence | None:
+        extra = inject(out[:, :t + 1], t) if inject is not None else None
+        return _batch_cat(extra, extra) if extra is not None and guided else extra
+
     if use_cache:
-        cache = model.new_cache(rows, T0 + steps)
+        cache = model.new_cache(rows, T0 + steps + max_injected)
         hidden = model(seq, cache=cache)
         for t in range(steps):
             tok = next_token(model.logits(hidden[:, -1]), t)
@@ -224,6 +232,9 @@ def sample(model: GPT, prompt: Sequence, steps: int, *, positions: Tensor | None
                 break
             if t + 1 < steps:
                 hidden = model(as_step(tok, t), cache=cache)
+                extra = injected(t)
+                if extra is not None:
+                    hidden = model(extra, cache=cache)
     else:
         cur = seq
         for t in range(steps):
@@ -232,4 +243,7 @@ def sample(model: GPT, prompt: Sequence, steps: int, *, positions: Tensor | None
                 break
             if t + 1 < steps:
                 cur = concat(cur, as_step(tok, t), prefix_len=prefix_len)
+                extra = injected(t)
+                if extra is not None:
+                    cur = concat(cur, extra, prefix_len=prefix_len)
     return (out, raw) if return_logits else out

@@ -317,3 +317,16 @@ def test_coordinate_tokens_point_at_their_grid_cell():
     assert pos[:, 1].tolist() == [0, 5, 5, 7, 0]                          # rows (1-based) of 8
     two = torch.cat([ids, ids])                                           # a second object: same positions
     assert torch.equal(tok.grid_pos(two[None], grid=(8, 4))[0, 5:], pos)
+
+
+def test_glimpse_is_the_box_region_resampled_like_a_patch():
+    from patchgpt.tasks.detect import glimpse
+
+    img = torch.rand(2, 3, 16, 16)
+    whole = glimpse(img, torch.tensor([[0.0, 0.0, 1.0, 1.0]] * 2), 8)                 # (2, 8*8*3)
+    expect = torch.nn.functional.avg_pool2d(img, 2).permute(0, 2, 3, 1).reshape(2, -1)
+    assert torch.allclose(whole, expect, atol=1e-5)
+    img = torch.zeros(1, 1, 16, 16)
+    img[:, :, :8, 8:] = 1.0                                                             # the top-right 8x8
+    assert glimpse(img, torch.tensor([[0.5, 0.0, 1.0, 0.5]]), 4).mean() > 0.9
+    assert glimpse(img, torch.tensor([[0.0, 0.5, 0.5, 1.0]]), 4).max() < 1e-6        # bottom-left: empty

@@ -34,6 +34,26 @@ from ..tokenizers.boxes import TOKENS_PER_OBJECT, Boxes
 from .base import ImageInput, Task, build_backbone, next_token_loss
 
 
+def glimpse(images: Tensor, boxes: Tensor, size: int) -> Tensor:
+    """The region of each image inside its box, resampled to size x size and flattened like a patch.
+
+    Args:
+        images: (n, C, H, W); boxes: (n, 4) normalized xyxy, one per image.
+    Returns:
+        (n, size * size * C) in the `Patches` layout (row, col, channel), averaged from a 2x finer bilinear
+        sample so that large boxes are not aliased.
+    """
+    n, C = images.shape[:2]
+    x0, y0, x1, y1 = boxes.to(images.dtype).unbind(-1)
+    theta = torch.zeros(n, 2, 3, dtype=images.dtype, device=images.device)
+    theta[:, 0, 0], theta[:, 0, 2] = (x1 - x0), x0 + x1 - 1              # output [-1, 1] -> [2 x0 - 1, 2 x1 - 1]
+    theta[:, 1, 1], theta[:, 1, 2] = (y1 - y0), y0 + y1 - 1
+    grid = F.affine_grid(theta, [n, C, 2 * size, 2 * size], align_corners=False)
+    crop = F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    crop = F.avg_pool2d(crop, 2)                                            # (n, C, size, size)
+    return crop.permute(0, 2, 3, 1).reshape(n, size * size * C)            # (n, P, P, C) -> (n, D)
+
+
 def box_iou(a: Tensor, b: Tensor) -> Tensor:
     """(N, 4) x (M, 4) xyxy -> (N, M) IoU."""
     lt = torch.maximum(a[:, None, :2], b[None, :, :2])                  # (N, M, 2)
@@ -72,7 +92,10 @@ class Detect(Task):
         self.task_id = self.vocab.add("task_detect", 1).start
         self.boxes = Boxes(d.bins, len(info.classes), self.vocab)
         self.max_objects = d.max_objects
-        length = self.input.length + 1 + TOKENS_PER_OBJECT * d.max_objects + 1
+        self.glimpse = d.glimpse and self.input.kind == "patches"
+        self.glimpse_id = self.vocab.add("glimpse", 1).start
+        self.period = TOKENS_PER_OBJECT + int(self.glimpse)     # input tokens per object
+        length = self.input.length + 1 + self.period * d.max_objects + 1
         self.backbone = build_backbone(cfg, self.vocab, self.input.patch_dim, length, self.input.grid)
 
     def state(self) -> dict:
@@ -112,12 +135,18 @@ class Detect(Task):
         noise = self._noise_boxes(boxes, n_noise, gen)
         all_boxes = torch.cat([boxes, noise])
         all_cls = torch.cat([classes, torch.full((n_noise,), -1, dtype=torch.long)])
-        ids = torch.cat([torch.tensor([self.task_id]), self.boxes.encode(all_boxes, all_cls)])  # task, objs, end
+        objs = self.boxes.encode(all_boxes, all_cls)[:-1].reshape(-1, TOKENS_PER_OBJECT)  # (N, 5)
+        if self.glimpse:   # x0 y0 x1 y1 G class: the class is predicted from the glimpse of the box
+            g = torch.full((len(objs), 1), self.glimpse_id, dtype=torch.long)
+            objs = torch.cat([objs[:, :4], g, objs[:, 4:]], dim=1)                          # (N, 6)
+        ids = torch.cat([torch.tensor([self.task_id]), objs.reshape(-1), torch.tensor([self.boxes.end])])
         labels = ids[1:].clone()                                           # what each input position predicts
-        is_noise_coord = torch.zeros_like(labels, dtype=torch.bool)
-        for j in range(len(classes), len(all_cls)):
-            is_noise_coord[j * TOKENS_PER_OBJECT:j * TOKENS_PER_OBJECT + 4] = True
-        labels[is_noise_coord] = IGNORE
+        P = self.period
+        for j in range(len(all_cls)):
+            if self.glimpse:
+                labels[j * P + 4] = IGNORE                                 # y_max is followed by the glimpse
+            if j >= len(classes):
+                labels[j * P:j * P + 4] = IGNORE                           # noise boxes' coordinates: no loss
         return ids[:-1], labels
 
     def sequence(self, batch: dict, gen: torch.Generator | None = None) -> Sequence:
@@ -136,17 +165,44 @@ class Detect(Task):
         weights[labels == self.boxes.noise] = self.cfg.detect.noise_weight
         pos = torch.cat([torch.zeros(len(parts), 1, 3, dtype=torch.long), self._positions(ids[:, 1:])], dim=1)
         objs = Sequence(ids=ids.to(dev), labels=labels.to(dev), pos=pos.to(dev), weights=weights.to(dev))
+        if self.glimpse:
+            objs = self._with_glimpses(objs, images)
         return concat(img, objs, prefix_len=img.ids.shape[1] + 1)
 
-    def _positions(self, ids: Tensor) -> Tensor:
+    def _with_glimpses(self, objs: Sequence, images: Tensor) -> Sequence:
+        """Fill the glimpse slots of (B, L) object tokens with the patch of the box each follows."""
+        B, L = objs.ids.shape
+        D = self.input.patch_dim
+        is_g = objs.ids == self.glimpse_id                                 # (B, L)
+        patches = torch.zeros(B, L, D, device=images.device, dtype=images.dtype)
+        b, j = is_g.nonzero(as_tuple=True)
+        if len(b):
+            coords = torch.stack([objs.ids[b, j - 4 + k] for k in range(4)], dim=1)   # (n, 4) ids
+            patches[b, j] = glimpse(images[b], self.boxes.dequantize(coords), self.cfg.tokenizer.patch_size)
+        return Sequence(ids=objs.ids, labels=objs.labels, pos=objs.pos, patches=patches, is_patch=is_g,
+                        weights=objs.weights)
+
+    def _positions(self, ids: Tensor, period: int | None = None) -> Tensor:
         """(B, L) object tokens from slot 0 -> (B, L, 3) grid positions (``detect.coord_pos``), else none."""
         if not self.cfg.detect.coord_pos:
             return torch.zeros(*ids.shape, 3, dtype=torch.long, device=ids.device)
-        return self.boxes.grid_pos(ids, self.input.grid)
+        return self.boxes.grid_pos(ids, self.input.grid, period or self.period)
 
     def _step_positions(self, history: Tensor, t: int) -> Tensor:
-        """Generated ids so far (B, t + 1) -> the (B, 1, 3) position of the last one."""
-        return self._positions(history[:, max(0, t - t % TOKENS_PER_OBJECT):])[:, -1:]
+        """Generated ids so far (B, t + 1) (5 per object: no glimpses) -> the (B, 1, 3) position of the last."""
+        return self._positions(history[:, t - t % TOKENS_PER_OBJECT:], TOKENS_PER_OBJECT)[:, -1:]
+
+    def _glimpse_step(self, images: Tensor, history: Tensor, t: int) -> Sequence | None:
+        """After a generated y_max (slot 3), the glimpse token of that box; else None."""
+        if t % TOKENS_PER_OBJECT != 3:
+            return None
+        coords = history[:, t - 3:t + 1]                                   # (B, 4) ids
+        B, dev = coords.shape[0], coords.device
+        pos = self._positions(coords, TOKENS_PER_OBJECT)[:, -1:]           # the box centre, as y_max's
+        patch = glimpse(images, self.boxes.dequantize(coords), self.cfg.tokenizer.patch_size)   # (B, D)
+        return Sequence(ids=torch.full((B, 1), self.glimpse_id, dtype=torch.long, device=dev),
+                        labels=torch.full((B, 1), IGNORE, dtype=torch.long, device=dev), pos=pos,
+                        patches=patch[:, None], is_patch=torch.ones(B, 1, dtype=torch.bool, device=dev))
 
     def _flip(self, batch: dict, gen: torch.Generator) -> dict:
         """Horizontal flips of half the images, with their boxes (``data.flip``)."""
@@ -200,6 +256,8 @@ class Detect(Task):
                           top_p=d.top_p if top_p is None else top_p, generator=gen,
                           allowed=partial(self.boxes.allowed, max_objects=n_obj), use_cache=use_cache,
                           token_positions=self._step_positions,
+                          inject=partial(self._glimpse_step, images) if self.glimpse else None,
+                          max_injected=n_obj if self.glimpse else 0,
                           stop_token=self.boxes.end, stop_check=TOKENS_PER_OBJECT, return_logits=True)
         out = []
         cls_range = self.boxes.classes

@@ -74,8 +74,11 @@ class Boxes:
         y0, y1 = torch.minimum(b[:, 1], b[:, 3]), torch.maximum(b[:, 1], b[:, 3])
         return torch.stack([x0, y0, x1, y1], dim=1), torch.tensor(classes, dtype=torch.long)
 
-    def grid_pos(self, ids: Tensor, grid: tuple[int, int]) -> Tensor:
+    def grid_pos(self, ids: Tensor, grid: tuple[int, int], period: int = TOKENS_PER_OBJECT) -> Tensor:
         """(B, L) object tokens (objects back to back from slot 0) -> (B, L, 3) grid positions.
+
+        `period` is the number of tokens per object in `ids`: 5, or 6 when an input-only glimpse token sits
+        between ``y_max`` and the class (it gets the box-centre cell too).
 
         Each coordinate points at the patch-grid cell it names, through the same row/column embeddings as the
         image's patches: ``x_min`` gets its column, ``y_min`` the cell (y_min, x_min), ``x_max`` the cell
@@ -89,7 +92,7 @@ class Boxes:
         back = lambda k: torch.cat([v[:, :1].expand(B, k), v[:, :L - k]], dim=1) if k < L else v.clone()  # noqa: E731
         cell = lambda x, n: (x * n).floor().long().clamp(0, n - 1) + 1   # noqa: E731
         R, C = grid
-        slot = torch.arange(L, device=ids.device) % TOKENS_PER_OBJECT      # (L,)
+        slot = torch.arange(L, device=ids.device) % period                 # (L,)
         rows = torch.stack([torch.zeros_like(v), back(0), back(1), (back(2) + v) / 2], dim=0)  # per slot 0..3
         cols = torch.stack([v, back(1), v, (back(3) + back(1)) / 2], dim=0)
         s = slot.clamp(max=3)[None, :, None].expand(1, L, B).transpose(1, 2)  # (1, B, L)
@@ -99,6 +102,9 @@ class Boxes:
         ok = is_coord & (slot < 4)[None]
         pos[..., 1] = torch.where(ok & (slot > 0)[None], cell(row, R), 0)
         pos[..., 2] = torch.where(ok, cell(col, C), 0)
+        if period > TOKENS_PER_OBJECT:   # the glimpse after y_max shares its (centre) position
+            g = (slot == 4).nonzero()[:, 0]
+            pos[:, g] = pos[:, g - 1]
         return pos
 
     def allowed(self, step: int, max_objects: int | None = None, with_noise: bool = False) -> list[range]:
