@@ -76,7 +76,7 @@ class GenerateConfig:
 @dataclass
 class DetectConfig:
     bins: int = 64               # coordinate bins over [0, 1] (about one per input pixel is plenty)
-    max_objects: int = 10        # objects per image, real plus noise; more are dropped in training
+    max_objects: int = 0         # objects per image, real plus noise (0: the data's most + 2); more are dropped
     noise: bool = True           # Pix2Seq sequence augmentation: pad with noise objects up to max_objects
     jitter: float = 0.2          # noise boxes: real boxes shifted/resized by up to this fraction of their size
     noise_weight: float = 1.0    # loss weight of the noise class token
@@ -269,7 +269,8 @@ def default_config(task: str) -> RunConfig:
     elif task == "detect":
         cfg.tokenizer.patch_size = 8
         cfg.data.resize = "pad"   # letterbox: every box stays inside the image
-        cfg.train.lr, cfg.train.steps, cfg.train.warmup = 1e-3, 3000, 200
+        cfg.train.lr, cfg.train.steps, cfg.train.warmup, cfg.train.batch_size = 1e-3, 2500, 200, 32
+        cfg.train.eval_every = 500
     elif task in ("video-classify", "video-pretrain"):
         cfg.data.spec = "moving-digits"
         cfg.tokenizer.patch_size, cfg.tokenizer.tubelet = 4, 2

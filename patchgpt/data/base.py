@@ -31,6 +31,7 @@ class DataInfo:
     skipped: list[str] = field(default_factory=list)  # files skipped as unreadable ("path: reason")
     boxes: bool = False                   # items carry detection targets (batch["boxes"], ["classes"])
     category_ids: list[int] | None = None  # COCO category id of each class (detection output)
+    max_objects: int = 0                  # detection: most (non-crowd) objects in one image of the source
     frames: int = 0                       # video: frames per clip (items are (F, C, H, W)); 0 = images
 
     @property

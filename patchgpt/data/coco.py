@@ -115,9 +115,10 @@ class CocoDetection(ImageSet):
         self.records = [images[i] for i in sorted(images)]
         if not self.records:
             raise DataError(f"{ann_file}: no images")
+        most = max([sum(1 for a in anns if not a.get("iscrowd", 0)) for anns in self.anns.values()] + [0])
         self.info = DataInfo(channels=channels, image_size=(size, size),
                              classes=[cats[c] for c in cat_order], boxes=True, category_ids=cat_order,
-                             skipped=self.skipped)
+                             skipped=self.skipped, max_objects=most)
         if self.skipped:
             print(f"patchgpt: skipped {len(self.skipped)} malformed entries of {ann_file} "
                   f"(first: {self.skipped[0]})", file=sys.stderr)

@@ -49,7 +49,7 @@ class DigitScenes(ImageSet):
         self.scale = (min(scale[0], size), min(scale[1], size))
         self.max_overlap = max_overlap
         self.info = DataInfo(channels=1, image_size=(size, size), classes=[str(i) for i in range(10)],
-                             boxes=True, category_ids=list(range(1, 11)))
+                             boxes=True, category_ids=list(range(1, 11)), max_objects=max_digits)
 
     def __len__(self) -> int:
         return self.n

@@ -88,6 +88,8 @@ class Detect(Task):
             raise DataError(f"detection needs boxes; {cfg.data.spec} has none (use coco:ANN.json[:IMAGES_DIR] "
                             "or digit-scenes)")
         d = cfg.detect
+        if d.max_objects <= 0:   # auto: room for the busiest image of the data plus two noise objects
+            d.max_objects = max(info.max_objects, 1) + 2
         self.input = ImageInput(cfg, info, self.vocab)
         self.task_id = self.vocab.add("task_detect", 1).start
         self.boxes = Boxes(d.bins, len(info.classes), self.vocab)
