@@ -85,6 +85,11 @@ def save(out: str | Path, task: torch.nn.Module, cfg: RunConfig, step: int,
     final = step_dir(out, step)
     for stale in root.glob(".tmp_step_*"):  # left by a killed or failed save (only rank 0 writes)
         shutil.rmtree(stale, ignore_errors=True)
+    for old in root.glob(".old_step_*"):  # a replaced checkpoint: put back if its successor never arrived
+        if (root / _step_name(old)).exists():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.rename(root / _step_name(old))
     tmp = root / f".tmp_step_{step:07d}_{os.getpid()}"
     tmp.mkdir()
     sd = full["model"] if full is not None else task.state_dict()
@@ -115,14 +120,24 @@ def save(out: str | Path, task: torch.nn.Module, cfg: RunConfig, step: int,
     return final
 
 
+def _step_name(old: Path) -> str:
+    """``.old_step_0000012_345`` -> ``step_0000012``."""
+    return "_".join(old.name[len(".old_"):].split("_")[:2])
+
+
 def list_checkpoints(out: str | Path) -> list[Path]:
-    """Complete checkpoints of a run, oldest first."""
+    """Complete checkpoints of a run, oldest first.
+
+    A checkpoint being replaced by a save of the same step is briefly ``.old_step_N_PID``: it counts while
+    no ``step_N`` exists (a kill between the save's two renames)."""
     root = Path(out) / CKPT_DIR
     if not root.is_dir():
         return []
-    done = [p for p in root.iterdir() if p.name.startswith("step_") and (p / "config.json").is_file()
-            and (p / "model.safetensors").is_file()]
-    return sorted(done, key=lambda p: p.name)
+    dirs = [p for p in root.iterdir() if p.name.startswith(("step_", ".old_step_")) and
+            (p / "config.json").is_file() and (p / "model.safetensors").is_file()]
+    names = {p.name for p in dirs}
+    done = [p for p in dirs if p.name.startswith("step_") or _step_name(p) not in names]
+    return sorted(done, key=lambda p: p.name.removeprefix(".old_"))
 
 
 def resolve(path: str | Path) -> Path:
@@ -188,8 +203,9 @@ def load_training_state(ckpt: Path, optimizer: torch.optim.Optimizer,
     if fsdp_model is not None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
+        # strict=False: parameters the loss never used (an unused LM head) have no optimizer state.
         set_optimizer_state_dict(fsdp_model, optimizer, _optimizer_state(tensors, meta),
-                                 options=StateDictOptions(full_state_dict=True))
+                                 options=StateDictOptions(full_state_dict=True, strict=False))
     else:
         optimizer.load_state_dict(_optimizer_state(tensors, meta))
     return json.loads((ckpt / "trainer.json").read_text())
