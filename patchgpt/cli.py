@@ -154,8 +154,8 @@ def cmd_shard(a: argparse.Namespace) -> None:
     paths = write_shards(train_set if a.split == "train" else val_set, a.out, a.per_shard, prefix=a.split)
     if not paths:
         raise ConfigError(f"--split {a.split}: no items to write")
-    last = len(paths) - 1
-    print(f"{sum(1 for _ in paths)} shards: shards:{Path(a.out) / f'{a.split}-{{000000..{last:06d}}}.tar'}")
+    pattern = Path(a.out) / f"{a.split}-{{000000..{len(paths) - 1:06d}}}.tar"
+    print(f"wrote {len(paths)} shard(s); train with --data 'shards:{pattern}'")
 
 
 def _load_generator(path: str):

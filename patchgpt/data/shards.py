@@ -286,10 +286,10 @@ class _Batches(IterableDataset):
 
     def _raw(self, epoch: int, g: int, G: int) -> Iterator[dict]:
         paths = self.ds.paths
+        if self.shuffle:  # the same shard order on every reader, so they split it without overlap
+            paths = random.Random(self.seed * 100_003 + epoch).sample(paths, len(paths))
         mine = paths[g::G] if len(paths) >= G else paths
-        rng = random.Random(self.seed * 100_003 + epoch * 1_009 + g)
-        if self.shuffle:
-            mine = rng.sample(mine, len(mine))
+        rng = random.Random(self.seed * 100_003 + epoch * 1_009 + g)  # this reader's buffer
         items = (s for p in mine for s in _samples(p))
         if len(paths) < G:
             items = (s for k, s in enumerate(items) if k % G == g)
@@ -309,10 +309,12 @@ class _Batches(IterableDataset):
     def __iter__(self) -> Iterator[dict]:
         w = get_worker_info()
         wid, nw = (w.id, w.num_workers) if w is not None else (0, 1)
-        g, G = self.rank * nw + wid, self.world * nw
-        # The DataLoader takes batches from its workers in turn: micro-batch k of this rank is this
-        # worker's batch k // nw when k % nw == wid, so resuming at `start` skips this many of ours.
-        skip = max(0, -(-(self.start - wid) // nw))
+        # The DataLoader takes batches from its workers in turn, from worker 0: micro-batch k of this rank
+        # comes from the worker playing part v = k % nw, so after a resume at `start` worker `wid` plays
+        # part (wid + start) % nw, and skips that part's batches below `start`.
+        v = (wid + self.start) % nw
+        g, G = self.rank * nw + v, self.world * nw
+        skip = max(0, -(-(self.start - v) // nw))
         for epoch in count():
             batch, made = [], 0
             for s in self._raw(epoch, g, G):
