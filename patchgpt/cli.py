@@ -131,9 +131,10 @@ def cmd_train(a: argparse.Namespace) -> None:
 
     try:
         out = train(cfg, resume=a.resume, quiet=a.quiet)
+        main = dist.is_main()
     finally:
         dist.cleanup()
-    if not dist.is_main():
+    if not main:
         return
     metrics = json.loads((out / "metrics.json").read_text()) if (out / "metrics.json").exists() else {}
     print(json.dumps({k: v for k, v in metrics.items() if isinstance(v, (int, float))}))
