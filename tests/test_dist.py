@@ -188,3 +188,36 @@ def test_an_interrupted_checkpoint_write_never_hides_the_previous_one(tmp_path, 
             checkpoint.save(run, task, cfg, 5, opt, {"step": 5})  # a later save cleans up
             assert not list((run / "checkpoints").glob(".tmp*")), k
             assert checkpoint.resolve(run).name == "step_0000005"
+
+
+@pytest.mark.slow
+def test_sigterm_to_torchrun_checkpoints_then_one_process_resumes(tmp_path):
+    """SIGTERM to the launcher reaches both ranks; they agree on the step to stop at and rank 0 writes
+    that checkpoint. The run then resumes in one process (the global batch does not depend on the number
+    of processes) and ends where an uninterrupted one-process run ends, to float rounding."""
+    steps, run = 120, tmp_path / "run"
+    args = ["pretrain", "--model", "nano", "--steps", str(steps), "--quiet", "--set", "train.batch_size=16",
+            "--set", "train.warmup=1", "--set", "train.log_every=1", "--set", "train.threads=1"]
+    p = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "-m", "patchgpt", "train", *args, "--out", str(run)], env=_env(),
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    log = run / "log.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and p.poll() is None:
+        if log.exists() and len(log.read_text().splitlines()) >= 10:
+            break
+        time.sleep(0.02)
+    p.send_signal(signal.SIGTERM)
+    err = p.communicate(timeout=120)[1]
+    stopped = [int(c.name.split("_")[1]) for c in checkpoint.list_checkpoints(run)]
+    assert len(stopped) == 1 and 10 <= stopped[0] < steps, err[-2000:]
+    assert f"stopped at step {stopped[0]}" in err
+    r = subprocess.run([sys.executable, "-m", "patchgpt", "train", *args, "--out", str(run), "--resume"],
+                       env=_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    cfg = tiny_config("pretrain", tmp_path / "ref", steps=steps)
+    cfg.train.threads = 1
+    train(cfg, quiet=True)
+    a, b = final_weights(run), final_weights(tmp_path / "ref")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-4)
