@@ -257,9 +257,9 @@ def train(cfg: RunConfig, resume: bool = False, quiet: bool = False, until: int 
                     gen = step_generator(t.seed, step, micro)
                     key = input_key(batch)  # "image", or "video" for clips
                     n = batch_len(batch)
+                    batch["rows"] = (env.rank * n, env.world * n)  # this rank's slice of the global batch
                     if cfg.data.augment:
-                        batch[key] = augment(batch[key], gen, cfg.data.shift, cfg.data.flip,
-                                             rows=(env.rank * n, env.world * n))
+                        batch[key] = augment(batch[key], gen, cfg.data.shift, cfg.data.flip, batch["rows"])
                     batch = to_device(batch, device)
                     # Gradients are all-reduced once per optimizer step: not on the earlier micro-steps.
                     with _no_sync(ddp, micro < t.accum - 1), \

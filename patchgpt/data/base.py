@@ -138,6 +138,13 @@ def batch_len(batch: dict) -> int:
     return x.shape[0] if x.numel() else 0
 
 
+def rows(batch: dict) -> tuple[int, int]:
+    """(first, total): this batch is rows first..first+B-1 of a global batch of `total` split over processes.
+
+    Per-row random draws made for all `total` rows and sliced give each item what one process gives it."""
+    return batch.get("rows", (0, batch_len(batch)))
+
+
 def to_device(batch: dict, device: torch.device | str) -> dict:
     """Move a batch's tensors to `device` (captions stay lists of str)."""
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
