@@ -253,6 +253,9 @@ def train(cfg: RunConfig, resume: bool = False, quiet: bool = False, until: int 
                 for micro in range(t.accum):
                     batch = next(batches)
                     if batch_len(batch) == 0:
+                        if env.distributed:  # the other ranks would wait for this one's gradients for ever
+                            raise DataError(f"every file of rank {env.rank}'s micro-batch at step {step} was "
+                                            "skipped as unreadable; clean the data or use larger batches")
                         continue
                     gen = step_generator(t.seed, step, micro)
                     key = input_key(batch)  # "image", or "video" for clips
