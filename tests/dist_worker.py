@@ -22,6 +22,7 @@ def main() -> None:
     apply_size(cfg, "nano")
     cfg.out = out
     cfg.train.steps, cfg.train.warmup, cfg.train.log_every, cfg.train.batch_size = steps, 1, 1, 16
+    cfg.train.device = "cpu"  # gloo and CPU everywhere, also on machines with GPUs
     for s in sys.argv[4:]:
         set_override(cfg, s)
     captured = {}

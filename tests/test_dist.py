@@ -28,6 +28,12 @@ def _env() -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
+def cpu_config(task: str, out, steps: int):
+    cfg = tiny_config(task, out, steps=steps)
+    cfg.train.device, cfg.train.threads = "cpu", 1  # the same arithmetic as the CPU subprocesses
+    return cfg
+
+
 def torchrun(n: int, *args: str, timeout: int = 240, **env) -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", str(WORKER),
            *args]
@@ -52,7 +58,7 @@ def test_two_processes_equal_one_with_the_same_global_batch(tmp_path):
     r0, r1 = (load_file(str(tmp_path / "two" / f"rank{r}.safetensors")) for r in (0, 1))
     assert all(torch.equal(r0[k], r1[k]) for k in r0)
 
-    cfg = tiny_config("pretrain", tmp_path / "one", steps=6)
+    cfg = cpu_config("pretrain", tmp_path / "one", steps=6)
     for s in sets:
         set_override(cfg, s)
     train(cfg, quiet=True)
@@ -75,7 +81,7 @@ def test_fsdp_runs_resumes_and_matches_one_process(tmp_path):
     torchrun(2, "classify", str(tmp_path / "fsdp"), "4", "train.fsdp=true", *sets, UNTIL="2")
     assert [p.name for p in checkpoint.list_checkpoints(tmp_path / "fsdp")] == ["step_0000002"]
     torchrun(2, "classify", str(tmp_path / "fsdp"), "4", "train.fsdp=true", *sets, RESUME="1")
-    cfg = tiny_config("classify", tmp_path / "one", steps=4)
+    cfg = cpu_config("classify", tmp_path / "one", steps=4)
     for s in sets:
         set_override(cfg, s)
     train(cfg, quiet=True)
@@ -101,7 +107,7 @@ def test_sigkill_mid_training_then_resume_equals_an_uninterrupted_run(tmp_path):
     steps = 60
     args = ["classify", "--model", "nano", "--steps", str(steps), "--quiet", "--set", "train.batch_size=16",
             "--set", "train.warmup=1", "--set", "train.ckpt_every=3", "--set", "train.threads=1",
-            "--set", "train.log_every=1"]
+            "--set", "train.log_every=1", "--set", "train.device=cpu"]
     run = tmp_path / "killed"
     p = subprocess.Popen([sys.executable, "-m", "patchgpt", "train", *args, "--out", str(run)], env=_env(),
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -120,8 +126,8 @@ def test_sigkill_mid_training_then_resume_equals_an_uninterrupted_run(tmp_path):
                        env=_env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
 
-    ref = tiny_config("classify", tmp_path / "ref", steps=steps)
-    ref.train.ckpt_every, ref.train.threads = 3, 1
+    ref = cpu_config("classify", tmp_path / "ref", steps=steps)
+    ref.train.ckpt_every = 3
     train(ref, quiet=True)
     a, b = final_weights(run), final_weights(tmp_path / "ref")
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -197,7 +203,8 @@ def test_sigterm_to_torchrun_checkpoints_then_one_process_resumes(tmp_path):
     of processes) and ends where an uninterrupted one-process run ends, to float rounding."""
     steps, run = 120, tmp_path / "run"
     args = ["pretrain", "--model", "nano", "--steps", str(steps), "--quiet", "--set", "train.batch_size=16",
-            "--set", "train.warmup=1", "--set", "train.log_every=1", "--set", "train.threads=1"]
+            "--set", "train.warmup=1", "--set", "train.log_every=1", "--set", "train.threads=1",
+            "--set", "train.device=cpu"]
     p = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                           "-m", "patchgpt", "train", *args, "--out", str(run)], env=_env(),
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -215,8 +222,7 @@ def test_sigterm_to_torchrun_checkpoints_then_one_process_resumes(tmp_path):
     r = subprocess.run([sys.executable, "-m", "patchgpt", "train", *args, "--out", str(run), "--resume"],
                        env=_env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    cfg = tiny_config("pretrain", tmp_path / "ref", steps=steps)
-    cfg.train.threads = 1
+    cfg = cpu_config("pretrain", tmp_path / "ref", steps=steps)
     train(cfg, quiet=True)
     a, b = final_weights(run), final_weights(tmp_path / "ref")
     for k in a:
