@@ -30,13 +30,23 @@ def main() -> None:
 
     def capture(task, env, fsdp=False):
         captured["task"] = task
-        return wrap(task, env, fsdp)
+        model = wrap(task, env, fsdp)
+        if hasattr(model, "register_comm_hook"):  # DDP: count gradient all-reduces (one per bucket)
+            from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+            def counting(state, bucket):
+                captured["allreduces"] = captured.get("allreduces", 0) + 1
+                return allreduce_hook(state, bucket)
+
+            model.register_comm_hook(None, counting)
+        return model
 
     T.wrap = capture
     T.train(cfg, quiet=True, resume=bool(os.environ.get("RESUME")), until=int(os.environ.get("UNTIL", 0)) or None)
     if not cfg.train.fsdp:  # FSDP ranks hold shards; the checkpoint has the gathered weights
         sd = {k: v.detach().contiguous() for k, v in captured["task"].state_dict().items()}
-        save_file(sd, f"{out}/rank{os.environ.get('RANK', 0)}.safetensors")
+        rank = os.environ.get("RANK", 0)
+        save_file(sd, f"{out}/rank{rank}.safetensors", metadata={"allreduces": str(captured.get("allreduces", 0))})
     dist.cleanup()
 
 

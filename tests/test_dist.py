@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 import patchgpt
@@ -57,6 +58,9 @@ def test_two_processes_equal_one_with_the_same_global_batch(tmp_path):
     torchrun(2, "pretrain", str(tmp_path / "two"), "6", *sets)
     r0, r1 = (load_file(str(tmp_path / "two" / f"rank{r}.safetensors")) for r in (0, 1))
     assert all(torch.equal(r0[k], r1[k]) for k in r0)
+    # Gradients are all-reduced on the last micro-step of each step only: 6 steps, one bucket (a nano model).
+    with safe_open(str(tmp_path / "two" / "rank0.safetensors"), "pt") as f:
+        assert f.metadata()["allreduces"] == "6"
 
     cfg = cpu_config("pretrain", tmp_path / "one", steps=6)
     for s in sets:
