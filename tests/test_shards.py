@@ -58,10 +58,12 @@ def test_shard_patterns(tmp_path):
     write_shards(Numbered(6), tmp_path, per_shard=2)
     names = lambda spec: [p.name for p in expand(spec)]  # noqa: E731
     assert names(f"{tmp_path}/train-{{000000..000001}}.tar") == ["train-000000.tar", "train-000001.tar"]
-    assert names(f"{tmp_path}/train-*.tar") == names(str(tmp_path)) == [f"train-00000{i}.tar" for i in range(3)]
-    assert names(f"{tmp_path}/train-000002.tar::{tmp_path}/train-{{000000,000001}}.tar")[0] == "train-000002.tar"
     with pytest.raises(DataError, match="nothing matches"):
         expand(f"{tmp_path}/val-*.tar")
+    write_shards(Numbered(3), tmp_path, per_shard=2, prefix="val")
+    assert names(f"{tmp_path}/train-*.tar") == names(str(tmp_path)) == [f"train-00000{i}.tar" for i in range(3)]
+    assert names(f"{tmp_path}/val-*.tar") == ["val-000000.tar", "val-000001.tar"]
+    assert names(f"{tmp_path}/train-000002.tar::{tmp_path}/train-{{000000,000001}}.tar")[0] == "train-000002.tar"
     with pytest.raises(DataError, match="hold out"):
         build_datasets(DataConfig(spec=f"shards:{tmp_path}/train-000000.tar"))
 

@@ -85,7 +85,7 @@ def write_shards(ds: ImageSet, out_dir: str | Path, per_shard: int = 1000, prefi
         raise DataError(f"--per-shard {per_shard}: must be positive")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    for old in out.glob(f"{prefix}-*.tar"):
+    for old in [*out.glob(f"{prefix}-*.tar"), *out.glob(f".{prefix}-*.tar.tmp")]:  # a previous write's
         old.unlink()
     paths, counts = [], {}
     n, idx, tar, tmp = len(ds), 0, None, None
@@ -142,12 +142,15 @@ def _braces(pattern: str) -> list[str]:
 
 
 def expand(spec: str) -> list[Path]:
-    """Shard paths from a directory, a glob, a brace pattern, or several of these joined by ``::``."""
+    """Shard paths from a directory, a glob, a brace pattern, or several of these joined by ``::``.
+
+    A directory means its ``train-*.tar`` shards if it has any (not the ``val-*`` ones beside them), else
+    all its ``*.tar``."""
     paths: list[Path] = []
     for part in spec.split("::"):
         part = os.path.expanduser(part.strip())
         if os.path.isdir(part):
-            paths += sorted(Path(part).glob("*.tar"))
+            paths += sorted(Path(part).glob("train-*.tar")) or sorted(Path(part).glob("*.tar"))
             continue
         for p in _braces(part):
             hits = sorted(glob.glob(p)) if glob.has_magic(p) else [p]
