@@ -272,11 +272,14 @@ def train(cfg: RunConfig, resume: bool = False, quiet: bool = False, until: int 
                     total += float(loss.detach()) / t.accum
                     n_img += n
                 logs = {k: float(v) for k, v in logs.items() if k != "loss"}
+                # Whether to stop after this step is read once here: a signal landing later in the step
+                # counts from the next one, so every rank stops (and checkpoints) at the same step.
+                stopping = stop.flag
                 if env.distributed:  # one all-reduce: mean loss and logs, images summed, any rank stopping
-                    vals = dist.all_reduce([total, *logs.values(), n_img, float(stop.flag)], device, op="sum")
+                    vals = dist.all_reduce([total, *logs.values(), n_img, float(stopping)], device, op="sum")
                     total, n_img = vals[0] / env.world, int(vals[-2])
                     logs = {k: v / env.world for k, v in zip(logs, vals[1:-2], strict=True)}
-                    stop.flag = stop.flag or vals[-1] > 0
+                    stopping = vals[-1] > 0
                 if not math.isfinite(total):
                     raise TrainingError(f"loss became {total} at step {step}; the last good checkpoint is "
                                         f"step {last_ckpt} in {out}. Lower train.lr or check the data.")
@@ -295,12 +298,12 @@ def train(cfg: RunConfig, resume: bool = False, quiet: bool = False, until: int 
                     log_f.write(json.dumps(row) + "\n")
                     log_f.flush()
                 if until is not None and until <= step < t.steps:
-                    stop.flag = True
+                    stopping = True
                 do_eval = step == t.steps or bool(t.eval_every and step % t.eval_every == 0)
                 if do_eval and not t.fsdp and env.main:
                     metrics = evaluate(task, eval_batches(val_set, 256, cfg.data.num_workers), device)
                     task.train()
-                if do_eval or (t.ckpt_every and step % t.ckpt_every == 0) or stop.flag:
+                if do_eval or (t.ckpt_every and step % t.ckpt_every == 0) or stopping:
                     saved_at = _save(out, task, cfg, step, opt, env)
                     last_ckpt = step
                     if do_eval and t.fsdp and env.main:  # evaluate the gathered weights, unsharded
@@ -308,7 +311,7 @@ def train(cfg: RunConfig, resume: bool = False, quiet: bool = False, until: int 
                 if do_eval and log_f is not None:
                     log_f.write(json.dumps({"step": step, **_scalars(metrics, "val/")}) + "\n")
                     log_f.flush()
-                if stop.flag:
+                if stopping:
                     dist.print0(f"patchgpt: stopped at step {step}; resume with --resume --out {out}")
                     break
     finally:
