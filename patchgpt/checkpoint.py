@@ -44,9 +44,10 @@ def _write_json(path: Path, obj) -> None:
         os.fsync(f.fileno())
 
 
-def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict, dict]:
-    """Split an optimizer state dict into flat tensors and JSON (param groups, per-param non-tensors)."""
-    sd = opt.state_dict()
+def _optimizer_tensors(sd: dict) -> tuple[dict, dict]:
+    """Split an optimizer state dict into flat tensors and JSON (param groups, per-param non-tensors).
+
+    Parameters are keyed by index (``opt.state_dict()``) or by name (FSDP's full state dict)."""
     tensors, extra = {}, {}
     for pid, st in sd["state"].items():
         for k, v in st.items():
@@ -60,24 +61,42 @@ def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict, dict]:
 def _optimizer_state(tensors: dict, meta: dict) -> dict:
     state: dict = {}
     for key, v in list(tensors.items()) + list(meta["extra"].items()):
-        pid, k = key.split(".", 1)
-        state.setdefault(int(pid), {})[k] = v
+        pid, k = key.rsplit(".", 1)  # the state's own keys (step, exp_avg, ...) have no dots
+        state.setdefault(int(pid) if pid.isdigit() else pid, {})[k] = v
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
+def step_dir(out: str | Path, step: int) -> Path:
+    """Where checkpoint `step` of run `out` lives."""
+    return Path(out) / CKPT_DIR / f"step_{step:07d}"
+
+
 def save(out: str | Path, task: torch.nn.Module, cfg: RunConfig, step: int,
-         optimizer: torch.optim.Optimizer | None = None, trainer: dict | None = None, keep: int = 2) -> Path:
-    """Write checkpoint ``out/checkpoints/step_{step}`` atomically and prune to the newest `keep`."""
+         optimizer: torch.optim.Optimizer | None = None, trainer: dict | None = None, keep: int = 2,
+         full: dict | None = None) -> Path:
+    """Write checkpoint ``out/checkpoints/step_{step}`` atomically and prune to the newest `keep`.
+
+    Stages: a fresh hidden temp dir, the weights, the optimizer, ``trainer.json``, ``config.json``, fsync,
+    then one rename; a kill or error before the rename leaves only the temp dir, which readers ignore and
+    the next save of a run sweeps away. `full` holds gathered FSDP state dicts (``model``, ``optimizer``)
+    to write instead of the module's and the optimizer's own."""
     root = Path(out) / CKPT_DIR
     root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step_{step:07d}"
+    final = step_dir(out, step)
+    for stale in root.glob(".tmp_step_*"):  # left by a killed or failed save (only rank 0 writes)
+        shutil.rmtree(stale, ignore_errors=True)
+    for old in root.glob(".old_step_*"):  # a replaced checkpoint: put back if its successor never arrived
+        if (root / _step_name(old)).exists():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.rename(root / _step_name(old))
     tmp = root / f".tmp_step_{step:07d}_{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    weights = {k: v.detach().cpu().contiguous() for k, v in task.state_dict().items()}
+    sd = full["model"] if full is not None else task.state_dict()
+    weights = {k: v.detach().cpu().contiguous() for k, v in sd.items()}
     save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     if optimizer is not None:
-        tensors, meta = _optimizer_tensors(optimizer)
+        tensors, meta = _optimizer_tensors(full["optimizer"] if full is not None else optimizer.state_dict())
         save_file(tensors, str(tmp / "optimizer.safetensors"))
         _write_json(tmp / "optimizer.json", meta)
     if trainer is not None:
@@ -101,14 +120,24 @@ def save(out: str | Path, task: torch.nn.Module, cfg: RunConfig, step: int,
     return final
 
 
+def _step_name(old: Path) -> str:
+    """``.old_step_0000012_345`` -> ``step_0000012``."""
+    return "_".join(old.name[len(".old_"):].split("_")[:2])
+
+
 def list_checkpoints(out: str | Path) -> list[Path]:
-    """Complete checkpoints of a run, oldest first."""
+    """Complete checkpoints of a run, oldest first.
+
+    A checkpoint being replaced by a save of the same step is briefly ``.old_step_N_PID``: it counts while
+    no ``step_N`` exists (a kill between the save's two renames)."""
     root = Path(out) / CKPT_DIR
     if not root.is_dir():
         return []
-    done = [p for p in root.iterdir() if p.name.startswith("step_") and (p / "config.json").is_file()
-            and (p / "model.safetensors").is_file()]
-    return sorted(done, key=lambda p: p.name)
+    dirs = [p for p in root.iterdir() if p.name.startswith(("step_", ".old_step_")) and
+            (p / "config.json").is_file() and (p / "model.safetensors").is_file()]
+    names = {p.name for p in dirs}
+    done = [p for p in dirs if p.name.startswith("step_") or _step_name(p) not in names]
+    return sorted(done, key=lambda p: p.name.removeprefix(".old_"))
 
 
 def resolve(path: str | Path) -> Path:
@@ -164,9 +193,19 @@ def load_weights(task: torch.nn.Module, ckpt: str | Path) -> None:
             m.fitted = True
 
 
-def load_training_state(ckpt: Path, optimizer: torch.optim.Optimizer) -> dict:
-    """Restore the optimizer from `ckpt` and return its trainer.json."""
+def load_training_state(ckpt: Path, optimizer: torch.optim.Optimizer,
+                        fsdp_model: torch.nn.Module | None = None) -> dict:
+    """Restore the optimizer from `ckpt` and return its trainer.json.
+
+    With `fsdp_model` the saved state is a full (gathered) one, scattered to this rank's shards."""
     tensors = load_file(str(ckpt / "optimizer.safetensors"))
     meta = json.loads((ckpt / "optimizer.json").read_text())
-    optimizer.load_state_dict(_optimizer_state(tensors, meta))
+    if fsdp_model is not None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        # strict=False: parameters the loss never used (an unused LM head) have no optimizer state.
+        set_optimizer_state_dict(fsdp_model, optimizer, _optimizer_state(tensors, meta),
+                                 options=StateDictOptions(full_state_dict=True, strict=False))
+    else:
+        optimizer.load_state_dict(_optimizer_state(tensors, meta))
     return json.loads((ckpt / "trainer.json").read_text())

@@ -28,6 +28,9 @@ EPILOG = """examples:
   patchgpt train video-classify --data moving-digits --out runs/vid
   patchgpt train video-classify --data videos:~/clips --out runs/clips
   patchgpt predict runs/clips clip.mp4
+  patchgpt shard --data folder:~/photos --out shards --per-shard 1000 --set data.image_size=32
+  patchgpt train pretrain --data "shards:shards/train-{000000..000009}.tar" --set data.val_spec=shards:shards/val-*
+  torchrun --standalone --nproc_per_node=8 -m patchgpt train pretrain --data digits --set train.batch_size=256
 
 data specs: digits | folder:PATH (one subfolder per class, or flat = unlabeled) | idx:PATH (MNIST IDX files)
             | videos:PATH (clips: mp4, avi, webm, mkv, gif) | moving-digits (bundled digits in motion)
@@ -57,6 +60,14 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    h = sub.add_parser("shard", help="write a data spec as WebDataset-style tar shards (train with shards:DIR)")
+    h.add_argument("--data", required=True, help="data spec to write (any spec `train` accepts)")
+    h.add_argument("--out", required=True, help="directory for the shards and their meta.json")
+    h.add_argument("--per-shard", type=int, default=1000, help="items per shard (default: 1000)")
+    h.add_argument("--split", choices=["train", "val"], default="train", help="which split to write (default: train)")
+    h.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a data field, e.g. data.image_size=32")
 
     e = sub.add_parser("eval", help="evaluate a checkpoint on its validation data (or --data)")
     e.add_argument("ckpt", help="checkpoint or run directory")
@@ -116,10 +127,36 @@ def cmd_train(a: argparse.Namespace) -> None:
         cfg.train.steps = a.steps
     for s in a.set:
         set_override(cfg, s)
-    out = train(cfg, resume=a.resume, quiet=a.quiet)
+    from . import dist
+
+    try:
+        out = train(cfg, resume=a.resume, quiet=a.quiet)
+        main = dist.is_main()
+    finally:
+        dist.cleanup()
+    if not main:
+        return
     metrics = json.loads((out / "metrics.json").read_text()) if (out / "metrics.json").exists() else {}
     print(json.dumps({k: v for k, v in metrics.items() if isinstance(v, (int, float))}))
     print(f"run directory: {out}", file=sys.stderr)
+
+
+def cmd_shard(a: argparse.Namespace) -> None:
+    from .data import build_datasets
+    from .data.shards import write_shards
+
+    cfg = RunConfig()
+    cfg.data.spec = a.data
+    for s in a.set:
+        if not s.startswith("data."):
+            raise ConfigError(f"--set {s}: shard takes data.* keys only")
+        set_override(cfg, s)
+    train_set, val_set, _ = build_datasets(cfg.data)
+    paths = write_shards(train_set if a.split == "train" else val_set, a.out, a.per_shard, prefix=a.split)
+    if not paths:
+        raise ConfigError(f"--split {a.split}: no items to write")
+    pattern = Path(a.out) / f"{a.split}-{{000000..{len(paths) - 1:06d}}}.tar"
+    print(f"wrote {len(paths)} shard(s); train with --data 'shards:{pattern}'")
 
 
 def _load_generator(path: str):
@@ -353,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
     a = _parser().parse_args(argv)
     try:
         {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "quickstart": cmd_quickstart,
-         "sample": cmd_sample, "complete": cmd_complete}[a.command](a)
+         "sample": cmd_sample, "complete": cmd_complete, "shard": cmd_shard}[a.command](a)
     except (ConfigError, DataError, CheckpointError) as e:
         print(f"patchgpt: error: {e}", file=sys.stderr)
         return 2

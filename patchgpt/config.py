@@ -33,6 +33,8 @@ class DataConfig:
     num_workers: int = 0         # DataLoader worker processes for decoding
     frames: int = 0              # video: frames per clip; 0 = the source's default (videos: 8, moving-digits: 4)
     frame_stride: int = 0        # video: 0 = sample frames uniformly over the clip | N = every Nth from the start
+    shuffle: bool = True         # a new order each epoch; false = the source's order (map-style and shards)
+    shuffle_buffer: int = 1000   # shards: items held in the streaming shuffle buffer
 
 
 @dataclass
@@ -121,6 +123,7 @@ class TrainConfig:
     device: str = "auto"         # auto | cpu | cuda | mps
     compile: bool = False
     threads: int = 0             # torch threads on CPU; 0 = torch's default
+    fsdp: bool = False           # torchrun: shard parameters, gradients and optimizer state (FSDP2) instead of DDP
 
 
 @dataclass

@@ -9,6 +9,7 @@ Reference for the optimizer recipe: karpathy/nanoGPT `train.py`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import signal
@@ -17,12 +18,14 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils.data import IterableDataset
 from tqdm import tqdm
 
-from . import checkpoint
+from . import checkpoint, dist
 from .config import ConfigError, RunConfig, check
 from .data import augment, build_datasets, eval_batches, train_batches
 from .data.base import DataError, DataInfo, ImageSet, batch_len, input_key, to_device
+from .data.shards import stream_batches
 from .evaluate import evaluate
 from .model import GPTConfig
 from .pictures import task_pictures
@@ -35,11 +38,7 @@ class TrainingError(RuntimeError):
 
 
 def pick_device(name: str) -> torch.device:
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    return torch.device("cpu")
+    return dist.pick_device(name)
 
 
 def lr_at(step: int, cfg: RunConfig) -> float:
@@ -162,6 +161,10 @@ def _read_log(path: Path, upto: int) -> list[dict]:
 def train(cfg: RunConfig, resume: bool = False, quiet: bool = False, until: int | None = None) -> Path:
     """Train ``cfg.task`` and return the run directory (its newest checkpoint loads with `patchgpt.load`).
 
+    Under torchrun every process calls this: the task is wrapped in DistributedDataParallel (or FSDP2 with
+    ``train.fsdp``), ``train.batch_size`` stays the global batch per optimizer step, each rank takes its
+    slice of every (seed, step) batch, and rank 0 alone logs, evaluates and writes checkpoints.
+
     Args:
         cfg: the run's configuration (``cfg.out`` is the run directory).
         resume: continue from the newest checkpoint in ``cfg.out`` (its saved config wins, except
@@ -180,42 +183,62 @@ def train(cfg: RunConfig, resume: bool = False, quiet: bool = False, until: int 
         cfg = saved
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    device = pick_device(cfg.train.device)
-    torch.manual_seed(cfg.train.seed)
+    t = cfg.train
+    env = dist.init(t.device)
+    device = env.device
+    if t.batch_size % (env.world * t.accum):
+        raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by {env.world} processes x "
+                          f"train.accum={t.accum}")
+    if t.fsdp and not env.distributed:
+        raise ConfigError("train.fsdp=true shards over processes: start the run with torchrun")
+    micro_bs = t.batch_size // (env.world * t.accum)  # per rank and micro-step
+    torch.manual_seed(t.seed)
     task, train_set, val_set, info = prepare(cfg)
     task.to(device)
+    ckpt = checkpoint.list_checkpoints(out)[-1] if resume else None
+    if ckpt is not None:
+        checkpoint.load_weights(task, ckpt)  # before wrapping, so every rank starts from the same weights
+    ddp = wrap(task, env, t.fsdp)
     opt = make_optimizer(task, cfg, device)
     out.mkdir(parents=True, exist_ok=True)
     log_path = out / "log.jsonl"
-    if resume:
-        ckpt = checkpoint.list_checkpoints(out)[-1]
-        checkpoint.load_weights(task, ckpt)
-        state = checkpoint.load_training_state(ckpt, opt)
+    if ckpt is not None:
+        state = checkpoint.load_training_state(ckpt, opt, fsdp_model=task if t.fsdp else None)
         start = state["step"]
-        atomic_write_text(log_path, "".join(json.dumps(r) + "\n" for r in _read_log(log_path, start)))
-    else:
+        if env.main:
+            atomic_write_text(log_path, "".join(json.dumps(r) + "\n" for r in _read_log(log_path, start)))
+    elif env.main:
         log_path.write_text("")
-    atomic_write_text(out / "config.json", cfg.dumps())
-    model = torch.compile(task) if cfg.train.compile else task
+    if env.main:
+        atomic_write_text(out / "config.json", cfg.dumps())
+    model = torch.compile(ddp) if t.compile else ddp
 
-    t = cfg.train
-    micro_bs = t.batch_size // t.accum
-    n_params = task.num_params()
+    n_params = task.num_params() if not t.fsdp else sum(p.numel() for p in task.parameters())
     tokens_per_image = task.input.length if hasattr(task, "input") else 0
     model_name = "VQ-VAE" if cfg.task == "vq" else f"GPT {cfg.size}"
+    streaming = isinstance(train_set, IterableDataset)
+    quiet = quiet or not env.main
     if not quiet:
+        wrapper = " (FSDP)" if t.fsdp else " (DDP)" if env.distributed else ""
         print(f"patchgpt: {cfg.task} on {cfg.data.spec}: {len(train_set)} train / {len(val_set)} val images "
-              f"{info.channels}x{info.image_size[0]}x{info.image_size[1]}, {model_name} "
-              f"({n_params / 1e6:.2f}M params), {tokens_per_image} tokens/image, batch {t.batch_size} "
-              f"= {t.accum} x {micro_bs}, {t.steps} steps on {device}", file=sys.stderr)
-    batches = train_batches(train_set, micro_bs, t.seed, start * t.accum, (t.steps - start) * t.accum,
-                            cfg.data.num_workers)
+              f"{info.channels}x{info.image_size[0]}x{info.image_size[1]}{' (streamed)' if streaming else ''}, "
+              f"{model_name} ({n_params / 1e6:.2f}M params), {tokens_per_image} tokens/image, global batch "
+              f"{t.batch_size} = {env.world} processes x {t.accum} accum x {micro_bs} per micro-batch, "
+              f"{t.steps} steps on {device}{wrapper}", file=sys.stderr)
+    pin = device.type == "cuda"
+    if streaming:
+        batches = stream_batches(train_set, micro_bs, t.seed, start * t.accum, cfg.data.num_workers,
+                                 env.rank, env.world, cfg.data.shuffle, cfg.data.shuffle_buffer, pin)
+    else:
+        batches = train_batches(train_set, micro_bs * env.world, t.seed, start * t.accum,
+                                (t.steps - start) * t.accum, cfg.data.num_workers, env.rank, env.world,
+                                cfg.data.shuffle, pin)
     use_amp = device.type == "cuda"
-    log_f = open(log_path, "a")
+    log_f = open(log_path, "a") if env.main else None
     metrics: dict = {}
     last_ckpt = start
     bar = tqdm(total=t.steps, initial=start, disable=quiet, desc=cfg.task, file=sys.stderr, dynamic_ncols=True,
-                mininterval=1.0)
+               mininterval=1.0)
     step = start
     try:
         with _Stop() as stop:
@@ -230,17 +253,33 @@ def train(cfg: RunConfig, resume: bool = False, quiet: bool = False, until: int 
                 for micro in range(t.accum):
                     batch = next(batches)
                     if batch_len(batch) == 0:
+                        if env.distributed:  # the other ranks would wait for this one's gradients for ever
+                            raise DataError(f"every file of rank {env.rank}'s micro-batch at step {step} was "
+                                            "skipped as unreadable; clean the data or use larger batches")
                         continue
                     gen = step_generator(t.seed, step, micro)
                     key = input_key(batch)  # "image", or "video" for clips
+                    n = batch_len(batch)
+                    batch["rows"] = (env.rank * n, env.world * n)  # this rank's slice of the global batch
                     if cfg.data.augment:
-                        batch[key] = augment(batch[key], gen, cfg.data.shift, cfg.data.flip)
+                        batch[key] = augment(batch[key], gen, cfg.data.shift, cfg.data.flip, batch["rows"])
                     batch = to_device(batch, device)
-                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                    # Gradients are all-reduced once per optimizer step: not on the earlier micro-steps.
+                    with _no_sync(ddp, micro < t.accum - 1), \
+                            torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
                         loss, logs = model(batch, gen)
                     (loss / t.accum).backward()
                     total += float(loss.detach()) / t.accum
-                    n_img += batch_len(batch)
+                    n_img += n
+                logs = {k: float(v) for k, v in logs.items() if k != "loss"}
+                # Whether to stop after this step is read once here: a signal landing later in the step
+                # counts from the next one, so every rank stops (and checkpoints) at the same step.
+                stopping = stop.flag
+                if env.distributed:  # one all-reduce: mean loss and logs, images summed, any rank stopping
+                    vals = dist.all_reduce([total, *logs.values(), n_img, float(stopping)], device, op="sum")
+                    total, n_img = vals[0] / env.world, int(vals[-2])
+                    logs = {k: v / env.world for k, v in zip(logs, vals[1:-2], strict=True)}
+                    stopping = vals[-1] > 0
                 if not math.isfinite(total):
                     raise TrainingError(f"loss became {total} at step {step}; the last good checkpoint is "
                                         f"step {last_ckpt} in {out}. Lower train.lr or check the data.")
@@ -251,35 +290,100 @@ def train(cfg: RunConfig, resume: bool = False, quiet: bool = False, until: int 
                 dt = time.perf_counter() - t0
                 bar.update(1)
                 bar.set_postfix(loss=f"{total:.4f}", img_s=f"{n_img / dt:.0f}")
-                if step % t.log_every == 0 or step == t.steps:
+                if log_f is not None and (step % t.log_every == 0 or step == t.steps):
                     row = {"step": step, "loss": total, "lr": lr, "img_s": n_img / dt}
-                    row.update({k: float(v) for k, v in logs.items() if k != "loss"})
+                    row.update(logs)
                     if gnorm is not None:
-                        row["grad_norm"] = float(gnorm)
+                        row["grad_norm"] = float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm)
                     log_f.write(json.dumps(row) + "\n")
                     log_f.flush()
                 if until is not None and until <= step < t.steps:
-                    stop.flag = True
-                do_eval = step == t.steps or (t.eval_every and step % t.eval_every == 0)
-                if do_eval:
+                    stopping = True
+                do_eval = step == t.steps or bool(t.eval_every and step % t.eval_every == 0)
+                if do_eval and not t.fsdp and env.main:
                     metrics = evaluate(task, eval_batches(val_set, 256, cfg.data.num_workers), device)
                     task.train()
+                if do_eval or (t.ckpt_every and step % t.ckpt_every == 0) or stopping:
+                    saved_at = _save(out, task, cfg, step, opt, env)
+                    last_ckpt = step
+                    if do_eval and t.fsdp and env.main:  # evaluate the gathered weights, unsharded
+                        metrics = evaluate(checkpoint.load(saved_at, device), eval_batches(val_set, 256), device)
+                if do_eval and log_f is not None:
                     log_f.write(json.dumps({"step": step, **_scalars(metrics, "val/")}) + "\n")
                     log_f.flush()
-                if do_eval or (t.ckpt_every and step % t.ckpt_every == 0) or stop.flag:
-                    checkpoint.save(out, task, cfg, step, opt, {"step": step}, keep=t.keep)
-                    last_ckpt = step
-                if stop.flag:
-                    print(f"patchgpt: stopped at step {step}; resume with --resume --out {out}", file=sys.stderr)
+                if stopping:
+                    dist.print0(f"patchgpt: stopped at step {step}; resume with --resume --out {out}")
                     break
     finally:
         bar.close()
-        log_f.close()
-    if step == t.steps:
+        if log_f is not None:
+            log_f.close()
+    if step == t.steps and env.main:
+        final = checkpoint.load(checkpoint.resolve(out), device) if t.fsdp else task
         if not metrics:  # resumed a run that had already finished: evaluate its final checkpoint again
-            metrics = evaluate(task, eval_batches(val_set, 256, cfg.data.num_workers), device)
-        finish(task, cfg, out, metrics, val_set, device)
+            metrics = evaluate(final, eval_batches(val_set, 256, cfg.data.num_workers), device)
+        finish(final, cfg, out, metrics, val_set, device)
+    dist.barrier()
     return out
+
+
+def wrap(task: Task, env: dist.Env, fsdp: bool = False) -> torch.nn.Module:
+    """The module the loop calls: `task` itself in a world of one, else DDP (or FSDP2) over all of it.
+
+    DDP skips parameters with ``requires_grad=False`` (frozen backbones of probes); FSDP2 shards every
+    block of the backbone and then the rest of the task (``fully_shard`` works in place)."""
+    if not env.distributed:
+        return task
+    if fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        for block in getattr(getattr(task, "backbone", None), "blocks", []):
+            fully_shard(block)
+        return fully_shard(task)
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [env.device.index] if env.device.type == "cuda" else None
+    # Tasks leave some backbone parameters out of their loss (the unused LM head of a classifier, say):
+    # DDP must look for them each step rather than wait for their gradients for ever.
+    return DistributedDataParallel(task, device_ids=ids, find_unused_parameters=True)
+
+
+def _no_sync(model: torch.nn.Module, skip: bool):
+    """A context in which backward does not all-reduce gradients (DDP's ``no_sync``, FSDP2's switch)."""
+    if not skip:
+        return contextlib.nullcontext()
+    if hasattr(model, "no_sync"):
+        return model.no_sync()
+    if hasattr(model, "set_requires_gradient_sync"):
+        @contextlib.contextmanager
+        def off():
+            model.set_requires_gradient_sync(False)
+            try:
+                yield
+            finally:
+                model.set_requires_gradient_sync(True)
+        return off()
+    return contextlib.nullcontext()
+
+
+def _save(out: Path, task: Task, cfg: RunConfig, step: int, opt: torch.optim.Optimizer, env: dist.Env) -> Path:
+    """Rank 0 writes the checkpoint (FSDP: every rank helps gather it first); all ranks wait for it."""
+    full = None
+    if cfg.train.fsdp:
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+        )
+
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        full = {"model": get_model_state_dict(task, options=opts),
+                "optimizer": get_optimizer_state_dict(task, opt, options=opts)}
+    path = checkpoint.step_dir(out, step)
+    if env.main:
+        path = checkpoint.save(out, task, cfg, step, opt, {"step": step}, keep=cfg.train.keep, full=full)
+    dist.barrier()
+    return path
 
 
 def _scalars(metrics: dict, prefix: str = "") -> dict:

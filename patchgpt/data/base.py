@@ -139,20 +139,35 @@ def batch_len(batch: dict) -> int:
     return x.shape[0] if x.numel() else 0
 
 
+def rows(batch: dict) -> tuple[int, int]:
+    """(first, total): this batch is rows first..first+B-1 of a global batch of `total` split over processes.
+
+    Per-row random draws made for all `total` rows and sliced give each item what one process gives it."""
+    return batch.get("rows", (0, batch_len(batch)))
+
+
 def to_device(batch: dict, device: torch.device | str) -> dict:
     """Move a batch's tensors to `device` (captions stay lists of str)."""
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 class StepSampler(torch.utils.data.Sampler):
-    """Yields index lists for micro-steps start, start+1, ...: epoch e uses permutation (seed, e)."""
+    """Yields index lists for micro-steps start, start+1, ...: epoch e uses permutation (seed, e).
+
+    Under torchrun, `batch_size` is the global micro-batch (all ranks together) and rank r of `world` gets
+    the r-th of `world` equal slices of it, so the data order is the same whatever the number of processes
+    (what `torch.utils.data.DistributedSampler` does per epoch, done here per step).
+    """
 
     def __init__(self, n: int, batch_size: int, seed: int, start: int = 0, steps: int | None = None,
-                 shuffle: bool = True) -> None:
+                 shuffle: bool = True, rank: int = 0, world: int = 1) -> None:
         if n == 0:
             raise DataError("the training set is empty")
+        if batch_size % world:
+            raise DataError(f"batch of {batch_size} cannot be split over {world} processes")
         self.n, self.bs, self.seed = n, batch_size, seed
         self.start, self.steps, self.shuffle = start, steps, shuffle
+        self.rank, self.world = rank, world
         self.per_epoch = max(1, n // batch_size)
 
     def indices(self, step: int) -> list[int]:
@@ -166,8 +181,9 @@ class StepSampler(torch.utils.data.Sampler):
 
     def __iter__(self) -> Iterator[list[int]]:
         s = self.start
+        per_rank = self.bs // self.world
         while self.steps is None or s < self.start + self.steps:
-            yield self.indices(s)
+            yield self.indices(s)[self.rank * per_rank:(self.rank + 1) * per_rank]
             s += 1
 
     def __len__(self) -> int:
@@ -175,11 +191,14 @@ class StepSampler(torch.utils.data.Sampler):
 
 
 def train_batches(ds: ImageSet, batch_size: int, seed: int, start: int, steps: int,
-                  num_workers: int = 0) -> Iterator[dict]:
-    """Micro-batches for micro-steps start..start+steps-1, in an order that depends only on (seed, step)."""
-    sampler = StepSampler(len(ds), batch_size, seed, start, steps)
+                  num_workers: int = 0, rank: int = 0, world: int = 1, shuffle: bool = True,
+                  pin_memory: bool = False) -> Iterator[dict]:
+    """Micro-batches for micro-steps start..start+steps-1, in an order that depends only on (seed, step).
+
+    `batch_size` is the global micro-batch; this rank gets its ``batch_size // world`` slice of each."""
+    sampler = StepSampler(len(ds), batch_size, seed, start, steps, shuffle=shuffle, rank=rank, world=world)
     return iter(DataLoader(ds, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers,
-                           persistent_workers=False))
+                           persistent_workers=False, pin_memory=pin_memory))
 
 
 def eval_batches(ds: ImageSet, batch_size: int, num_workers: int = 0) -> Iterator[dict]:
@@ -188,20 +207,24 @@ def eval_batches(ds: ImageSet, batch_size: int, num_workers: int = 0) -> Iterato
                            num_workers=num_workers))
 
 
-def augment(images: Tensor, gen: torch.Generator, shift: int = 1, flip: bool = False) -> Tensor:
+def augment(images: Tensor, gen: torch.Generator, shift: int = 1, flip: bool = False,
+            rows: tuple[int, int] | None = None) -> Tensor:
     """Random translation by up to `shift` pixels (edge-replicated) and optional horizontal flips.
 
-    Clips (B, F, C, H, W) get one shift and flip per clip, the same for all its frames."""
+    Clips (B, F, C, H, W) get one shift and flip per clip, the same for all its frames. ``rows=(first,
+    total)`` says these B images are rows first..first+B-1 of a batch of `total` split over processes: the
+    draws are made for all `total` rows and sliced, so each image gets what a one-process run gives it."""
     if images.dim() == 5:
         B, F_, C, H, W = images.shape
-        out = augment(images.reshape(B, F_ * C, H, W), gen, shift, flip)   # frames folded into channels
+        out = augment(images.reshape(B, F_ * C, H, W), gen, shift, flip, rows)   # frames folded into channels
         return out.reshape(B, F_, C, H, W)
     B, C, H, W = images.shape
+    first, total = rows if rows is not None else (0, B)
     if shift > 0:
         padded = F.pad(images, (shift, shift, shift, shift), mode="replicate")   # (B, C, H+2s, W+2s)
-        offs = torch.randint(0, 2 * shift + 1, (B, 2), generator=gen).tolist()
+        offs = torch.randint(0, 2 * shift + 1, (total, 2), generator=gen)[first:first + B].tolist()
         images = torch.stack([padded[b, :, dy:dy + H, dx:dx + W] for b, (dy, dx) in enumerate(offs)])
     if flip:
-        mask = torch.rand(B, generator=gen) < 0.5
+        mask = (torch.rand(total, generator=gen) < 0.5)[first:first + B].to(images.device)
         images = torch.where(mask[:, None, None, None], images.flip(-1), images)
     return images

@@ -1,5 +1,5 @@
 """Parse data specs (``digits``, ``folder:PATH``, ``idx:PATH``, ``emoji``, ``coco:ANN.json[:DIR]``,
-``digit-scenes``, ``videos:PATH``, ``moving-digits``) into train and validation sets."""
+``digit-scenes``, ``videos:PATH``, ``moving-digits``, ``shards:PATTERN``) into train and validation sets."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ SPECS = {
     "digit-scenes": "detection scenes: 1-4 real handwritten digits pasted on 64x64 canvases, exact boxes",
     "videos:PATH": "your video clips (mp4, avi, webm, mkv, gif): one subfolder per class, or a flat folder",
     "moving-digits": "bundled digits moving and bouncing on a canvas, labelled by direction (8 classes)",
+    "shards:PATTERN": "streamed tar shards written by `patchgpt shard` (a dir, glob, or train-{000000..000009}.tar)",
 }
 
 
@@ -47,6 +48,11 @@ def build_datasets(cfg: DataConfig, classes: list[str] | None = None) -> tuple[I
 
 def whole_dataset(cfg: DataConfig, spec: str, classes: list[str] | None = None) -> ImageSet:
     """Every item of `spec` (no train/validation split): for evaluating on a separate file or folder."""
+    if spec.strip().startswith("shards:"):
+        from .shards import all_items, expand, read_meta
+
+        paths = expand(spec.strip()[len("shards:"):])
+        return all_items(paths, read_meta(paths)[0])
     train, val, _ = _build(cfg, spec, classes, val_fraction=0.0)
     if spec.strip() == "digit-scenes":
         return val
@@ -115,5 +121,9 @@ def _build(cfg: DataConfig, spec: str, classes: list[str] | None = None,
                            resize=cfg.resize, on_error=cfg.on_error, classes=classes)
         train, val = split(ds, cfg.val_fraction, cfg.split_seed)
         return train, val, ds.info
+    if kind == "shards" and arg:
+        from .shards import shard_sets
+
+        return shard_sets(arg, cfg.val_fraction)
     known = "; ".join(f"{k} ({v})" for k, v in SPECS.items())
     raise DataError(f"unknown data spec {spec!r}; use one of: {known}")

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from ..config import ConfigError, RunConfig
-from ..data.base import DataInfo
+from ..data.base import DataInfo, rows
 from ..generate import sample
 from ..sequence import IGNORE, Sequence, concat, tokens
 from ..tokenizers import Bytes, ClassLabel
@@ -72,7 +72,9 @@ class Generate(Task):
         images = batch["image"]
         drop = None
         if gen is not None and self.condition != "none" and self.cfg.generate.p_uncond > 0:
-            drop = (torch.rand(images.shape[0], generator=gen) < self.cfg.generate.p_uncond).to(images.device)
+            first, total = rows(batch)  # drawn for the global batch: the same drops on any number of processes
+            drop = (torch.rand(total, generator=gen) < self.cfg.generate.p_uncond)[first:first + images.shape[0]]
+            drop = drop.to(images.device)
         img = self.input.encode(images)                                   # [bos] + image tokens
         labels = torch.full_like(img.ids, IGNORE)
         labels[:, :-1] = img.ids[:, 1:]                                   # bos predicts the first token, ...

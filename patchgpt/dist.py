@@ -1,0 +1,100 @@
+"""The torchrun environment, rank-0 printing and all-reduce helpers.
+
+``torchrun --nproc_per_node=N -m patchgpt train ...`` sets ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK`` in
+every process; `init` reads them and joins the process group (gloo on CPU, NCCL on CUDA). Without them it
+is a no-op and everything below behaves as a world of one, so the single-process path is the same code.
+References: PyTorch's DDP tutorial and torchrun docs (torch.distributed.elastic); karpathy/nanoGPT
+`train.py` (its ``ddp`` set-up).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Env:
+    """Where this process sits: its rank among `world` processes and the device it trains on."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+
+def pick_device(name: str, local_rank: int = 0) -> torch.device:
+    """``auto`` -> the local rank's GPU if there is one, else the CPU; anything else as given."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank)
+    return device
+
+
+def init(device: str = "auto") -> Env:
+    """Join the torchrun process group if this process was started by torchrun; else a world of one."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = pick_device(device, local_rank)
+    if world <= 1:
+        return Env(0, 1, 0, dev)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo",
+                                device_id=dev if dev.type == "cuda" else None)
+    return Env(dist.get_rank(), dist.get_world_size(), local_rank, dev)
+
+
+def is_main() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def print0(*args, **kwargs) -> None:
+    """`print` on rank 0 only (to stderr unless `file` is given)."""
+    if is_main():
+        kwargs.setdefault("file", sys.stderr)
+        print(*args, **kwargs)
+
+
+def all_reduce(values: list[float], device: torch.device, op: str = "mean") -> list[float]:
+    """Element-wise mean (or sum, or max) of `values` over all ranks; `values` itself in a world of one."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+    if op == "mean":
+        t /= dist.get_world_size()
+    return t.tolist()
+
+
+def all_reduce_mean(metrics: dict[str, float], device: torch.device | None = None) -> dict[str, float]:
+    """The mean of each scalar over all ranks (every rank must pass the same keys in the same order)."""
+    keys = list(metrics)
+    vals = all_reduce([float(metrics[k]) for k in keys], device or torch.device("cpu"))
+    return dict(zip(keys, vals, strict=True))
+
+
+def barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def cleanup() -> None:
+    """Leave the process group (at the end of a torchrun run)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()

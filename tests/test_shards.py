@@ -1,0 +1,141 @@
+"""Tar shards: `patchgpt shard` writes them exactly, ``shards:PATTERN`` streams them per rank and worker,
+resumes mid-stream, and trains exactly as the source data does."""
+
+import json
+import tarfile
+
+import pytest
+import torch
+
+from patchgpt import checkpoint
+from patchgpt.cli import main
+from patchgpt.config import DataConfig
+from patchgpt.data import build_datasets, train_batches
+from patchgpt.data.base import DataError, DataInfo, ImageSet
+from patchgpt.data.shards import expand, stream_batches, write_shards
+
+from .test_cli import write_folder
+
+
+class Numbered(ImageSet):
+    """Item i: an 8-bit grey image of value i and label i, so batches show which items they hold."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.info = DataInfo(channels=1, image_size=(4, 4), classes=[str(i) for i in range(n)])
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int):
+        return torch.full((1, 4, 4), float(i % 256)) / 127.5 - 1.0, i
+
+
+def labels(batches, k: int) -> list[list[int]]:
+    return [next(batches)["label"].tolist() for _ in range(k)]
+
+
+def test_shards_hold_the_items_exactly(tmp_path):
+    ds = Numbered(10)
+    paths = write_shards(ds, tmp_path / "s", per_shard=4)
+    assert [p.name for p in paths] == ["train-000000.tar", "train-000001.tar", "train-000002.tar"]
+    assert tarfile.open(paths[0]).getnames()[:2] == ["000000000.png", "000000000.cls"]  # 8-bit: PNG
+    assert not list((tmp_path / "s").glob(".*"))  # no temporary files left
+    train, _, info = build_datasets(DataConfig(spec=f"shards:{tmp_path}/s", val_spec=f"shards:{paths[-1]}"))
+    assert len(train) == 10 and info.classes == ds.info.classes
+    for (x, y), i in zip(train, range(10), strict=True):
+        assert torch.equal(x, ds[i][0]) and y == i
+    # Digits have 17 grey levels, not 8-bit ones: stored as float32 .npy, still exact, captions kept.
+    src, _, _ = build_datasets(DataConfig(spec="digits"))
+    write_shards(src, tmp_path / "d", per_shard=1000)
+    items = iter(build_datasets(DataConfig(spec=f"shards:{tmp_path}/d", val_spec="digits"))[0])
+    for i in range(20):
+        a, b = next(items), src[i]
+        assert torch.equal(a[0], b[0]) and a[1:] == tuple(b[1:])
+
+
+def test_shard_patterns(tmp_path):
+    write_shards(Numbered(6), tmp_path, per_shard=2)
+    names = lambda spec: [p.name for p in expand(spec)]  # noqa: E731
+    assert names(f"{tmp_path}/train-{{000000..000001}}.tar") == ["train-000000.tar", "train-000001.tar"]
+    with pytest.raises(DataError, match="nothing matches"):
+        expand(f"{tmp_path}/val-*.tar")
+    write_shards(Numbered(3), tmp_path, per_shard=2, prefix="val")
+    assert names(f"{tmp_path}/train-*.tar") == names(str(tmp_path)) == [f"train-00000{i}.tar" for i in range(3)]
+    assert names(f"{tmp_path}/val-*.tar") == ["val-000000.tar", "val-000001.tar"]
+    assert names(f"{tmp_path}/train-000002.tar::{tmp_path}/train-{{000000,000001}}.tar")[0] == "train-000002.tar"
+    with pytest.raises(DataError, match="hold out"):
+        build_datasets(DataConfig(spec=f"shards:{tmp_path}/train-000000.tar"))
+
+
+def test_streamed_batches_equal_the_sources_unshuffled_across_epochs(tmp_path):
+    src = Numbered(23)
+    write_shards(src, tmp_path, per_shard=5)
+    train, _, _ = build_datasets(DataConfig(spec=f"shards:{tmp_path}", val_spec=f"shards:{tmp_path}"))
+    a = labels(stream_batches(train, 4, seed=0, shuffle=False), 12)  # 5 batches an epoch, tails dropped
+    b = labels(train_batches(src, 4, 0, 0, 12, shuffle=False), 12)
+    assert a == b
+
+
+def test_streams_split_over_ranks_and_workers_and_resume(tmp_path):
+    write_shards(Numbered(40), tmp_path, per_shard=5)  # 8 shards
+    train, _, _ = build_datasets(DataConfig(spec=f"shards:{tmp_path}", val_spec=f"shards:{tmp_path}"))
+    per_rank = [sum(labels(stream_batches(train, 4, seed=1, rank=r, world=2, buffer=8), 5), []) for r in (0, 1)]
+    assert not set(per_rank[0]) & set(per_rank[1])  # one epoch: each rank its own shards
+    assert sorted(per_rank[0] + per_rank[1]) == list(range(40))
+    # Fewer shards than readers: items are strided instead.
+    few, _, _ = build_datasets(DataConfig(spec=f"shards:{tmp_path}/train-000000.tar::{tmp_path}/train-000001.tar",
+                                          val_spec=f"shards:{tmp_path}"))
+    got = [sum(labels(stream_batches(few, 1, seed=1, rank=r, world=4, shuffle=False), 2), []) for r in range(4)]
+    assert got == [[0, 4], [1, 5], [2, 6], [3, 7]]
+    got = [set(sum(labels(stream_batches(few, 2, seed=1, rank=r, world=2), 2), [])) for r in range(2)]
+    assert not got[0] & got[1] and len(got[0] | got[1]) == 8
+    # Resume: starting at micro-step k gives the batches k, k+1, ... of a fresh stream (epochs reshuffled).
+    for workers in (0, 2):
+        full = labels(stream_batches(train, 4, seed=3, num_workers=workers, buffer=6), 25)
+        again = labels(stream_batches(train, 4, seed=3, start=13, num_workers=workers, buffer=6), 12)
+        assert again == full[13:]
+        assert full[:10] != full[10:20]  # epoch 1 is another order
+
+
+def test_shards_train_exactly_like_their_source(tmp_path, capsys):
+    data = write_folder(tmp_path / "imgs", n_per_class=6, size=8)
+    shards = tmp_path / "shards"
+    assert main(["shard", "--data", f"folder:{data}", "--out", str(shards), "--per-shard", "5",
+                 "--set", "data.image_size=8", "--set", "data.val_fraction=0"]) == 0
+    assert "shards:" in capsys.readouterr().out
+    assert len(list(shards.glob("train-*.tar"))) == 3
+    common = ["--model", "nano", "--steps", "5", "--quiet", "--set", "train.batch_size=4", "--set",
+              "train.warmup=1", "--set", "data.shuffle=false", "--set", "data.image_size=8", "--set",
+              "train.log_every=1", "--set", f"data.val_spec=folder:{data}", "--set", "train.threads=1"]
+    assert main(["train", "classify", "--data", f"folder:{data}", "--out", str(tmp_path / "a"), *common]) == 0
+    assert main(["train", "classify", "--data", f"shards:{shards}/train-{{000000..000002}}.tar",
+                 "--out", str(tmp_path / "b"), *common]) == 0
+    rows = [[json.loads(x) for x in (tmp_path / r / "log.jsonl").read_text().splitlines()] for r in "ab"]
+    assert [r["loss"] for r in rows[0] if "loss" in r] == [r["loss"] for r in rows[1] if "loss" in r]
+    wa, wb = (checkpoint.load(tmp_path / r).state_dict() for r in "ab")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_shard_refuses_detection_and_bad_args(tmp_path, capsys):
+    assert main(["shard", "--data", "digit-scenes", "--out", str(tmp_path)]) == 2
+    assert "detection" in capsys.readouterr().err
+    assert main(["shard", "--data", "digits", "--out", str(tmp_path), "--set", "train.lr=1"]) == 2
+
+
+def test_a_streamed_run_resumes_exactly(tmp_path):
+    from patchgpt.train import train
+
+    from .helpers import tiny_config
+
+    src, _, _ = build_datasets(DataConfig(spec="digits"))
+    write_shards(src, tmp_path / "s", per_shard=300)
+    runs = {}
+    for name, until in (("full", None), ("part", 3)):
+        cfg = tiny_config("classify", tmp_path / name, steps=6)
+        cfg.data.spec, cfg.data.val_spec, cfg.data.shuffle_buffer = f"shards:{tmp_path}/s", "digits", 50
+        train(cfg, quiet=True, until=until)
+        if until:
+            train(cfg, quiet=True, resume=True)
+        runs[name] = checkpoint.load(tmp_path / name).state_dict()
+    assert all(torch.equal(runs["full"][k], runs["part"][k]) for k in runs["full"])
