@@ -261,7 +261,7 @@ def train(cfg: RunConfig, resume: bool = False, quiet: bool = False, until: int 
                     key = input_key(batch)  # "image", or "video" for clips
                     n = batch_len(batch)
                     batch["rows"] = (env.rank * n, env.world * n)  # this rank's slice of the global batch
-                    if cfg.data.augment:
+                    if cfg.data.augment and not task.own_augment:
                         batch[key] = augment(batch[key], gen, cfg.data.shift, cfg.data.flip, batch["rows"])
                     batch = to_device(batch, device)
                     # Gradients are all-reduced once per optimizer step: not on the earlier micro-steps.

@@ -330,3 +330,20 @@ def test_glimpse_is_the_box_region_resampled_like_a_patch():
     img[:, :, :8, 8:] = 1.0                                                             # the top-right 8x8
     assert glimpse(img, torch.tensor([[0.5, 0.0, 1.0, 0.5]]), 4).mean() > 0.9
     assert glimpse(img, torch.tensor([[0.0, 0.5, 0.5, 1.0]]), 4).max() < 1e-6        # bottom-left: empty
+
+
+def test_flip_augmentation_moves_boxes_with_pixels(tmp_path):
+    task, train, _ = _tiny_detector(tmp_path)
+    assert task.own_augment                                               # train.py's pixel-only shift is skipped
+    batch = collate([train[i] for i in range(8)])
+    out = task._flip(batch, torch.Generator().manual_seed(0))
+    flipped = ~torch.isclose(out["image"], batch["image"]).flatten(1).all(1)
+    assert 0 < int(flipped.sum()) < 8
+    S = out["image"].shape[-1]
+    for b in range(8):
+        ink = out["image"][b, 0] > -0.6
+        covered = torch.zeros_like(ink)
+        for (x0, y0, x1, y1), c in zip((out["boxes"][b] * S).tolist(), out["classes"][b].tolist(), strict=True):
+            if c >= 0:
+                covered[round(y0):round(y1), round(x0):round(x1)] = True
+        assert not (ink & ~covered).any()

@@ -90,6 +90,7 @@ class Task(nn.Module):
     """Base class: subclasses set ``name`` and implement `forward`, `predict` and `metric`."""
 
     name = "task"
+    own_augment = False  # True: the task augments its batches itself (e.g. moving boxes with the pixels)
 
     def __init__(self, cfg: RunConfig, info: DataInfo) -> None:
         super().__init__()

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from ..coco_eval import coco_map, ground_truth
 from ..config import RunConfig
-from ..data.base import DataError, DataInfo
+from ..data.base import DataError, DataInfo, rows
 from ..data.coco import to_pixels
 from ..generate import sample
 from ..sequence import IGNORE, Sequence, concat, tokens
@@ -81,6 +81,7 @@ class Detect(Task):
     """Predict boxes and classes as tokens after the image (``patchgpt train detect``)."""
 
     name = "detect"
+    own_augment = True   # flips move the boxes too; the generic pixel shift would not
 
     def __init__(self, cfg: RunConfig, info: DataInfo) -> None:
         super().__init__(cfg, info)
@@ -156,7 +157,12 @@ class Detect(Task):
         images = batch["image"]
         dev = images.device
         img = self.input.encode(images)
-        parts = [self._targets(b, c, gen) for b, c in zip(batch["boxes"], batch["classes"], strict=True)]
+        gens: list[torch.Generator | None] = [None] * images.shape[0]
+        if gen is not None:   # one generator per row, drawn for the global batch: the same under DDP as alone
+            first, total = rows(batch)
+            seeds = torch.randint(0, 2**62, (total,), generator=gen)[first:first + images.shape[0]]
+            gens = [torch.Generator().manual_seed(int(x)) for x in seeds]
+        parts = [self._targets(b, c, g) for b, c, g in zip(batch["boxes"], batch["classes"], gens, strict=True)]
         L = max(len(ids) for ids, _ in parts)
         ids = torch.full((len(parts), L), self.boxes.end, dtype=torch.long)
         labels = torch.full((len(parts), L), IGNORE, dtype=torch.long)
@@ -208,7 +214,8 @@ class Detect(Task):
 
     def _flip(self, batch: dict, gen: torch.Generator) -> dict:
         """Horizontal flips of half the images, with their boxes (``data.flip``)."""
-        flip = (torch.rand(batch["image"].shape[0], generator=gen) < 0.5).to(batch["image"].device)
+        first, total = rows(batch)
+        flip = (torch.rand(total, generator=gen)[first:first + batch["image"].shape[0]] < 0.5).to(batch["image"].device)
         images = torch.where(flip[:, None, None, None], batch["image"].flip(-1), batch["image"])
         b = batch["boxes"]
         flipped = torch.stack([1 - b[..., 2], b[..., 1], 1 - b[..., 0], b[..., 3]], dim=-1)   # (B, N, 4)
