@@ -347,3 +347,18 @@ def test_flip_augmentation_moves_boxes_with_pixels(tmp_path):
             if c >= 0:
                 covered[round(y0):round(y1), round(x0):round(x1)] = True
         assert not (ink & ~covered).any()
+
+
+def test_training_sequences_split_over_processes_equal_one_process(tmp_path):
+    """Each row's object order and noise boxes come from a per-row seed drawn for the global batch."""
+    task, train, _ = _tiny_detector(tmp_path)
+    batch = collate([train[i] for i in range(8)])
+    whole = task.sequence(batch, torch.Generator().manual_seed(5))
+    halves = []
+    for first in (0, 4):
+        part = {k: (v[first:first + 4] if torch.is_tensor(v) or isinstance(v, list) else v) for k, v in batch.items()}
+        part["rows"] = (first, 8)
+        halves.append(task.sequence(part, torch.Generator().manual_seed(5)))
+    assert torch.equal(torch.cat([h.ids for h in halves]), whole.ids)
+    assert torch.equal(torch.cat([h.labels for h in halves]), whole.labels)
+    assert torch.allclose(torch.cat([h.patches for h in halves]), whole.patches)
