@@ -1,6 +1,14 @@
 """Small configurations shared by the tests."""
 
+from patchgpt.cli import main
 from patchgpt.config import RunConfig, apply_size, default_config
+
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    """Run the `patchgpt` command in-process; returns (exit code, stdout, stderr)."""
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
 
 
 def tiny_config(task: str, out, steps: int = 3, **sets) -> RunConfig:

@@ -8,11 +8,7 @@ from PIL import Image
 
 from patchgpt.cli import main
 
-
-def run(capsys, *argv):
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
+from .helpers import run_cli
 
 
 def write_folder(root, n_per_class=6, size=12):
@@ -33,18 +29,18 @@ def write_folder(root, n_per_class=6, size=12):
 def test_train_eval_predict_on_a_folder(tmp_path, capsys):
     data = write_folder(tmp_path / "imgs")
     run_dir = tmp_path / "run"
-    code, out, err = run(capsys, "train", "classify", "--data", f"folder:{data}", "--model", "nano",
+    code, out, err = run_cli(capsys, "train", "classify", "--data", f"folder:{data}", "--model", "nano",
                          "--out", str(run_dir), "--steps", "30", "--quiet", "--set", "data.image_size=8",
                          "--set", "train.batch_size=8", "--set", "train.lr=3e-3", "--set", "train.warmup=2",
                          "--set", "data.val_fraction=0.25")
     assert code == 0, err
     assert "top1" in json.loads(out.strip().splitlines()[-1])
-    code, out, err = run(capsys, "eval", str(run_dir), "--json")
+    code, out, err = run_cli(capsys, "eval", str(run_dir), "--json")
     assert code == 0, err
     metrics = json.loads(out)
     assert set(metrics) >= {"top1", "per_class", "confusion", "val_loss"} and metrics["n"] == 3
     imgs = sorted((data / "left").glob("*.png"))[:2] + sorted((data / "right").glob("*.png"))[:1]
-    code, out, err = run(capsys, "predict", str(run_dir), *map(str, imgs), "--out", str(tmp_path / "p.json"))
+    code, out, err = run_cli(capsys, "predict", str(run_dir), *map(str, imgs), "--out", str(tmp_path / "p.json"))
     assert code == 0, err
     preds = json.loads(out)
     assert [p["image"] for p in preds] == list(map(str, imgs))
@@ -57,19 +53,19 @@ def test_train_eval_predict_on_a_folder(tmp_path, capsys):
 
 def test_pretrain_then_linear_probe_via_cli(tmp_path, capsys):
     pre = tmp_path / "pre"
-    assert run(capsys, "train", "pretrain", "--model", "nano", "--out", str(pre), "--steps", "3", "--quiet")[0] == 0
-    code, out, err = run(capsys, "train", "classify", "--init", str(pre), "--out", str(tmp_path / "probe"),
+    assert run_cli(capsys, "train", "pretrain", "--model", "nano", "--out", str(pre), "--steps", "3", "--quiet")[0] == 0
+    code, out, err = run_cli(capsys, "train", "classify", "--init", str(pre), "--out", str(tmp_path / "probe"),
                          "--steps", "3", "--quiet", "--set", "classify.mode=attentive")
     assert code == 0, err
-    code, out, err = run(capsys, "eval", str(pre))
+    code, out, err = run_cli(capsys, "eval", str(pre))
     assert code == 0 and "val_loss" in out
 
 
 def test_resume_flag(tmp_path, capsys):
     out_dir = tmp_path / "r"
     args = ["train", "pretrain", "--model", "nano", "--out", str(out_dir), "--quiet"]
-    assert run(capsys, *args, "--steps", "2")[0] == 0
-    assert run(capsys, *args, "--steps", "4", "--resume")[0] == 0
+    assert run_cli(capsys, *args, "--steps", "2")[0] == 0
+    assert run_cli(capsys, *args, "--steps", "4", "--resume")[0] == 0
     assert (out_dir / "checkpoints" / "step_0000004").is_dir()
 
 
@@ -82,7 +78,7 @@ def test_resume_flag(tmp_path, capsys):
     (["train", "classify", "--set", "classify.mode=psychic"], "classify.mode"),
 ])
 def test_bad_input_is_one_line(tmp_path, capsys, argv, needle):
-    code, out, err = run(capsys, *argv, *(["--out", str(tmp_path / "x")] if argv[0] == "train" else []))
+    code, out, err = run_cli(capsys, *argv, *(["--out", str(tmp_path / "x")] if argv[0] == "train" else []))
     assert code == 2
     lines = [x for x in err.splitlines() if x.strip()]
     assert len(lines) == 1 and needle in lines[0] and lines[0].startswith("patchgpt: error:")
@@ -91,16 +87,16 @@ def test_bad_input_is_one_line(tmp_path, capsys, argv, needle):
 def test_predict_reports_an_unreadable_image(tmp_path, capsys):
     data = write_folder(tmp_path / "imgs", n_per_class=3)
     run_dir = tmp_path / "run"
-    assert run(capsys, "train", "classify", "--data", f"folder:{data}", "--model", "nano", "--out",
+    assert run_cli(capsys, "train", "classify", "--data", f"folder:{data}", "--model", "nano", "--out",
                str(run_dir), "--steps", "1", "--quiet", "--set", "data.image_size=8")[0] == 0
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"not an image")
-    code, out, err = run(capsys, "predict", str(run_dir), str(bad))
+    code, out, err = run_cli(capsys, "predict", str(run_dir), str(bad))
     assert code == 2 and str(bad) in err
 
 
 def test_quickstart_smoke(tmp_path, capsys):
-    code, out, err = run(capsys, "quickstart", "--out", str(tmp_path / "qs"), "--smoke")
+    code, out, err = run_cli(capsys, "quickstart", "--out", str(tmp_path / "qs"), "--smoke")
     assert code == 0, err
     qs = tmp_path / "qs"
     metrics = json.loads((qs / "metrics.json").read_text())

@@ -8,7 +8,6 @@ import pytest
 import torch
 from PIL import Image
 
-from patchgpt.cli import main
 from patchgpt.coco_eval import coco_map, ground_truth
 from patchgpt.config import DataConfig
 from patchgpt.data.base import DataError, collate
@@ -19,7 +18,7 @@ from patchgpt.sequence import Vocab, concat, tokens
 from patchgpt.tasks import Detect
 from patchgpt.tokenizers.boxes import TOKENS_PER_OBJECT, Boxes
 
-from .helpers import tiny_config
+from .helpers import run_cli, tiny_config
 
 # ---- box tokens -------------------------------------------------------------------------------------
 
@@ -237,15 +236,11 @@ def test_map_matches_the_iou_threshold_arithmetic():
 # ---- end to end -------------------------------------------------------------------------------------
 
 
-def run(capsys, *argv):
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_detector_trains_evaluates_and_predicts_through_the_cli(tmp_path, capsys):
     run_dir = tmp_path / "det"
-    code, out, err = run(capsys, "train", "detect", "--data", "digit-scenes", "--model", "nano", "--out",
+    code, out, err = run_cli(capsys, "train", "detect", "--data", "digit-scenes", "--model", "nano", "--out",
                          str(run_dir), "--steps", "6", "--quiet", "--set", "data.image_size=32",
                          "--set", "train.batch_size=8", "--set", "detect.max_objects=4")
     assert code == 0, err
@@ -255,7 +250,7 @@ def test_detector_trains_evaluates_and_predicts_through_the_cli(tmp_path, capsys
     assert all({"image_id", "category_id", "bbox", "score"} <= d.keys() for d in dets)
     assert (run_dir / "detections.png").stat().st_size > 0
 
-    code, out, err = run(capsys, "eval", str(run_dir), "--json")
+    code, out, err = run_cli(capsys, "eval", str(run_dir), "--json")
     assert code == 0, err
     assert json.loads(out)["AP50"] == pytest.approx(metrics["AP50"])
 
@@ -265,7 +260,7 @@ def test_detector_trains_evaluates_and_predicts_through_the_cli(tmp_path, capsys
         Image.fromarray(np.random.default_rng(i).integers(0, 255, (h, w), np.uint8)).save(p)
         imgs.append(str(p))
     out_dir = tmp_path / "pred"
-    code, out, err = run(capsys, "predict", str(run_dir), *imgs, "--out", str(out_dir))
+    code, out, err = run_cli(capsys, "predict", str(run_dir), *imgs, "--out", str(out_dir))
     assert code == 0, err
     res = json.loads(out)
     assert [r["width"] for r in res] == [32, 50]
@@ -283,19 +278,19 @@ def test_detector_trains_on_a_users_coco_file(tmp_path, capsys):
     anns = [{"id": k, "image_id": 1 + k % 2, "category_id": 3 + 4 * (k % 2), "bbox": [2, 2, 10, 8]}
             for k in range(2)]
     ann = write_coco(tmp_path / "c", anns)
-    code, out, err = run(capsys, "train", "detect", "--data", f"coco:{ann}:{tmp_path / 'c'}", "--model", "nano",
+    code, out, err = run_cli(capsys, "train", "detect", "--data", f"coco:{ann}:{tmp_path / 'c'}", "--model", "nano",
                          "--out", str(tmp_path / "run"), "--steps", "3", "--quiet", "--set", "data.image_size=16",
                          "--set", "tokenizer.patch_size=4", "--set", "train.batch_size=2",
                          "--set", "data.val_fraction=0.5", "--set", "data.flip=true")
     assert code == 0, err
     assert (tmp_path / "run" / "metrics.json").exists()
-    code, out, err = run(capsys, "eval", str(tmp_path / "run"), "--data", f"coco:{ann}", "--all", "--json")
+    code, out, err = run_cli(capsys, "eval", str(tmp_path / "run"), "--data", f"coco:{ann}", "--all", "--json")
     assert code == 0, err
     assert json.loads(out)["images"] == 2
 
 
 def test_detect_on_data_without_boxes_is_a_one_line_error(tmp_path, capsys):
-    code, out, err = run(capsys, "train", "detect", "--data", "digits", "--out", str(tmp_path / "r"),
+    code, out, err = run_cli(capsys, "train", "detect", "--data", "digits", "--out", str(tmp_path / "r"),
                          "--steps", "1", "--quiet")
     assert code == 2 and "detection needs boxes" in err and err.count("\n") == 1
 

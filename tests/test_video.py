@@ -14,7 +14,7 @@ from patchgpt.data.specs import build_datasets
 from patchgpt.sequence import Vocab
 from patchgpt.tokenizers import Tubelets
 
-from .helpers import tiny_config
+from .helpers import run_cli, tiny_config
 
 av = pytest.importorskip("av")
 
@@ -217,10 +217,6 @@ def test_next_frame_rollout_with_cache_matches_recomputing(tmp_path):
     torch.testing.assert_close(out, task.input.tok.unpatchify(patches), atol=1e-5, rtol=1e-4)
 
 
-def cli(capsys, *argv):
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_video_classifier_trains_and_predicts_through_the_cli(tmp_path, capsys):
@@ -231,40 +227,40 @@ def test_video_classifier_trains_and_predicts_through_the_cli(tmp_path, capsys):
             name, codec, fmt = FORMATS[i % 3]
             write_clip(root / label / f"{i}_{name}", codec, fmt, n=8, direction=d)
     run_dir = tmp_path / "run"
-    code, out, err = cli(capsys, "train", "video-classify", "--data", f"videos:{root}", "--model", "nano",
+    code, out, err = run_cli(capsys, "train", "video-classify", "--data", f"videos:{root}", "--model", "nano",
                          "--out", str(run_dir), "--steps", "40", "--quiet", "--set", "data.image_size=16",
                          "--set", "data.frames=4", "--set", "train.batch_size=8", "--set", "train.lr=3e-3",
                          "--set", "train.warmup=2", "--set", "data.val_fraction=0.25", "--set", "data.shift=0")
     assert code == 0, err
     assert "top1" in json.loads(out.strip().splitlines()[-1])
     assert (run_dir / "confusion.png").stat().st_size > 0
-    code, out, err = cli(capsys, "eval", str(run_dir), "--json")
+    code, out, err = run_cli(capsys, "eval", str(run_dir), "--json")
     assert code == 0, err and json.loads(out)["n"] == 3
     clips = [sorted((root / "left").iterdir())[0], sorted((root / "right").iterdir())[1]]
-    code, out, err = cli(capsys, "predict", str(run_dir), *map(str, clips))
+    code, out, err = run_cli(capsys, "predict", str(run_dir), *map(str, clips))
     assert code == 0, err
     preds = json.loads(out)
     assert [p["video"] for p in preds] == list(map(str, clips))
     assert all(set(p["probs"]) == {"left", "right"} and abs(sum(p["probs"].values()) - 1) < 1e-4 for p in preds)
     assert [p["class"] for p in preds] == ["left", "right"]  # the direction of motion is learnt
     bad = bad_videos(tmp_path / "bad")[0]
-    code, out, err = cli(capsys, "predict", str(run_dir), str(bad))
+    code, out, err = run_cli(capsys, "predict", str(run_dir), str(bad))
     assert code == 2 and str(bad) in err
 
 
 def test_next_frame_predictor_trains_through_the_cli(tmp_path, capsys):
     pre = tmp_path / "pre"
-    code, out, err = cli(capsys, "train", "video-pretrain", "--data", "moving-digits", "--model", "nano",
+    code, out, err = run_cli(capsys, "train", "video-pretrain", "--data", "moving-digits", "--model", "nano",
                          "--out", str(pre), "--steps", "6", "--quiet", "--set", "train.batch_size=8",
                          "--set", "data.frames=4")
     assert code == 0, err
     metrics = json.loads((pre / "metrics.json").read_text())
     assert {"val_loss", "next_frames_mse", "repeat_last_frame_mse"} <= set(metrics)
     assert (pre / "next_frames.png").stat().st_size > 0
-    code, out, err = cli(capsys, "eval", str(pre), "--json")
+    code, out, err = run_cli(capsys, "eval", str(pre), "--json")
     assert code == 0 and json.loads(out)["next_frames_mse"] == pytest.approx(metrics["next_frames_mse"]), err
     # The pretrained backbone initialises a video classifier (an attentive probe here).
-    code, out, err = cli(capsys, "train", "video-classify", "--init", str(pre), "--out", str(tmp_path / "probe"),
+    code, out, err = run_cli(capsys, "train", "video-classify", "--init", str(pre), "--out", str(tmp_path / "probe"),
                          "--steps", "3", "--quiet", "--set", "classify.mode=attentive", "--set", "data.frames=4",
                          "--set", "train.batch_size=8")
     assert code == 0, err

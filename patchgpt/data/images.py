@@ -90,8 +90,28 @@ def load_image(path: str | Path, channels: int, size: int, policy: str = "crop")
     return to_tensor(resize(to_mode(load_pil(path), channels), size, policy))
 
 
-def list_images(root: Path) -> list[Path]:
-    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
+def list_images(root: Path, exts: set[str] = IMAGE_EXTS) -> list[Path]:
+    """Files under `root` (recursively) whose extension is in `exts`, sorted."""
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in exts)
+
+
+def scan_class_folder(root: Path, exts: set[str], spec: str, what: str) -> tuple[list[str] | None, list]:
+    """One subfolder per class (labelled), or a flat folder (unlabeled) -> (classes or None, [(path, label)]).
+
+    Labels are indices into the sorted subfolder names (-1 when unlabeled); a missing folder or one with no
+    file of `exts` is a one-line `DataError` naming ``spec:root``.
+    """
+    if not root.is_dir():
+        raise DataError(f"{spec}:{root}: no such directory")
+    subdirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    labelled = bool(subdirs) and not any(p.is_file() and p.suffix.lower() in exts for p in root.iterdir())
+    if labelled:
+        files = [(p, ci) for ci, d in enumerate(subdirs) for p in list_images(d, exts)]
+    else:
+        files = [(p, -1) for p in list_images(root, exts)]
+    if not files:
+        raise DataError(f"{spec}:{root}: no {what} found (extensions: {', '.join(sorted(exts))})")
+    return ([d.name for d in subdirs] if labelled else None), files
 
 
 class ImageFolder(ImageSet):
@@ -105,20 +125,7 @@ class ImageFolder(ImageSet):
     def __init__(self, root: str | Path, channels: int = 3, size: int = 32, resize: str = "crop",
                  on_error: str = "stop") -> None:
         root = Path(root).expanduser()
-        if not root.is_dir():
-            raise DataError(f"folder:{root}: no such directory")
-        subdirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-        labelled = bool(subdirs) and not any(
-            p.is_file() and p.suffix.lower() in IMAGE_EXTS for p in root.iterdir())
-        classes = [d.name for d in subdirs] if labelled else None
-        files: list[tuple[Path, int]] = []
-        if labelled:
-            for ci, d in enumerate(subdirs):
-                files += [(p, ci) for p in list_images(d)]
-        else:
-            files = [(p, -1) for p in list_images(root)]
-        if not files:
-            raise DataError(f"folder:{root}: no images found (extensions: {', '.join(sorted(IMAGE_EXTS))})")
+        classes, files = scan_class_folder(root, IMAGE_EXTS, "folder", "images")
         self.channels, self.size, self.policy, self.on_error = channels, size, resize, on_error
         skipped: list[str] = []
         self.files: list[tuple[Path, int]] = []

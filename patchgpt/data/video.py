@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from .base import DataError, DataInfo, ImageSet
-from .images import resize, to_mode, to_tensor
+from .images import resize, scan_class_folder, to_mode, to_tensor
 
 VIDEO_EXTS = {".mp4", ".m4v", ".mov", ".avi", ".webm", ".mkv", ".gif"}
 SHORTFALL = 0.1  # a header may overstate the frame count a little; decoding less than 90% of it is truncation
@@ -109,10 +109,6 @@ def read_video(path: str | Path, frames: int, size: int, channels: int = 3, poli
     return torch.stack(out)                                               # (F, C, S, S)
 
 
-def list_videos(root: Path) -> list[Path]:
-    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in VIDEO_EXTS)
-
-
 class VideoFolder(ImageSet):
     """Clips under `root` as (F, C, S, S) in [-1, 1], decoded on access.
 
@@ -125,20 +121,7 @@ class VideoFolder(ImageSet):
                  resize: str = "crop", stride: int = 0, on_error: str = "stop") -> None:
         import_av()
         root = Path(root).expanduser()
-        if not root.is_dir():
-            raise DataError(f"videos:{root}: no such directory")
-        subdirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-        labelled = bool(subdirs) and not any(
-            p.is_file() and p.suffix.lower() in VIDEO_EXTS for p in root.iterdir())
-        classes = [d.name for d in subdirs] if labelled else None
-        files: list[tuple[Path, int]] = []
-        if labelled:
-            for ci, d in enumerate(subdirs):
-                files += [(p, ci) for p in list_videos(d)]
-        else:
-            files = [(p, -1) for p in list_videos(root)]
-        if not files:
-            raise DataError(f"videos:{root}: no videos found (extensions: {', '.join(sorted(VIDEO_EXTS))})")
+        classes, files = scan_class_folder(root, VIDEO_EXTS, "videos", "videos")
         self.frames, self.size, self.channels = frames, size, channels
         self.policy, self.stride, self.on_error = resize, stride, on_error
         skipped: list[str] = []
