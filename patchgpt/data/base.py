@@ -7,6 +7,7 @@ seen, whatever the number of loader workers.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -37,6 +38,16 @@ class DataInfo:
     @property
     def num_classes(self) -> int:
         return len(self.classes) if self.classes else 0
+
+
+def skip_or_raise(info: DataInfo, on_error: str, e: DataError) -> None:
+    """An item failed to decode: re-raise (``on_error="stop"``), or print one line and count it in
+    ``info.skipped`` (``"skip"``; the caller then returns None for the item)."""
+    if on_error == "stop":
+        raise e
+    print(f"patchgpt: skipping {e}", file=sys.stderr)
+    if str(e) not in info.skipped:
+        info.skipped.append(str(e))
 
 
 class ImageSet(Dataset):

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from .base import DataError, DataInfo, ImageSet
+from .base import DataError, DataInfo, ImageSet, skip_or_raise
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 
@@ -162,11 +162,7 @@ class ImageFolder(ImageSet):
         try:
             return load_image(path, self.channels, self.size, self.policy), label
         except DataError as e:
-            if self.on_error == "stop":
-                raise
-            print(f"patchgpt: skipping {e}", file=sys.stderr)
-            if str(e) not in self.info.skipped:
-                self.info.skipped.append(str(e))
+            skip_or_raise(self.info, self.on_error, e)
             return None
 
     def labels(self) -> torch.Tensor:

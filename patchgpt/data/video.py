@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .base import DataError, DataInfo, ImageSet
+from .base import DataError, DataInfo, ImageSet, skip_or_raise
 from .images import resize, scan_class_folder, to_mode, to_tensor
 
 VIDEO_EXTS = {".mp4", ".m4v", ".mov", ".avi", ".webm", ".mkv", ".gif"}
@@ -152,11 +152,7 @@ class VideoFolder(ImageSet):
         try:
             return read_video(path, self.frames, self.size, self.channels, self.policy, self.stride, n), label
         except DataError as e:
-            if self.on_error == "stop":
-                raise
-            print(f"patchgpt: skipping {e}", file=sys.stderr)
-            if str(e) not in self.info.skipped:
-                self.info.skipped.append(str(e))
+            skip_or_raise(self.info, self.on_error, e)
             return None
 
     def labels(self) -> torch.Tensor:
