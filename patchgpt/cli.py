@@ -264,10 +264,9 @@ def cmd_eval(a: argparse.Namespace) -> None:
     from .tasks import Generate
 
     if "_detections" in metrics:
-        from .checkpoint import resolve
         from .report import atomic_write_text
 
-        run_dir = Path(a.out) if a.out else resolve(a.ckpt).parent.parent
+        run_dir = _run_dir(a)
         path = atomic_write_text(run_dir / "eval_detections.json", json.dumps(metrics.pop("_detections")))
         metrics["detections_json"] = str(path)
 
@@ -283,14 +282,21 @@ def cmd_eval(a: argparse.Namespace) -> None:
                 print(f"{k:>16}: {v}")
 
 
+def _run_dir(a: argparse.Namespace) -> Path:
+    """Where eval writes its files: --out, else the checkpoint's run directory."""
+    from .checkpoint import resolve
+
+    return Path(a.out) if a.out else resolve(a.ckpt).parent.parent
+
+
 def _eval_generator(task, a: argparse.Namespace) -> dict:
     """Sample grids, and for class-conditional models the judge's accuracy on requested classes."""
-    from .checkpoint import load, resolve
+    from .checkpoint import load
     from .judge import judge_accuracy, train_judge
     from .pictures import _scale, samples_png
     from .report import save_rows
 
-    run_dir = Path(a.out) if a.out else resolve(a.ckpt).parent.parent
+    run_dir = _run_dir(a)
     out: dict = {"samples_png": str(samples_png(task, run_dir / "eval_samples.png", cfg_scale=a.cfg,
                                                 temperature=a.temperature))}
     if task.condition == "class":

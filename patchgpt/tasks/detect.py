@@ -130,8 +130,9 @@ class Detect(Task):
             perm = torch.randperm(n, generator=gen) if gen is not None else torch.arange(n)
         elif d.order == "area":
             perm = ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])).argsort(descending=True)
-        else:  # raster: top to bottom, then left to right
-            perm = (boxes[:, 1] * 4 + boxes[:, 0]).argsort()
+        else:  # raster: top to bottom, then left to right (by y_min, ties by x_min)
+            by_x = boxes[:, 0].argsort()
+            perm = by_x[boxes[by_x, 1].argsort(stable=True)]
         perm = perm[:self.max_objects]
         boxes, classes = boxes[perm], classes[perm]
         n_noise = self.max_objects - len(classes) if d.noise and gen is not None else 0

@@ -89,7 +89,7 @@ class Boxes:
         B, L = ids.shape
         v = self.dequantize(ids)                                          # (B, L) in [0, 1]
         is_coord = (ids >= self.coords.start) & (ids < self.coords.stop)
-        back = lambda k: torch.cat([v[:, :1].expand(B, k), v[:, :L - k]], dim=1) if k < L else v.clone()  # noqa: E731
+        back = lambda k: torch.cat([v[:, :1].expand(B, k), v], dim=1)[:, :L]   # noqa: E731  value k tokens back
         cell = lambda x, n: (x * n).floor().long().clamp(0, n - 1) + 1   # noqa: E731
         R, C = grid
         slot = torch.arange(L, device=ids.device) % period                 # (L,)
