@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from .base import DataError, DataInfo, ImageSet
+from .base import DataError, DataInfo, ImageSet, skip_or_raise
 from .images import load_pil, to_mode, to_tensor
 
 _TOLERANCE = 1.0  # pixels a box may stick out of its image (rounding in exporters) before it is an error
@@ -145,10 +145,8 @@ class CocoDetection(ImageSet):
         try:
             im = to_mode(load_pil(path), self.channels)
         except DataError as e:
-            if self.on_error == "skip":
-                self.skipped.append(str(e))
-                return None
-            raise
+            skip_or_raise(self.info, self.on_error, e)
+            return None
         W, H = im.size
         S = self.size
         out, tf = letterbox(im, S, self.resize)
@@ -166,8 +164,7 @@ class CocoDetection(ImageSet):
                 continue
             boxes.append([(x0 * sx + ox) / S, (y0 * sy + oy) / S, (x1 * sx + ox) / S, (y1 * sy + oy) / S])
             classes.append(self.cat_to_class[a["category_id"]])
-        meta = {"image_id": rec["id"], "width": W, "height": H, "scale": (sx, sy), "offset": (ox, oy), "gt": gt,
-                "file": str(path)}
+        meta = {**tf, "image_id": rec["id"], "gt": gt, "file": str(path)}   # tf: width, height, scale, offset
         target = {"boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4).clamp(0, 1),
                   "classes": torch.tensor(classes, dtype=torch.long), "meta": meta}
         return image, -1, target
