@@ -1,4 +1,4 @@
-"""iGPT on CPU: patchgpt's `GPT` against Hugging Face `ImageGPTForCausalImageModeling`, training and sampling.
+"""iGPT: patchgpt's `GPT` against Hugging Face `ImageGPTForCausalImageModeling`, training and sampling.
 
 Task: 32x32 images of colour-cluster ids, 1024 pixel tokens after one start-of-sequence token (id 512);
 vocab 513 (512 clusters + sos), width 256, 4 layers, 8 heads, MLP 4x, fp32, both random-init, dropouts 0.
@@ -23,7 +23,8 @@ After warm-up (3 training steps, one sampling call each), the two models are int
 (alternating which goes first) and medians are reported; ratios are medians of per-repeat ratios, since this
 machine's speed drifts.
 
-Run: ``PYTHONPATH=. python benchmarks/bench_imagegpt.py [--threads 2 --repeats 5 --sample-repeats 3]``;
+Run: ``PYTHONPATH=. python benchmarks/bench_imagegpt.py [--threads 2 --repeats 5 --sample-repeats 3]``
+(``--device cuda``: the same, fp32 on the GPU, timings synchronised);
 ``--quick`` is a seconds-long smoke test (batch 2, 256-token training rows, 32 sampled tokens, 2 repeats);
 ``--json out.json`` writes the results dict.
 """
@@ -62,7 +63,10 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--quick", action="store_true", help="smoke test: batch 2, 256-token rows, 32 sampled tokens")
     ap.add_argument("--json", type=str, default=None, help="write the results dict here")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (timings synchronise the device)")
     args = ap.parse_args()
+    dev = torch.device(args.device)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     T, steps, warmup = PIXELS, PIXELS, 3         # training input positions, sampled tokens per row
     if args.quick:
         args.repeats, args.sample_repeats, args.batch, T, steps, warmup = 2, 2, 2, 256, 32, 1
@@ -71,10 +75,10 @@ def main() -> None:
     B = args.batch
 
     ours = GPT(GPTConfig(n_layer=LAYERS, n_head=HEADS, n_embd=WIDTH, vocab_size=VOCAB, block_size=PIXELS + 1,
-                         max_rows=SIDE, max_cols=SIDE))
+                         max_rows=SIDE, max_cols=SIDE)).to(dev)
     hf = ImageGPTForCausalImageModeling(ImageGPTConfig(vocab_size=VOCAB, n_positions=PIXELS, n_embd=WIDTH,
                                                        n_layer=LAYERS, n_head=HEADS, resid_pdrop=0.0,
-                                                       embd_pdrop=0.0, attn_pdrop=0.0))
+                                                       embd_pdrop=0.0, attn_pdrop=0.0)).to(dev)
     attn_impl = hf.config._attn_implementation
     materialised = ("torch.matmul(query, key.transpose(-1, -2))" in inspect.getsource(ImageGPTAttention._attn)
                     and "attention_interface" not in inspect.getsource(ImageGPTAttention.forward))
@@ -86,6 +90,7 @@ def main() -> None:
     grid = grid_positions(1, SIDE, SIDE)                                            # (1024, 3)
     pos = torch.cat([torch.zeros(1, 3, dtype=torch.long), grid[:T - 1]])[None].expand(B, T, 3)
     labels = torch.cat([pixels[:, :-1], torch.full((B, 1), IGNORE)], dim=1)
+    x, labels, pos, grid = x.to(dev), labels.to(dev), pos.to(dev), grid.to(dev)
     seq = dataclasses.replace(tokens(x, labels), pos=pos)
     targets = seq.labels[:, :-1].reshape(-1)
 
@@ -97,8 +102,8 @@ def main() -> None:
         return hf(input_ids=x, labels=x, use_cache=False).loss                     # (B, T, 512) inside
 
     # Sampling: one sos token per row, `steps` pixel tokens.
-    sos = torch.full((B, 1), SOS)
-    prompt, gen = tokens(sos), torch.Generator().manual_seed(0)
+    sos = torch.full((B, 1), SOS, device=dev)
+    prompt, gen = tokens(sos), torch.Generator(dev).manual_seed(0)
 
     def ours_sample() -> torch.Tensor:
         return sample(ours, prompt, steps, positions=grid[:steps], temperature=1.0, top_k=0, generator=gen,
@@ -135,10 +140,12 @@ def main() -> None:
     samples = {n: {"train": [], "sample": []} for n in models}
     for r in range(args.repeats):
         for name in list(models) if r % 2 == 0 else list(models)[::-1]:
-            samples[name]["train"].append(B / timed(train[name]))
+            sync()
+            samples[name]["train"].append(B / timed(lambda f=train[name]: (f(), sync())))
     for r in range(args.sample_repeats):
         for name in list(models) if r % 2 == 0 else list(models)[::-1]:
-            samples[name]["sample"].append(B / timed(samp[name]))
+            sync()
+            samples[name]["sample"].append(B / timed(lambda f=samp[name]: (f(), sync())))
         print(f"sampling repeat {r + 1}/{args.sample_repeats} done", flush=True)
 
     med = {n: {m: statistics.median(v) for m, v in s.items()} for n, s in samples.items()}
@@ -146,7 +153,7 @@ def main() -> None:
                                                         strict=True)) for m in ("train", "sample")}
     tok_s = {n: med[n]["sample"] * steps for n in models}
     params = {n: sum(p.numel() for p in m.parameters()) for n, (m, _, _) in models.items()}
-    res = {"threads": args.threads, "batch": B, "train_positions": T, "train_predictions": T - 1,
+    res = {"device": args.device, "threads": args.threads, "batch": B, "train_positions": T, "train_predictions": T - 1,
            "sample_steps": steps, "repeats": args.repeats, "sample_repeats": args.sample_repeats,
            "quick": args.quick, "torch": torch.__version__, "transformers": transformers.__version__,
            "machine": platform.machine(), "hf_attn_implementation": attn_impl,
@@ -156,8 +163,8 @@ def main() -> None:
            "median_sample_tokens_per_s": tok_s, "ratio_patchgpt_over_hf": ratio, "samples": samples}
 
     what = "images/s" if steps == PIXELS else f"rows/s ({steps} tok)"
-    print(f"\ntorch {torch.__version__}, transformers {transformers.__version__}, threads={args.threads}, "
-          f"batch={B}, train {T} positions / {T - 1} predictions x {args.repeats} repeats, "
+    print(f"\n{args.device}, torch {torch.__version__}, transformers {transformers.__version__}, "
+          f"threads={args.threads}, batch={B}, train {T} positions / {T - 1} predictions x {args.repeats} repeats, "
           f"sample {steps} tokens x {args.sample_repeats} repeats")
     print(f"HF attention: {attn_impl}" + (" (ImageGPTAttention._attn materialises the (B, H, T, T) matrix: "
                                           "matmul + tril mask + softmax)" if materialised else ""))

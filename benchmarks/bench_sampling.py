@@ -17,6 +17,9 @@ recomputes the full forward every step, so its cost per step grows with the leng
 first ``--nocache-steps`` (default 64) tokens of a fresh run, and compared with a cached run of exactly the
 same number of steps. Its tokens/s over a full 256-token image would be lower still.
 
+On CUDA (``--device cuda``) the cached path replays each step as a CUDA graph (`sample`'s default there), and
+the same run without the graph is timed too.
+
 Run: ``PYTHONPATH=. python benchmarks/bench_sampling.py [--threads 2 --repeats 5 --nocache-steps 64]``;
 ``--quick`` is a seconds-long smoke test; ``--json out.json`` writes the results dict.
 """
@@ -87,8 +90,8 @@ def main() -> None:
                   max_new_tokens=steps, min_new_tokens=steps, pad_token_id=EOS, eos_token_id=EOS)
     seed = iter(range(10**6))
 
-    def ours_run(n: int, use_cache: bool) -> torch.Tensor:
-        return sample(ours, prompt, n, positions=pos[:n], use_cache=use_cache,
+    def ours_run(n: int, use_cache: bool, graph: bool = True) -> torch.Tensor:
+        return sample(ours, prompt, n, positions=pos[:n], use_cache=use_cache, cuda_graph=graph,
                       generator=torch.Generator(dev).manual_seed(next(seed)))
 
     def hf_run() -> torch.Tensor:
@@ -101,6 +104,8 @@ def main() -> None:
         f"patchgpt cache ({nc_steps})": (lambda: ours_run(nc_steps, True), nc_steps),
         f"patchgpt no-cache ({nc_steps})": (lambda: ours_run(nc_steps, False), nc_steps),
     }
+    if dev.type == "cuda":  # the same cached sampling with every step launched eagerly (no CUDA graph)
+        runs["patchgpt cache, no graph"] = (lambda: ours_run(steps, True, graph=False), steps)
     # Warm-up, and the checks that make the numbers mean something.
     assert hf_run().shape == (BATCH, steps + 1), "HF generate stopped early"
     assert ours_run(steps, True).shape == (BATCH, steps)
@@ -125,6 +130,9 @@ def main() -> None:
     c_nc, nc = names[2], names[3]
     ratios = {"patchgpt_cache_over_hf": ratio(names[0], names[1]),
               f"cache_over_nocache_first_{nc_steps}": ratio(c_nc, nc)}
+    if dev.type == "cuda":
+        ratios["graph_over_no_graph"] = ratio(names[0], "patchgpt cache, no graph")
+        ratios["no_graph_over_hf"] = ratio("patchgpt cache, no graph", names[1])
     res = {"device": args.device, "threads": args.threads, "repeats": args.repeats, "batch": BATCH, "steps": steps,
            "nocache_steps": nc_steps, "torch": torch.__version__, "transformers": transformers.__version__,
            "machine": platform.machine(), "hf_attn_implementation": attn_impl,
@@ -143,6 +151,9 @@ def main() -> None:
     print(f"\npatchgpt cache / hf generate ({steps} tokens):          {ratios['patchgpt_cache_over_hf']:.2f}x")
     print(f"patchgpt cache / no-cache (first {nc_steps} tokens, both): "
           f"{ratios[f'cache_over_nocache_first_{nc_steps}']:.2f}x")
+    if dev.type == "cuda":
+        print(f"patchgpt cache, CUDA graph / eager steps:          {ratios['graph_over_no_graph']:.2f}x")
+        print(f"patchgpt cache, eager steps / hf generate:         {ratios['no_graph_over_hf']:.2f}x")
     print("(ratios: median of per-repeat ratios; ms/step = whole call incl. prefill / tokens; the no-cache "
           f"path was timed only over the first {nc_steps} tokens of a fresh run — over all {STEPS} it is slower "
           "per token, its step cost grows with length)")

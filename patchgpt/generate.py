@@ -1,15 +1,17 @@
 """Autoregressive sampling from a `GPT`, kept apart from the model.
 
 One prefill forward over the whole prompt fills a preallocated `KVCache` sized for prompt + generated
-tokens; then each step feeds one token per row and reads the next-token logits. The per-step path does no
-host synchronisation (no ``.item()``) and no Python-side bookkeeping beyond building a one-token `Sequence`:
-position tensors, labels, allowed-token masks and the output buffer are prepared before the loop.
+tokens; then each step feeds one token per row through `GPT.decode` (one token per row, fused ops) and reads
+the next-token logits. The per-step path does no host synchronisation (no ``.item()``): position
+embeddings, allowed-token masks and the output buffer are prepared before the loop. On a CUDA device the
+step is recorded once as a CUDA graph and replayed (`GraphedDecode`), since there a step is launch-bound.
 
 Per step, in float32: logits / temperature (temperature 0 = greedy argmax), the allowed-range mask
-(disallowed ids -> -inf), top-k, top-p (nucleus), then ``torch.multinomial(probs, 1, generator=...)``,
-exactly one draw per step, so a seeded `torch.Generator` reproduces the same tokens whether or not the cache
-is used. Classifier-free guidance runs the conditional and unconditional prompts as one doubled batch and
-mixes the logits as ``cond + cfg_scale * (cond - uncond)``.
+(disallowed ids -> -inf), top-k, top-p (nucleus), then one uniform number per row from the seeded
+`torch.Generator`, mapped through the inverse CDF of the probabilities (`draw`): the same tokens whether or
+not the cache is used, and B random numbers per step instead of the B x V that ``torch.multinomial`` draws.
+Classifier-free guidance runs the conditional and unconditional prompts as one doubled batch and mixes the
+logits as ``cond + cfg_scale * (cond - uncond)``.
 
 References (ideas, not code): LlamaGen ``autoregressive/models/generate.py`` (Sun et al. 2024; prefill then
 per-token decode with a static cache, classifier-free guidance on a doubled batch, top-k / top-p filters) and
@@ -18,16 +20,18 @@ the nanochat engine (karpathy/nanochat; a preallocated KV cache and a lean per-s
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from collections.abc import Sequence as SequenceOf
 
 import torch
 from torch import Tensor
 
+from .decode_graph import GraphedDecode
 from .model import GPT
 from .sequence import IGNORE, Sequence, concat
 
-__all__ = ["top_k_filter", "top_p_filter", "allowed_mask", "sample"]
+__all__ = ["top_k_filter", "top_p_filter", "allowed_mask", "draw", "sample"]
 
 Ranges = SequenceOf[range]
 
@@ -57,6 +61,19 @@ def top_p_filter(logits: Tensor, p: float) -> Tensor:
     drop[..., 0] = False
     drop = torch.zeros_like(drop).scatter_(-1, idx, drop)  # back to vocabulary order
     return logits.masked_fill(drop, float("-inf"))
+
+
+def draw(probs: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """One id per row from (B, V) probabilities (need not sum to 1; zeros are never drawn) -> (B, 1) int64.
+
+    Inverse-CDF sampling: a uniform ``u`` in [0, 1) per row, scaled by the row's total, lands in exactly one
+    token's interval of the float64 cumulative sum; an id with probability 0 has an empty interval.
+    """
+    cdf = probs.double().cumsum(dim=-1)                                         # (B, V)
+    u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device, dtype=torch.float64)
+    idx = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)                # (B, 1): first cdf > u * total
+    last = (probs > 0).cumsum(dim=-1).argmax(dim=-1, keepdim=True)             # (B, 1): last nonzero id
+    return torch.minimum(idx, last)                    # u * total can round up to the total itself
 
 
 def allowed_mask(vocab_size: int, ranges: Ranges, device: torch.device | str | None = None) -> Tensor:
@@ -121,7 +138,7 @@ def sample(model: GPT, prompt: Sequence, steps: int, *, positions: Tensor | None
            use_cache: bool = True, token_positions: Callable[[Tensor, int], Tensor] | None = None,
            inject: Callable[[Tensor, int], Sequence | None] | None = None, max_injected: int = 0,
            stop_token: int | None = None, stop_check: int = 1,
-           return_logits: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+           return_logits: bool = False, cuda_graph: bool = True) -> Tensor | tuple[Tensor, Tensor]:
     """Sample up to `steps` tokens after `prompt`. Returns generated ids (B, steps), int64.
 
     Args:
@@ -149,6 +166,9 @@ def sample(model: GPT, prompt: Sequence, steps: int, *, positions: Tensor | None
             host synchronisation each); the remaining columns of the output are filled with it.
         return_logits: also return the (B, steps, V) float32 logits each token was drawn from (after guidance,
             before temperature, masks and filters), e.g. to score what was generated.
+        cuda_graph: on a CUDA device, with the cache, and when nothing fed depends on the sampled values
+            (no `token_positions`, no `inject`), record one step as a CUDA graph and replay it per token
+            (`GraphedDecode`); no effect elsewhere. False runs every step eagerly.
     """
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
@@ -196,17 +216,19 @@ def sample(model: GPT, prompt: Sequence, steps: int, *, positions: Tensor | None
         if greedy:
             return logits.argmax(dim=-1, keepdim=True)
         logits = top_p_filter(top_k_filter(logits, top_k), top_p)
-        probs = torch.softmax(logits, dim=-1)
-        return torch.multinomial(probs, 1, generator=generator)
+        return draw(torch.softmax(logits, dim=-1), generator)
+
+    def step_ids(tok: Tensor) -> Tensor:
+        return torch.cat([tok, tok], dim=0) if guided else tok             # (rows, 1)
+
+    def step_positions(t: int) -> Tensor:
+        if token_positions is None:
+            return step_pos[t]                                              # (rows, 1, 3)
+        pos = token_positions(out[:, :t + 1], t)                            # (B, 1, 3)
+        return torch.cat([pos, pos], dim=0) if guided else pos
 
     def as_step(tok: Tensor, t: int) -> Sequence:
-        ids = torch.cat([tok, tok], dim=0) if guided else tok
-        if token_positions is None:
-            pos = step_pos[t]
-        else:
-            pos = token_positions(out[:, :t + 1], t)                       # (B, 1, 3)
-            pos = torch.cat([pos, pos], dim=0) if guided else pos
-        return Sequence(ids=ids, labels=labels, pos=pos)
+        return Sequence(ids=step_ids(tok), labels=labels, pos=step_positions(t))
 
     done = torch.zeros(B, 1, dtype=torch.bool, device=device) if stop_token is not None else None
 
@@ -225,16 +247,43 @@ def sample(model: GPT, prompt: Sequence, steps: int, *, positions: Tensor | None
 
     if use_cache:
         cache = model.new_cache(rows, T0 + steps + max_injected)
-        hidden = model(seq, cache=cache)
+        hidden = model(seq, cache=cache)[:, -1]                             # (rows, C)
+        table = None  # position embeddings of the fed tokens, when they do not depend on what is sampled
+        if token_positions is None and inject is None:
+            if T0 + steps - 1 > model.cfg.block_size:
+                raise ValueError(f"sequence of {T0 + steps - 1} tokens exceeds block_size={model.cfg.block_size}")
+            table = model.position_embedding(positions[:-1], torch.arange(T0, T0 + steps - 1, device=device))
+
+        def embed_step(tok: Tensor, t: int) -> Tensor:
+            """(B, 1) ids sampled at step t -> (rows, C) input embeddings at position ``cache.length``."""
+            x = model.wte(step_ids(tok)[:, 0])                              # (rows, C)
+            if table is not None:
+                return x + table[t]
+            if cache.length >= model.cfg.block_size:
+                raise ValueError(f"sequence of {cache.length + 1} tokens exceeds block_size={model.cfg.block_size}")
+            offset = torch.tensor(cache.length, device=device)
+            return x + model.position_embedding(step_positions(t)[:, 0], offset)
+
+        graphed = None
+        if cuda_graph and table is not None and device.type == "cuda" and steps > 1:
+            try:
+                graphed = GraphedDecode(model, cache, table, cache.length, rows)
+            except RuntimeError as e:  # e.g. an op that cannot be captured: the eager steps give the same tokens
+                warnings.warn(f"patchgpt: sampling without a CUDA graph ({e})", stacklevel=2)
+        logits = model.logits(hidden)                                       # (rows, V)
         for t in range(steps):
-            tok = next_token(model.logits(hidden[:, -1]), t)
+            tok = next_token(logits, t)
             if finished(tok, t):
                 break
             if t + 1 < steps:
-                hidden = model(as_step(tok, t), cache=cache)
+                if graphed is not None:
+                    logits = graphed.step(step_ids(tok)[:, 0], t)
+                    continue
+                hidden = model.decode(embed_step(tok, t), cache)
                 extra = injected(t)
                 if extra is not None:
-                    hidden = model(extra, cache=cache)
+                    hidden = model(extra, cache=cache)[:, -1]
+                logits = model.logits(hidden)
     else:
         cur = seq
         for t in range(steps):

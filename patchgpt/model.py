@@ -135,6 +135,34 @@ class Block(nn.Module):
         x = x + self.attn(self.ln_1(x), mask, is_causal, cache, layer)
         return x + self.mlp(self.ln_2(x))
 
+    def decode(self, x: Tensor, cache: KVCache, layer: int, at: Tensor | None = None,
+               visible: Tensor | None = None) -> Tensor:
+        """The same block for one new token per row, (B, C) -> (B, C), attending to everything cached.
+
+        Writes this token's key and value at ``cache.length`` (the caller advances it), or, with `at` (a (1,)
+        int64 tensor) and `visible` ((1, max_len) bool), at index `at`, attending over the whole buffer with
+        `visible` as the mask: fixed shapes, for CUDA graphs. The same arithmetic as `forward` with fewer,
+        fused ops (the residual adds ride on ``addmm``): the per-token sampling path.
+        """
+        B, C = x.shape
+        attn, mlp, n = self.attn, self.mlp, cache.length
+        qkv = attn.qkv(self.ln_1(x))                                        # (B, 3C)
+        q, k, v = qkv.view(B, 3, attn.n_head, 1, C // attn.n_head).unbind(1)  # 3 x (B, H, 1, hd)
+        if at is None:
+            cache.k[layer, :, :, n:n + 1] = k
+            cache.v[layer, :, :, n:n + 1] = v
+            keys, values = cache.k[layer, :, :, :n + 1], cache.v[layer, :, :, :n + 1]   # (B, H, n + 1, hd)
+        else:
+            keys, values = cache.k[layer].index_copy_(2, at, k), cache.v[layer].index_copy_(2, at, v)
+        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible)          # (B, H, 1, hd)
+        x = _add_linear(x, y.view(B, C), attn.proj)      # (B, H, 1, hd) -> (B, C): H-major, as in forward
+        return _add_linear(x, mlp.act(mlp.fc(self.ln_2(x))), mlp.proj)
+
+
+def _add_linear(x: Tensor, h: Tensor, linear: nn.Linear) -> Tensor:
+    """``x + linear(h)`` for 2-D inputs in one ``addmm``."""
+    return torch.addmm(x if linear.bias is None else x + linear.bias, h, linear.weight.t())
+
 
 def attention_mask(q_len: int, k_len: int, offset: int, prefix_len: int,
                    device: torch.device) -> tuple[Tensor | None, bool]:
@@ -210,10 +238,15 @@ class GPT(nn.Module):
             px = self.patch_proj(seq.patches.to(x.dtype))                # (B, T, C)
             x = px if seq.is_patch is None else torch.where(seq.is_patch[..., None], px, x)
         t = torch.arange(offset, offset + T, device=x.device)
-        x = x + self.wpe(t)[None]
-        p = seq.pos
-        x = x + self.frame_emb(p[..., 0]) + self.row_emb(p[..., 1]) + self.col_emb(p[..., 2])
-        return self.drop(x)
+        return self.drop(x + self.position_embedding(seq.pos, t))
+
+    def position_embedding(self, pos: Tensor, t: Tensor) -> Tensor:
+        """The learned 1-D position of absolute index `t` (...) plus the grid embeddings of `pos` (..., 3).
+
+        Returns (..., C); what `embed` adds to a token's own embedding.
+        """
+        grid = self.frame_emb(pos[..., 0]) + self.row_emb(pos[..., 1]) + self.col_emb(pos[..., 2])
+        return self.wpe(t) + grid
 
     def forward(self, seq: Sequence, cache: KVCache | None = None, upto: int | None = None) -> Tensor:
         """Hidden states (B, T, C).
@@ -237,6 +270,32 @@ class GPT(nn.Module):
         if cache is not None:
             cache.length = offset + T
         return self.ln_f(x) if n == self.cfg.n_layer else x
+
+    def decode(self, x: Tensor, cache: KVCache, at: Tensor | None = None) -> Tensor:
+        """One new token per row through all blocks with the KV cache (eval only; dropout is not applied).
+
+        Args:
+            x: (B, C) input embeddings of the new tokens (token embedding + `position_embedding`).
+            cache: filled up to ``cache.length`` by an earlier `forward(..., cache=cache)` (the prefill).
+            at: None, or a (1,) int64 tensor: the cache index of this token, which then sees indices
+                ``<= at``. ``cache.length`` is then neither read nor advanced (the caller keeps it): every
+                shape is fixed, so the step can be captured once as a CUDA graph and replayed.
+        Returns the (B, C) final hidden states; equals ``forward`` on the one-token sequence up to float
+        rounding, in fewer operations (the sampling loop's hot path).
+        """
+        if at is not None:
+            visible = (torch.arange(cache.max_len, device=x.device) <= at)[None]   # (1, max_len)
+            for i, block in enumerate(self.blocks):
+                x = block.decode(x, cache, i, at, visible)
+            return self.ln_f(x)
+        n = cache.length
+        if n + 1 > min(cache.max_len, self.cfg.block_size):
+            raise ValueError(f"decoding token {n + 1} exceeds the cache ({cache.max_len}) or "
+                             f"block_size={self.cfg.block_size}")
+        for i, block in enumerate(self.blocks):
+            x = block.decode(x, cache, i)
+        cache.length = n + 1
+        return self.ln_f(x)
 
     def logits(self, hidden: Tensor) -> Tensor:
         """(B, T, C) -> (B, T, V) next-token logits."""

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from patchgpt.generate import allowed_mask, sample, top_k_filter, top_p_filter
+from patchgpt.generate import allowed_mask, draw, sample, top_k_filter, top_p_filter
 from patchgpt.model import GPT, GPTConfig
 from patchgpt.sequence import IGNORE, Sequence, concat, tokens
 
@@ -100,6 +100,21 @@ def test_greedy_is_deterministic_and_the_argmax_of_the_full_forward():
     assert torch.equal(logits.argmax(-1), a)
 
 
+def test_draw_follows_the_probabilities_and_never_draws_a_zero():
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.3, 0.2, 0.0]]).repeat(40_000, 1)
+    probs[1::2] *= 3.0                                   # unnormalised rows draw the same way
+    ids = draw(probs, torch.Generator().manual_seed(0))
+    assert ids.shape == (40_000, 1) and ids.dtype == torch.long
+    freq = torch.bincount(ids[:, 0], minlength=6) / 40_000
+    assert freq[[0, 2, 5]].sum() == 0
+    torch.testing.assert_close(freq, torch.tensor([0.0, 0.5, 0.0, 0.3, 0.2, 0.0]), atol=0.01, rtol=0)
+    # One-hot rows, and a row whose only mass is on the last id.
+    eye = torch.eye(6)
+    assert torch.equal(draw(eye, torch.Generator().manual_seed(1))[:, 0], torch.arange(6))
+    g1, g2 = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+    assert torch.equal(draw(probs[:100], g1), draw(probs[:100], g2))
+
+
 def test_top_k_filter_keeps_exactly_the_k_largest():
     x = torch.randn(5, 50)
     y = top_k_filter(x, 7)
@@ -164,8 +179,8 @@ def test_allowed_ranges_are_respected():
 
 def _batch_sizes(m: GPT) -> tuple[list[int], object]:
     sizes: list[int] = []
-    handle = m.register_forward_pre_hook(lambda mod, args, kwargs: sizes.append(args[0].shape[0]),
-                                         with_kwargs=True)
+    # ln_f runs once per model call, prefill (`forward`) and per-token step (`decode`) alike.
+    handle = m.ln_f.register_forward_pre_hook(lambda mod, args: sizes.append(args[0].shape[0]))
     return sizes, handle
 
 
@@ -205,3 +220,19 @@ def test_edge_cases():
         run(m, p, 4, temperature=-1.0)
     with pytest.raises(ValueError, match="uncond_prompt"):
         run(m, p, 4, uncond_prompt=prompt(B=2), cfg_scale=1.0)
+    with pytest.raises(ValueError, match="block_size"):
+        run(m, p, m.cfg.block_size, positions=torch.zeros(m.cfg.block_size, 3, dtype=torch.long))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_cuda_graph_sampling_equals_eager_sampling():
+    m = tiny(sharp=3.0).cuda()
+    p = prompt(T=2, prefix_len=2)
+    p = Sequence(ids=p.ids.cuda(), labels=p.labels.cuda(), pos=p.pos.cuda(), prefix_len=2)
+    u = Sequence(ids=torch.zeros_like(p.ids), labels=p.labels, pos=p.pos, prefix_len=2)
+    pos = grid(12).cuda()
+    for kw in ({"temperature": 0.0}, {"top_k": 5}, {"uncond_prompt": u, "cfg_scale": 2.0}):
+        a = sample(m, p, 12, positions=pos, generator=torch.Generator("cuda").manual_seed(0), **kw)
+        b = sample(m, p, 12, positions=pos, generator=torch.Generator("cuda").manual_seed(0), cuda_graph=False,
+                   **kw)
+        assert torch.equal(a, b), kw

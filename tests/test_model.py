@@ -79,6 +79,45 @@ def test_kv_cache_equals_full_forward(prefix_len):
     assert cache.length == 14
 
 
+@pytest.mark.parametrize("bias", [False, True])
+def test_decode_equals_the_one_token_forward(bias):
+    """`GPT.decode` (the sampling hot path) is the same function as `forward` on a one-token step."""
+    m = tiny(bias=bias)
+    for p in m.parameters():  # biases start at zero: give them values so they are exercised
+        p.data.normal_(0, 0.2)
+    seq = mixed_seq(T=9, prefix_len=4)
+    ref_cache, cache = m.new_cache(2, 12), m.new_cache(2, 12)
+    m(_slice(seq, 0, 6), cache=ref_cache)
+    m(_slice(seq, 0, 6), cache=cache)
+    for t in range(6, 9):
+        step = _slice(seq, t, t + 1)
+        ref = m(step, cache=ref_cache)[:, 0]                                     # (B, C)
+        x = m.embed(step, offset=t)[:, 0]                                        # ids and patches
+        torch.testing.assert_close(m.decode(x, cache), ref, atol=1e-5, rtol=1e-5)
+        assert cache.length == ref_cache.length == t + 1
+    torch.testing.assert_close(cache.k, ref_cache.k)
+    torch.testing.assert_close(cache.v, ref_cache.v)
+    with pytest.raises(ValueError, match="exceeds the cache"):
+        for _ in range(4):
+            m.decode(x, cache)
+
+
+def test_fixed_shape_decode_equals_decode():
+    """``decode(at=...)``, the CUDA-graph form: writes at a tensor index and masks the rest of the buffer."""
+    m = tiny()
+    seq = mixed_seq(T=9, prefix_len=3)
+    cache, fixed = m.new_cache(2, 16), m.new_cache(2, 16)
+    fixed.k.normal_(), fixed.v.normal_()            # garbage beyond the prefill must be masked out
+    m(_slice(seq, 0, 5), cache=cache)
+    m(_slice(seq, 0, 5), cache=fixed)
+    for t in range(5, 9):
+        x = m.embed(_slice(seq, t, t + 1), offset=t)[:, 0]                     # (B, C)
+        torch.testing.assert_close(m.decode(x, fixed, at=torch.tensor([t])), m.decode(x, cache),
+                                   atol=1e-5, rtol=1e-5)
+    assert fixed.length == 5                        # with `at`, the caller keeps the length
+    torch.testing.assert_close(fixed.k[:, :, :, :9], cache.k[:, :, :, :9])
+
+
 def test_kv_cache_chunked_prefill():
     m = tiny()
     seq = mixed_seq(T=12)
