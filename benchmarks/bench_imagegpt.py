@@ -24,7 +24,7 @@ After warm-up (3 training steps, one sampling call each), the two models are int
 machine's speed drifts.
 
 Run: ``PYTHONPATH=. python benchmarks/bench_imagegpt.py [--threads 2 --repeats 5 --sample-repeats 3]``
-(``--device cuda``: the same, fp32 on the GPU, timings synchronised);
+(``--device cuda``: the same on the GPU, timings synchronised; ``--bf16``: both models under bf16 autocast);
 ``--quick`` is a seconds-long smoke test (batch 2, 256-token training rows, 32 sampled tokens, 2 repeats);
 ``--json out.json`` writes the results dict.
 """
@@ -64,9 +64,11 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="smoke test: batch 2, 256-token rows, 32 sampled tokens")
     ap.add_argument("--json", type=str, default=None, help="write the results dict here")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (timings synchronise the device)")
+    ap.add_argument("--bf16", action="store_true", help="both models under bf16 autocast (training and sampling)")
     args = ap.parse_args()
     dev = torch.device(args.device)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    amp = lambda: torch.autocast(dev.type, dtype=torch.bfloat16, enabled=args.bf16)
     T, steps, warmup = PIXELS, PIXELS, 3         # training input positions, sampled tokens per row
     if args.quick:
         args.repeats, args.sample_repeats, args.batch, T, steps, warmup = 2, 2, 2, 256, 32, 1
@@ -120,14 +122,16 @@ def main() -> None:
 
         def step(m=model, f=loss_fn, o=opt) -> None:
             m.train()
-            loss = f()
+            with amp():
+                loss = f()
             loss.backward()
             o.step()
             o.zero_grad(set_to_none=True)
 
         def run_sample(m=model, f=sample_fn) -> None:
             m.eval()
-            out = f()
+            with amp():
+                out = f()
             assert out.shape[-1] in (steps, 1 + steps) and int(out[:, -steps:].max()) < SOS, out.shape
 
         train[name], samp[name] = step, run_sample
@@ -153,7 +157,8 @@ def main() -> None:
                                                         strict=True)) for m in ("train", "sample")}
     tok_s = {n: med[n]["sample"] * steps for n in models}
     params = {n: sum(p.numel() for p in m.parameters()) for n, (m, _, _) in models.items()}
-    res = {"device": args.device, "threads": args.threads, "batch": B, "train_positions": T, "train_predictions": T - 1,
+    res = {"device": args.device, "bf16_autocast": args.bf16, "threads": args.threads, "batch": B,
+           "train_positions": T, "train_predictions": T - 1,
            "sample_steps": steps, "repeats": args.repeats, "sample_repeats": args.sample_repeats,
            "quick": args.quick, "torch": torch.__version__, "transformers": transformers.__version__,
            "machine": platform.machine(), "hf_attn_implementation": attn_impl,
@@ -163,7 +168,8 @@ def main() -> None:
            "median_sample_tokens_per_s": tok_s, "ratio_patchgpt_over_hf": ratio, "samples": samples}
 
     what = "images/s" if steps == PIXELS else f"rows/s ({steps} tok)"
-    print(f"\n{args.device}, torch {torch.__version__}, transformers {transformers.__version__}, "
+    precision = " (bf16 autocast)" if args.bf16 else ", fp32"
+    print(f"\n{args.device}{precision}, torch {torch.__version__}, transformers {transformers.__version__}, "
           f"threads={args.threads}, batch={B}, train {T} positions / {T - 1} predictions x {args.repeats} repeats, "
           f"sample {steps} tokens x {args.sample_repeats} repeats")
     print(f"HF attention: {attn_impl}" + (" (ImageGPTAttention._attn materialises the (B, H, T, T) matrix: "

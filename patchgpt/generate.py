@@ -66,14 +66,13 @@ def top_p_filter(logits: Tensor, p: float) -> Tensor:
 def draw(probs: Tensor, generator: torch.Generator | None = None) -> Tensor:
     """One id per row from (B, V) probabilities (need not sum to 1; zeros are never drawn) -> (B, 1) int64.
 
-    Inverse-CDF sampling: a uniform ``u`` in [0, 1) per row, scaled by the row's total, lands in exactly one
-    token's interval of the float64 cumulative sum; an id with probability 0 has an empty interval.
+    Inverse-CDF sampling: a float32 uniform ``u`` in [0, 1) per row, scaled by the row's total, lands in
+    exactly one token's interval of the float64 cumulative sum. Since ``u <= 1 - 2**-24``, ``u * total`` stays
+    below the total by far more than float64 rounding, so the first entry above it has a nonzero interval.
     """
     cdf = probs.double().cumsum(dim=-1)                                         # (B, V)
-    u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device, dtype=torch.float64)
-    idx = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)                # (B, 1): first cdf > u * total
-    last = (probs > 0).cumsum(dim=-1).argmax(dim=-1, keepdim=True)             # (B, 1): last nonzero id
-    return torch.minimum(idx, last)                    # u * total can round up to the total itself
+    u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device).double()
+    return torch.searchsorted(cdf, u * cdf[:, -1:], right=True)                # (B, 1): first cdf > u * total
 
 
 def allowed_mask(vocab_size: int, ranges: Ranges, device: torch.device | str | None = None) -> Tensor:
