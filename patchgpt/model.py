@@ -153,7 +153,9 @@ class Block(nn.Module):
             cache.v[layer, :, :, n:n + 1] = v
             keys, values = cache.k[layer, :, :, :n + 1], cache.v[layer, :, :, :n + 1]   # (B, H, n + 1, hd)
         else:
-            keys, values = cache.k[layer].index_copy_(2, at, k), cache.v[layer].index_copy_(2, at, v)
+            # (under autocast k and v can be bf16 while the cache keeps the weights' dtype)
+            keys = cache.k[layer].index_copy_(2, at, k.to(cache.k.dtype))
+            values = cache.v[layer].index_copy_(2, at, v.to(cache.v.dtype))
         y = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible)          # (B, H, 1, hd)
         x = _add_linear(x, y.view(B, C), attn.proj)      # (B, H, 1, hd) -> (B, C): H-major, as in forward
         return _add_linear(x, mlp.act(mlp.fc(self.ln_2(x))), mlp.proj)

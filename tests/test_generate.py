@@ -1,6 +1,7 @@
 """Contract tests of the sampling engine: cache equivalence, seeding, filters, allowed ranges, guidance."""
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -236,3 +237,6 @@ def test_cuda_graph_sampling_equals_eager_sampling():
         b = sample(m, p, 12, positions=pos, generator=torch.Generator("cuda").manual_seed(0), cuda_graph=False,
                    **kw)
         assert torch.equal(a, b), kw
+    with warnings.catch_warnings(), torch.autocast("cuda", dtype=torch.bfloat16):
+        warnings.simplefilter("error")      # the graph is recorded under autocast too (no eager fallback)
+        assert sample(m, p, 12, positions=pos, temperature=0.0).shape == (3, 12)

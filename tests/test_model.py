@@ -116,6 +116,8 @@ def test_fixed_shape_decode_equals_decode():
                                    atol=1e-5, rtol=1e-5)
     assert fixed.length == 5                        # with `at`, the caller keeps the length
     torch.testing.assert_close(fixed.k[:, :, :, :9], cache.k[:, :, :, :9])
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 keys and values go into the fp32 cache
+        assert m.decode(x, fixed, at=torch.tensor([9])).shape == (2, 32)
 
 
 def test_kv_cache_chunked_prefill():
