@@ -33,21 +33,23 @@ class GraphedDecode:
     """
 
     def __init__(self, model: GPT, cache: KVCache, table: Tensor, start: int, rows: int) -> None:
-        device = table.device
+        self.device = device = table.device
         self.model, self.cache, self.table, self.start = model, cache, table, start
         self.ids = torch.zeros(rows, dtype=torch.long, device=device)       # (rows,) the fed tokens
         self.t = torch.zeros(1, dtype=torch.long, device=device)            # (1,) the step index
         # Warm up on a side stream (kernels pick their algorithms and workspaces), then record the step.
-        # Both write keys and values at index `start` only, which step 0 overwrites.
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                self._step()
-        torch.cuda.current_stream(device).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.logits = self._step()                                      # (rows, V), static
+        # Both write keys and values at index `start` only, which step 0 overwrites. Capture and replay run
+        # with the model's GPU as the current device, since a graph records only its current device's work.
+        with torch.cuda.device(device):
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    self._step()
+            torch.cuda.current_stream().wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.logits = self._step()                                  # (rows, V), static
 
     def _step(self) -> Tensor:
         x = self.model.wte(self.ids) + self.table.index_select(0, self.t)   # (rows, C)
@@ -57,6 +59,7 @@ class GraphedDecode:
         """(rows,) ids sampled at step t -> (rows, V) logits of step t + 1 (valid until the next call)."""
         self.ids.copy_(ids)
         self.t.fill_(t)
-        self.graph.replay()
+        with torch.cuda.device(self.device):
+            self.graph.replay()
         self.cache.length = self.start + t + 1
         return self.logits
