@@ -162,7 +162,13 @@ class Block(nn.Module):
 
 
 def _add_linear(x: Tensor, h: Tensor, linear: nn.Linear) -> Tensor:
-    """``x + linear(h)`` for 2-D inputs in one ``addmm``."""
+    """``x + linear(h)`` for 2-D inputs in one ``addmm``.
+
+    Under autocast the sum is left to type promotion, as in `forward`: a fused ``addmm`` would round the
+    residual stream itself to bf16.
+    """
+    if torch.is_autocast_enabled(x.device.type):
+        return x + linear(h)
     return torch.addmm(x if linear.bias is None else x + linear.bias, h, linear.weight.t())
 
 

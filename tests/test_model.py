@@ -79,22 +79,24 @@ def test_kv_cache_equals_full_forward(prefix_len):
     assert cache.length == 14
 
 
-@pytest.mark.parametrize("bias", [False, True])
-def test_decode_equals_the_one_token_forward(bias):
-    """`GPT.decode` (the sampling hot path) is the same function as `forward` on a one-token step."""
+@pytest.mark.parametrize("bias,autocast", [(False, False), (True, False), (False, True)])
+def test_decode_equals_the_one_token_forward(bias, autocast):
+    """`GPT.decode` (the sampling hot path) is the same function as `forward` on a one-token step,
+    also under bf16 autocast (where its residual stream must stay fp32, as `forward`'s does)."""
     m = tiny(bias=bias)
     for p in m.parameters():  # biases start at zero: give them values so they are exercised
         p.data.normal_(0, 0.2)
     seq = mixed_seq(T=9, prefix_len=4)
     ref_cache, cache = m.new_cache(2, 12), m.new_cache(2, 12)
-    m(_slice(seq, 0, 6), cache=ref_cache)
-    m(_slice(seq, 0, 6), cache=cache)
-    for t in range(6, 9):
-        step = _slice(seq, t, t + 1)
-        ref = m(step, cache=ref_cache)[:, 0]                                     # (B, C)
-        x = m.embed(step, offset=t)[:, 0]                                        # ids and patches
-        torch.testing.assert_close(m.decode(x, cache), ref, atol=1e-5, rtol=1e-5)
-        assert cache.length == ref_cache.length == t + 1
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        m(_slice(seq, 0, 6), cache=ref_cache)
+        m(_slice(seq, 0, 6), cache=cache)
+        for t in range(6, 9):
+            step = _slice(seq, t, t + 1)
+            ref = m(step, cache=ref_cache)[:, 0]                                 # (B, C)
+            x = m.embed(step, offset=t)[:, 0]                                    # ids and patches
+            torch.testing.assert_close(m.decode(x, cache), ref, atol=1e-5, rtol=1e-5)
+            assert cache.length == ref_cache.length == t + 1
     torch.testing.assert_close(cache.k, ref_cache.k)
     torch.testing.assert_close(cache.v, ref_cache.v)
     with pytest.raises(ValueError, match="exceeds the cache"):
