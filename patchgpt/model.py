@@ -182,14 +182,13 @@ def attention_mask(q_len: int, k_len: int, offset: int, prefix_len: int,
     """
     if offset == 0 and prefix_len <= 1:
         return None, q_len > 1
-    if q_len == 1:
-        return None, False  # one new query after the cache sees every cached key
+    if q_len == 1 or k_len <= prefix_len:
+        # One new query after the cache sees every cached key; a prefix over all keys hides none. Decided
+        # from the integers alone (no data-dependent branch), so a compiled forward does not break here.
+        return None, False
     qi = torch.arange(offset, offset + q_len, device=device)[:, None]  # (q, 1)
     kj = torch.arange(k_len, device=device)[None, :]                   # (1, k)
-    mask = (kj <= qi) | (kj < prefix_len)                              # (q, k)
-    if bool(mask.all()):
-        return None, False
-    return mask, False
+    return (kj <= qi) | (kj < prefix_len), False                       # (q, k)
 
 
 class GPT(nn.Module):

@@ -211,7 +211,9 @@ def train(cfg: RunConfig, resume: bool = False, quiet: bool = False, until: int 
         log_path.write_text("")
     if env.main:
         atomic_write_text(out / "config.json", cfg.dumps())
-    model = torch.compile(ddp) if t.compile else ddp
+    if t.compile:
+        compile_networks(task)
+    model = ddp
 
     n_params = task.num_params() if not t.fsdp else sum(p.numel() for p in task.parameters())
     tokens_per_image = task.input.length if hasattr(task, "input") else 0
@@ -325,6 +327,20 @@ def train(cfg: RunConfig, resume: bool = False, quiet: bool = False, until: int 
         finish(final, cfg, out, metrics, val_set, device)
     dist.barrier()
     return out
+
+
+def compile_networks(task: Task) -> None:
+    """`torch.compile` the task's network in place (its GPT backbone, or the VQ-VAE), not the task itself.
+
+    The task's own Python (random prefix lengths, captions and other strings in the batch, box sequences)
+    stays eager: compiled, every new prefix length or caption would be a guard failure and a recompile, and
+    after a few the compiler gives up and runs the step eagerly. ``nn.Module.compile`` keeps the parameter
+    names, so checkpoints are the same with or without it.
+    """
+    for name in ("backbone", "vq"):
+        net = getattr(task, name, None)
+        if isinstance(net, torch.nn.Module):
+            net.compile()
 
 
 def wrap(task: Task, env: dist.Env, fsdp: bool = False) -> torch.nn.Module:
