@@ -81,6 +81,7 @@ class DetectConfig:
     max_objects: int = 0         # objects per image, real plus noise (0: the data's most + 2); more are dropped
     noise: bool = True           # Pix2Seq sequence augmentation: pad with noise objects up to max_objects
     jitter: float = 0.2          # noise boxes: real boxes shifted/resized by up to this fraction of their size
+    scale_jitter: float = 0.0    # training zoom by a factor in [1 - s, 1 + s] about a random point (0 = off)
     noise_weight: float = 1.0    # loss weight of the noise class token
     class_weight: float = 1.0    # loss weight of real class tokens (coordinates weigh 1)
     order: str = "random"        # object order in training: random | area | raster

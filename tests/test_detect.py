@@ -344,6 +344,38 @@ def test_flip_augmentation_moves_boxes_with_pixels(tmp_path):
         assert not (ink & ~covered).any()
 
 
+def test_scale_jitter_moves_boxes_with_pixels_and_splits_over_processes(tmp_path):
+    task, train, _ = _tiny_detector(tmp_path, scale_jitter=0.5)
+    batch = collate([train[i] for i in range(8)])
+    batch["rows"] = (0, 8)
+    out = task._zoom(batch, torch.Generator().manual_seed(0))
+    assert out["image"].shape == batch["image"].shape and out["image"].min() >= -1 - 1e-6
+    S = out["image"].shape[-1]
+    widths = []
+    for b in range(8):
+        ink = out["image"][b, 0] > 0.0
+        covered = torch.zeros_like(ink)
+        for (x0, y0, x1, y1), c in zip((out["boxes"][b] * S).tolist(), batch["classes"][b].tolist(), strict=True):
+            if c >= 0:   # every real object, kept or dropped for being mostly outside: its ink is in its box
+                covered[max(int(y0) - 1, 0):int(y1) + 2, max(int(x0) - 1, 0):int(x1) + 2] = True
+        assert not (ink & ~covered).any(), b
+        kept = out["classes"][b] >= 0
+        assert torch.equal(kept, kept & (batch["classes"][b] >= 0))        # nothing appears from padding
+        ratio = ((out["boxes"][b, :, 2] - out["boxes"][b, :, 0]) / (batch["boxes"][b, :, 2] - batch["boxes"][b, :, 0]))
+        widths += ratio[kept & (out["boxes"][b, :, 0] > 0) & (out["boxes"][b, :, 2] < 1)].tolist()
+    assert 0.5 - 1e-4 <= min(widths) and max(widths) <= 1.5 + 1e-4 and max(widths) - min(widths) > 0.1
+    # Under DDP each rank zooms its rows exactly as one process zooms the global batch.
+    halves = []
+    for first in (0, 4):
+        part = {k: (v[first:first + 4] if torch.is_tensor(v) or isinstance(v, list) else v) for k, v in batch.items()}
+        part["rows"] = (first, 8)
+        halves.append(task._zoom(part, torch.Generator().manual_seed(0)))
+    for key in ("image", "boxes", "classes"):
+        assert torch.allclose(torch.cat([h[key] for h in halves]).float(), out[key].float()), key
+    with pytest.raises(ValueError, match="scale_jitter"):
+        _tiny_detector(tmp_path, scale_jitter=1.0)
+
+
 def test_training_sequences_split_over_processes_equal_one_process(tmp_path):
     """Each row's object order and noise boxes come from a per-row seed drawn for the global batch."""
     task, train, _ = _tiny_detector(tmp_path)

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..coco_eval import coco_map, ground_truth
-from ..config import RunConfig
+from ..config import ConfigError, RunConfig
 from ..data.base import DataError, DataInfo, rows
 from ..data.coco import to_pixels
 from ..generate import sample
@@ -89,6 +89,8 @@ class Detect(Task):
             raise DataError(f"detection needs boxes; {cfg.data.spec} has none (use coco:ANN.json[:IMAGES_DIR] "
                             "or digit-scenes)")
         d = cfg.detect
+        if not 0 <= d.scale_jitter < 1:
+            raise ConfigError(f"detect.scale_jitter={d.scale_jitter}: must be in [0, 1) (0.3 zooms by 0.7-1.3)")
         if d.max_objects <= 0:   # auto: room for the busiest image of the data plus two noise objects
             d.max_objects = max(info.max_objects, 1) + 2
         self.input = ImageInput(cfg, info, self.vocab)
@@ -222,9 +224,40 @@ class Detect(Task):
         flipped = torch.stack([1 - b[..., 2], b[..., 1], 1 - b[..., 0], b[..., 3]], dim=-1)   # (B, N, 4)
         return {**batch, "image": images, "boxes": torch.where(flip[:, None, None], flipped, b)}
 
+    def _zoom(self, batch: dict, gen: torch.Generator) -> dict:
+        """Scale jitter (``detect.scale_jitter`` = s), Pix2Seq's main image augmentation, at a fixed size.
+
+        Each image is scaled by z in [1 - s, 1 + s] and shifted by a random t that keeps the view inside the
+        scaled image (z > 1: a crop) or the scaled image inside the view (z < 1: black borders), so pixel u
+        shows what was at (u - t) / z and a box b becomes b z + t, clipped to the image. Objects left less
+        than 30% visible are dropped (class -1).
+        """
+        s = self.cfg.detect.scale_jitter
+        images, b = batch["image"], batch["boxes"]
+        n, dev, dt = images.shape[0], images.device, images.dtype
+        first, total = rows(batch)
+        r = torch.rand(total, 3, generator=gen)[first:first + n].to(dev, dt)          # (n, 3) this rank's rows
+        z = 1 - s + 2 * s * r[:, 0]                                                   # (n,)
+        lo, hi = torch.minimum(1 - z, torch.zeros_like(z)), torch.maximum(1 - z, torch.zeros_like(z))
+        tx, ty = lo + (hi - lo) * r[:, 1], lo + (hi - lo) * r[:, 2]                   # (n,) each
+        theta = torch.zeros(n, 2, 3, dtype=dt, device=dev)   # output [-1, 1] coords -> input [-1, 1] coords
+        theta[:, 0, 0], theta[:, 0, 2] = 1 / z, (1 - 2 * tx) / z - 1
+        theta[:, 1, 1], theta[:, 1, 2] = 1 / z, (1 - 2 * ty) / z - 1
+        grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+        zoomed = F.grid_sample(images + 1, grid, mode="bilinear", padding_mode="zeros", align_corners=False) - 1
+        shift = torch.stack([tx, ty, tx, ty], dim=-1)[:, None]                       # (n, 1, 4)
+        moved = b.to(dt) * z[:, None, None] + shift                                   # (n, N, 4)
+        clipped = moved.clamp(0, 1)
+        area = lambda x: (x[..., 2] - x[..., 0]).clamp(min=0) * (x[..., 3] - x[..., 1]).clamp(min=0)  # noqa: E731
+        visible = area(clipped) >= 0.3 * area(moved).clamp(min=1e-12)
+        classes = torch.where(visible & (area(clipped) > 0), batch["classes"], -1)
+        return {**batch, "image": zoomed, "boxes": clipped.to(b.dtype), "classes": classes}
+
     def forward(self, batch: dict, gen: torch.Generator | None = None) -> tuple[Tensor, dict]:
         if gen is not None and self.cfg.data.augment and self.cfg.data.flip:
             batch = self._flip(batch, gen)
+        if gen is not None and self.cfg.data.augment and self.cfg.detect.scale_jitter > 0:
+            batch = self._zoom(batch, gen)
         seq = self.sequence(batch, gen)
         P = seq.prefix_len - 1
         h = self.backbone(seq)[:, P:]                                      # (B, L, C) task token onwards
