@@ -1,6 +1,7 @@
 """Tar shards: `patchgpt shard` writes them exactly, ``shards:PATTERN`` streams them per rank and worker,
 resumes mid-stream, and trains exactly as the source data does."""
 
+import io
 import json
 import tarfile
 
@@ -117,9 +118,43 @@ def test_shards_train_exactly_like_their_source(tmp_path, capsys):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-def test_shard_refuses_detection_and_bad_args(tmp_path, capsys):
-    assert main(["shard", "--data", "digit-scenes", "--out", str(tmp_path)]) == 2
-    assert "detection" in capsys.readouterr().err
+def test_detection_shards_hold_targets_exactly_and_train(tmp_path, capsys):
+    shards = tmp_path / "det"
+    assert main(["shard", "--data", "digit-scenes", "--split", "val", "--out", str(shards),
+                 "--per-shard", "100"]) == 0
+    _, src, _ = build_datasets(DataConfig(spec="digit-scenes"))
+    paths = sorted(shards.glob("val-*.tar"))
+    assert len(paths) == 5
+    assert tarfile.open(paths[0]).getnames()[:3] == [f"000000000.{e}" for e in ("npy", "cls", "json")]
+    train, val, info = build_datasets(DataConfig(spec=f"shards:{shards}/val-{{000000..000004}}.tar"))
+    assert info.boxes and info.max_objects == src.info.max_objects and info.classes == src.info.classes
+    for (x, y, t), i in zip(train, range(400), strict=True):
+        a = src[i]
+        assert torch.equal(x, a[0]) and y == a[1]
+        assert torch.equal(t["boxes"], a[2]["boxes"]) and torch.equal(t["classes"], a[2]["classes"])
+        assert t["meta"] == a[2]["meta"]
+    assert len(val) == 100
+    out = tmp_path / "run"
+    assert main(["train", "detect", "--data", f"shards:{shards}/val-{{000000..000004}}.tar", "--out", str(out),
+                 "--model", "nano", "--steps", "3", "--quiet", "--set", "train.batch_size=8",
+                 "--set", "train.warmup=1", "--set", "detect.max_objects=4"]) == 0
+    assert "AP50" in json.loads((out / "metrics.json").read_text())
+    # A damaged target is one line naming the sample.
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "meta.json").write_text((shards / "meta.json").read_text())
+    with tarfile.open(paths[0]) as t, tarfile.open(bad / "val-000000.tar", "w") as w:
+        for m in t.getmembers()[:3]:
+            data = t.extractfile(m).read()
+            if m.name.endswith(".json"):
+                data = b"{not json"
+                m.size = len(data)
+            w.addfile(m, io.BytesIO(data))
+    with pytest.raises(DataError, match="000000000: unreadable detection target"):
+        next(iter(build_datasets(DataConfig(spec=f"shards:{bad}/val-000000.tar", val_spec="digit-scenes"))[0]))
+
+
+def test_shard_refuses_bad_args(tmp_path):
     assert main(["shard", "--data", "digits", "--out", str(tmp_path), "--set", "train.lr=1"]) == 2
 
 

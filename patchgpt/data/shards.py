@@ -3,8 +3,9 @@
 For sets larger than memory or local disk. A shard is a plain tar whose consecutive members share a key
 (the WebDataset convention, webdataset/webdataset): ``{key}.png`` for images that 8-bit PNG holds exactly,
 ``{key}.npy`` (float32) for anything else (clips, sources with other levels such as `digits`),
-``{key}.cls`` the label as text and ``{key}.txt`` the caption. ``meta.json`` beside the shards holds the
-`DataInfo` and each shard's item count. Decoded items equal the source's items bit for bit.
+``{key}.cls`` the label as text, ``{key}.txt`` the caption and ``{key}.json`` a detection target (boxes,
+classes and the item's meta with its ground truth in original pixels). ``meta.json`` beside the shards holds
+the `DataInfo` and each shard's item count. Decoded items equal the source's items bit for bit.
 
 Reading: rank r of `world`, DataLoader worker w of `nw` is reader g = r * nw + w of G = world * nw. With at
 least G shards each reader takes shards g, g + G, ...; with fewer, every reader walks all shards and keeps
@@ -73,14 +74,30 @@ def _atomic_json(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
+def _target_json(t: dict) -> bytes:
+    """A detection target as JSON: float32 boxes go through Python floats (doubles), so they come back exactly."""
+    return json.dumps({"boxes": t["boxes"].tolist(), "classes": t["classes"].tolist(), "meta": t["meta"]}).encode()
+
+
+def _target(raw: bytes, key: str) -> dict:
+    try:
+        t = json.loads(raw)
+        meta = t["meta"]
+        for k in ("scale", "offset"):   # JSON has no tuples
+            if isinstance(meta.get(k), list):
+                meta[k] = tuple(meta[k])
+        return {"boxes": torch.tensor(t["boxes"], dtype=torch.float32).reshape(-1, 4),
+                "classes": torch.tensor(t["classes"], dtype=torch.long), "meta": meta}
+    except (ValueError, KeyError, TypeError, RuntimeError) as e:
+        raise DataError(f"shard sample {key}: unreadable detection target ({e})") from None
+
+
 def write_shards(ds: ImageSet, out_dir: str | Path, per_shard: int = 1000, prefix: str = "train") -> list[Path]:
     """Write every item of `ds` into ``out_dir/{prefix}-NNNNNN.tar`` shards of `per_shard` items.
 
     Each shard is written under a temporary name and renamed when complete; ``meta.json`` (the data's
     `DataInfo` and the item count of every shard) is updated last, also atomically."""
     info = ds.info
-    if info.boxes:
-        raise DataError("shards hold images or clips with labels and captions; detection targets are not supported")
     if per_shard < 1:
         raise DataError(f"--per-shard {per_shard}: must be positive")
     out = Path(out_dir)
@@ -103,7 +120,9 @@ def write_shards(ds: ImageSet, out_dir: str | Path, per_shard: int = 1000, prefi
         ext, data = _encode(item[0])
         _add(tar, f"{key}.{ext}", data)
         _add(tar, f"{key}.cls", str(int(item[1])).encode())
-        if len(item) > 2 and item[2] is not None:
+        if len(item) > 2 and isinstance(item[2], dict):   # a detection target
+            _add(tar, f"{key}.json", _target_json(item[2]))
+        elif len(item) > 2 and item[2] is not None:
             _add(tar, f"{key}.txt", str(item[2]).encode("utf-8"))
         counts[paths[-1].name] += 1
         idx += 1
@@ -117,7 +136,8 @@ def write_shards(ds: ImageSet, out_dir: str | Path, per_shard: int = 1000, prefi
     meta_path = out / META
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {"shards": {}}
     meta["info"] = {"channels": info.channels, "image_size": list(info.image_size), "classes": info.classes,
-                    "captions": info.captions, "frames": info.frames}
+                    "captions": info.captions, "frames": info.frames, "boxes": info.boxes,
+                    "category_ids": info.category_ids, "max_objects": info.max_objects}
     meta["shards"] = {k: v for k, v in meta.get("shards", {}).items() if not k.startswith(f"{prefix}-")}
     meta["shards"].update(counts)
     _atomic_json(meta_path, meta)
@@ -174,7 +194,8 @@ def read_meta(paths: list[Path]) -> tuple[DataInfo, int | None]:
         meta = json.loads(meta_path.read_text())
         i = meta["info"]
         info = DataInfo(channels=i["channels"], image_size=tuple(i["image_size"]), classes=i["classes"],
-                        captions=i["captions"], frames=i.get("frames", 0))
+                        captions=i["captions"], frames=i.get("frames", 0), boxes=i.get("boxes", False),
+                        category_ids=i.get("category_ids"), max_objects=i.get("max_objects", 0))
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise DataError(f"{meta_path}: unreadable ({e})") from None
     counts = meta.get("shards", {})
@@ -203,7 +224,7 @@ def _samples(path: Path) -> Iterator[dict]:
 
 
 def decode(sample: dict, info: DataInfo) -> tuple:
-    """A raw sample -> (image (C, H, W) or clip (F, C, H, W) float in [-1, 1], label[, caption])."""
+    """A raw sample -> (image (C, H, W) or clip (F, C, H, W) float in [-1, 1], label[, caption | target])."""
     from PIL import Image
 
     from .images import to_tensor
@@ -215,6 +236,10 @@ def decode(sample: dict, info: DataInfo) -> tuple:
     else:
         raise DataError(f"shard sample {sample['__key__']}: no .png or .npy member")
     label = int(sample["cls"]) if "cls" in sample else -1
+    if info.boxes:
+        if "json" not in sample:
+            raise DataError(f"shard sample {sample['__key__']}: no .json detection target")
+        return x, label, _target(sample["json"], sample["__key__"])
     if info.captions:
         return x, label, sample.get("txt", b"").decode("utf-8")
     return x, label
