@@ -264,6 +264,17 @@ class GPT(nn.Module):
             upto: run only the first `upto` blocks and return their raw residual stream (for probes);
                 None runs all blocks and applies the final LayerNorm.
         """
+        if cache is not None:   # incremental decoding runs eagerly even in a compiled backbone (see `_cached`)
+            return self._cached(seq, cache, upto)
+        return self._forward(seq, cache, upto)
+
+    @torch.compiler.disable
+    def _cached(self, seq: Sequence, cache: KVCache, upto: int | None) -> Tensor:
+        """`forward` with a KV cache, never traced by `torch.compile`: the cache's length changes at every
+        call, and each new length would be a recompile (prefill and injected tokens come through here)."""
+        return self._forward(seq, cache, upto)
+
+    def _forward(self, seq: Sequence, cache: KVCache | None, upto: int | None) -> Tensor:
         offset = cache.length if cache is not None else 0
         if cache is not None and offset == 0:
             cache.prefix_len = seq.prefix_len

@@ -171,3 +171,24 @@ def test_vocab_ranges_and_concat():
     s = concat(tokens(torch.zeros(3, 1, dtype=torch.long)), p.encode(img), prefix_len=1)
     assert s.ids.shape == (3, 5) and s.patches.shape == (3, 5, 4) and s.prefix_len == 1
     assert s.is_patch[:, 0].logical_not().all() and s.is_patch[:, 1:].all()
+
+
+def test_a_compiled_backbone_decodes_without_recompiling():
+    """Calls with a KV cache (prefill, injected tokens) run eagerly in a compiled backbone: each new cache
+    length would otherwise be a recompile, and after 8 dynamo stops compiling the forward altogether."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    m = tiny()
+    ref = tiny()
+    ref.load_state_dict(m.state_dict())
+    m.compile()
+    seq = mixed_seq(T=14)
+    with torch.no_grad():
+        torch.testing.assert_close(m(seq), ref(seq), atol=1e-5, rtol=1e-5)
+        cache = m.new_cache(2, 20)
+        chunks = [m(_slice(seq, 0, 4), cache=cache)] + [m(_slice(seq, t, t + 1), cache=cache) for t in range(4, 14)]
+    torch.testing.assert_close(torch.cat(chunks, 1), ref(seq), atol=1e-5, rtol=1e-5)
+    assert counters["frames"]["total"] <= 2 and not counters["unimplemented"], dict(counters["frames"])
+    torch._dynamo.reset()
