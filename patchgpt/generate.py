@@ -215,7 +215,11 @@ def sample(model: GPT, prompt: Sequence, steps: int, *, positions: Tensor | None
         if greedy:
             return logits.argmax(dim=-1, keepdim=True)
         logits = top_p_filter(top_k_filter(logits, top_k), top_p)
-        return draw(torch.softmax(logits, dim=-1), generator)
+        tok = draw(torch.softmax(logits, dim=-1), generator)
+        invalid.logical_or_(tok >= V)       # NaN probabilities (non-finite logits) land past the vocabulary
+        return tok.clamp_(max=V - 1)
+
+    invalid = torch.zeros(B, 1, dtype=torch.bool, device=device)      # checked once, after the loop
 
     def step_ids(tok: Tensor) -> Tensor:
         return torch.cat([tok, tok], dim=0) if guided else tok             # (rows, 1)
@@ -294,4 +298,6 @@ def sample(model: GPT, prompt: Sequence, steps: int, *, positions: Tensor | None
                 extra = injected(t)
                 if extra is not None:
                     cur = concat(cur, extra, prefix_len=prefix_len)
+    if bool(invalid.any()):
+        raise ValueError("sampling met non-finite probabilities: the model's logits contain NaN or inf")
     return (out, raw) if return_logits else out

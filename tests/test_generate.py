@@ -116,6 +116,14 @@ def test_draw_follows_the_probabilities_and_never_draws_a_zero():
     assert torch.equal(draw(probs[:100], g1), draw(probs[:100], g2))
 
 
+def test_non_finite_logits_are_a_clear_error():
+    m = tiny()
+    with torch.no_grad():
+        m.lm_head.weight[3].fill_(float("nan"))
+    with pytest.raises(ValueError, match="non-finite"):
+        run(m, prompt(), 4)
+
+
 def test_top_k_filter_keeps_exactly_the_k_largest():
     x = torch.randn(5, 50)
     y = top_k_filter(x, 7)
