@@ -59,8 +59,12 @@ def box_iou(a: Tensor, b: Tensor) -> Tensor:
     lt = torch.maximum(a[:, None, :2], b[None, :, :2])                  # (N, M, 2)
     rb = torch.minimum(a[:, None, 2:], b[None, :, 2:])
     inter = (rb - lt).clamp(min=0).prod(-1)                               # (N, M)
-    area = lambda x: (x[:, 2:] - x[:, :2]).clamp(min=0).prod(-1)         # noqa: E731
-    return inter / (area(a)[:, None] + area(b)[None, :] - inter).clamp(min=1e-9)
+    return inter / (box_area(a)[:, None] + box_area(b)[None, :] - inter).clamp(min=1e-9)
+
+
+def box_area(boxes: Tensor) -> Tensor:
+    """(..., 4) xyxy -> (...) areas (0 for empty or inverted boxes)."""
+    return (boxes[..., 2:] - boxes[..., :2]).clamp(min=0).prod(-1)
 
 
 def nms(boxes: Tensor, scores: Tensor, classes: Tensor, iou: float) -> Tensor:
@@ -238,7 +242,7 @@ class Detect(Task):
         first, total = rows(batch)
         r = torch.rand(total, 3, generator=gen)[first:first + n].to(dev, dt)          # (n, 3) this rank's rows
         z = 1 - s + 2 * s * r[:, 0]                                                   # (n,)
-        lo, hi = torch.minimum(1 - z, torch.zeros_like(z)), torch.maximum(1 - z, torch.zeros_like(z))
+        lo, hi = (1 - z).clamp(max=0), (1 - z).clamp(min=0)                          # (n,) the shift range
         tx, ty = lo + (hi - lo) * r[:, 1], lo + (hi - lo) * r[:, 2]                   # (n,) each
         theta = torch.zeros(n, 2, 3, dtype=dt, device=dev)   # output [-1, 1] coords -> input [-1, 1] coords
         theta[:, 0, 0], theta[:, 0, 2] = 1 / z, (1 - 2 * tx) / z - 1
@@ -248,9 +252,9 @@ class Detect(Task):
         shift = torch.stack([tx, ty, tx, ty], dim=-1)[:, None]                       # (n, 1, 4)
         moved = b.to(dt) * z[:, None, None] + shift                                   # (n, N, 4)
         clipped = moved.clamp(0, 1)
-        area = lambda x: (x[..., 2] - x[..., 0]).clamp(min=0) * (x[..., 3] - x[..., 1]).clamp(min=0)  # noqa: E731
-        visible = area(clipped) >= 0.3 * area(moved).clamp(min=1e-12)
-        classes = torch.where(visible & (area(clipped) > 0), batch["classes"], -1)
+        left = box_area(clipped)                                                      # (n, N)
+        visible = (left > 0) & (left >= 0.3 * box_area(moved))
+        classes = torch.where(visible, batch["classes"], -1)
         return {**batch, "image": zoomed, "boxes": clipped.to(b.dtype), "classes": classes}
 
     def forward(self, batch: dict, gen: torch.Generator | None = None) -> tuple[Tensor, dict]:
