@@ -4,7 +4,9 @@ Workload: `Detect.predict` over 64x64 `digit-scenes` images in 8x8 patches (64 i
 the bidirectional prefix): greedy decoding of up to ``max_objects`` objects (5 tokens each, plus the glimpse
 token injected after each box) and the end token, with the box grammar enforced, then scoring and NMS. The
 model is the trained checkpoint given by ``--ckpt`` (as in the README's recipe) or, without one, a random-init
-`micro` detector. The no-cache path recomputes the whole sequence at every step; both decode the same tokens.
+`micro` detector. The no-cache path is the same `Detect.predict` with the tests' reference sampler
+(``tests/reference_sampling.py``) standing in for `patchgpt.sampling.sample`: it recomputes the whole sequence
+at every step; both decode the same tokens.
 
 Measured: latency per image at batch 1 (ms) and images/s at ``--batch``, for `Detect.predict`'s decoding with
 and without the cache, after a warm-up, interleaved over ``--repeats``; medians and the median per-repeat
@@ -20,12 +22,14 @@ import statistics
 import torch
 from common import timed, write_json
 
-from patchgpt.checkpoint import load
-from patchgpt.config import apply_size, default_config
+import patchgpt.tasks.detect as detect_module
+from patchgpt import default_config, load
+from patchgpt.config import apply_size
 from patchgpt.data.base import collate
 from patchgpt.data.specs import build_datasets
 from patchgpt.tasks import Detect
 from patchgpt.tokenizers.boxes import TOKENS_PER_OBJECT
+from tests.reference_sampling import uncached
 
 
 def main() -> None:
@@ -55,7 +59,10 @@ def main() -> None:
     steps = TOKENS_PER_OBJECT * n_obj + 1
 
     def decode(x: torch.Tensor, use_cache: bool) -> list[dict]:
-        return task.predict({"image": x}, use_cache=use_cache)["detections"]
+        if use_cache:
+            return task.predict({"image": x})["detections"]
+        with uncached(detect_module):   # `Detect.predict` samples with the full-forward reference
+            return task.predict({"image": x})["detections"]
 
     runs = {"cache b1": lambda: decode(images[:1], True), "no-cache b1": lambda: decode(images[:1], False),
             f"cache b{args.batch}": lambda: decode(images, True),

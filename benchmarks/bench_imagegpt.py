@@ -15,7 +15,7 @@ a 513-way head (sampling masks the sos id with ``allowed``).
    predictions; patchgpt gets the same job: logits at all 1024 positions, cross-entropy over the first 1023
    (targets pixels 0..1022). Then backward, AdamW step, zero_grad. Reported: images/s.
 2. Sampling, batch 8: from the sos token, 1024 tokens (temperature 1, no top-k/top-p). patchgpt:
-   ``sample(..., use_cache=True, allowed=[range(0, 512)])`` (preallocated KV cache); HF: ``generate(do_sample=True,
+   ``sample(..., allowed=[range(0, 512)])`` (preallocated KV cache); HF: ``generate(do_sample=True,
    top_k=0, max_length=1025, min_length=1025, eos_token_id=None, pad_token_id=0)`` with its default dynamic
    cache. Reported: images/s and tokens/s of one whole call (prefill included).
 
@@ -44,8 +44,8 @@ from common import timed, write_json
 from transformers import ImageGPTConfig, ImageGPTForCausalImageModeling
 from transformers.models.imagegpt.modeling_imagegpt import ImageGPTAttention
 
-from patchgpt.generate import sample
 from patchgpt.model import GPT, GPTConfig
+from patchgpt.sampling import SamplingParams, sample
 from patchgpt.sequence import IGNORE, tokens
 from patchgpt.tokenizers.patches import grid_positions
 
@@ -108,8 +108,8 @@ def main() -> None:
     prompt, gen = tokens(sos), torch.Generator(dev).manual_seed(0)
 
     def ours_sample() -> torch.Tensor:
-        return sample(ours, prompt, steps, positions=grid[:steps], temperature=1.0, top_k=0, generator=gen,
-                      allowed=[range(0, SOS)], use_cache=True)
+        return sample(ours, prompt, steps, SamplingParams(temperature=1.0, top_k=0), positions=grid[:steps],
+                      generator=gen, allowed=[range(0, SOS)])
 
     def hf_sample() -> torch.Tensor:
         return hf.generate(input_ids=sos, do_sample=True, top_k=0, top_p=1.0, temperature=1.0,

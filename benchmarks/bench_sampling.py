@@ -15,7 +15,9 @@ warm-up call each, interleaving the implementations across repeats (rotating the
 medians; ratios are medians of per-repeat ratios, since this machine's speed drifts. The no-cache path
 recomputes the full forward every step, so its cost per step grows with the length: it is timed over the
 first ``--nocache-steps`` (default 64) tokens of a fresh run, and compared with a cached run of exactly the
-same number of steps. Its tokens/s over a full 256-token image would be lower still.
+same number of steps. Its tokens/s over a full 256-token image would be lower still. The no-cache path is the
+tests' reference sampler (``tests/reference_sampling.py``, `reference_sample`): `sample`'s arguments, its
+token choice, the full forward at every step.
 
 On CUDA (``--device cuda``) the cached path replays each step as a CUDA graph (`sample`'s default there), and
 the same run without the graph is timed too.
@@ -35,9 +37,10 @@ import transformers
 from common import timed, write_json
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from patchgpt.generate import sample
 from patchgpt.model import GPT, GPTConfig
+from patchgpt.sampling import sample
 from patchgpt.sequence import tokens
+from tests.reference_sampling import reference_sample
 
 VOCAB, WIDTH, LAYERS, HEADS, BATCH, SIDE = 512, 256, 6, 8, 16, 16
 STEPS = SIDE * SIDE            # 256 generated tokens per image
@@ -91,8 +94,9 @@ def main() -> None:
     seed = iter(range(10**6))
 
     def ours_run(n: int, use_cache: bool, graph: bool = True) -> torch.Tensor:
-        return sample(ours, prompt, n, positions=pos[:n], use_cache=use_cache, cuda_graph=graph,
-                      generator=torch.Generator(dev).manual_seed(next(seed)))
+        fn = sample if use_cache else reference_sample
+        return fn(ours, prompt, n, positions=pos[:n], cuda_graph=graph,
+                  generator=torch.Generator(dev).manual_seed(next(seed)))
 
     def hf_run() -> torch.Tensor:
         with torch.no_grad():
@@ -111,7 +115,7 @@ def main() -> None:
     assert ours_run(steps, True).shape == (BATCH, steps)
     g = lambda: torch.Generator(dev).manual_seed(1234)
     same = torch.equal(sample(ours, prompt, nc_steps, positions=pos[:nc_steps], generator=g()),
-                       sample(ours, prompt, nc_steps, positions=pos[:nc_steps], generator=g(), use_cache=False))
+                       reference_sample(ours, prompt, nc_steps, positions=pos[:nc_steps], generator=g()))
     print(f"warm-up done; cached == uncached tokens over {nc_steps} steps (same seed): {same}", flush=True)
 
     secs: dict[str, list[float]] = {n: [] for n in runs}

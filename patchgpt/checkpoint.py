@@ -15,9 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from . import __version__
-from .config import RunConfig
-from .data.base import DataInfo
+from .version import __version__
 
 CKPT_DIR = "checkpoints"
 
@@ -71,7 +69,7 @@ def step_dir(out: str | Path, step: int) -> Path:
     return Path(out) / CKPT_DIR / f"step_{step:07d}"
 
 
-def save(out: str | Path, task: torch.nn.Module, cfg: RunConfig, step: int,
+def save(out: str | Path, task: torch.nn.Module, cfg, step: int,
          optimizer: torch.optim.Optimizer | None = None, trainer: dict | None = None, keep: int = 2,
          full: dict | None = None) -> Path:
     """Write checkpoint ``out/checkpoints/step_{step}`` atomically and prune to the newest `keep`.
@@ -79,7 +77,8 @@ def save(out: str | Path, task: torch.nn.Module, cfg: RunConfig, step: int,
     Stages: a fresh hidden temp dir, the weights, the optimizer, ``trainer.json``, ``config.json``, fsync,
     then one rename; a kill or error before the rename leaves only the temp dir, which readers ignore and
     the next save of a run sweeps away. `full` holds gathered FSDP state dicts (``model``, ``optimizer``)
-    to write instead of the module's and the optimizer's own."""
+    to write instead of the module's and the optimizer's own. `task` provides ``state_dict()`` and ``state()``
+    (JSON saved beside the weights); `cfg` provides ``task`` and ``to_dict()``."""
     root = Path(out) / CKPT_DIR
     root.mkdir(parents=True, exist_ok=True)
     final = step_dir(out, step)
@@ -154,6 +153,7 @@ def resolve(path: str | Path) -> Path:
 
 
 def read_meta(path: str | Path) -> dict:
+    """The ``config.json`` of the checkpoint at `path`: version, task, step, run config and the task's state."""
     ckpt = resolve(path)
     try:
         return json.loads((ckpt / "config.json").read_text())
@@ -161,33 +161,22 @@ def read_meta(path: str | Path) -> dict:
         raise CheckpointError(f"{ckpt / 'config.json'}: unreadable ({e})") from None
 
 
-def info_from_meta(meta: dict) -> DataInfo:
-    st = meta["state"]
-    return DataInfo(channels=st["channels"], image_size=tuple(st["image_size"]), classes=st["classes"],
-                    captions=st.get("captions", False), boxes=st.get("boxes", False),
-                    category_ids=st.get("category_ids"), frames=st.get("frames", 0))
-
-
-def load(path: str | Path, device: str | torch.device = "cpu"):
-    """Rebuild the task (backbone, heads, tokenizer state) saved at `path`, in eval mode."""
-    from .tasks import TASKS
-
+def read_weights(path: str | Path, prefix: str = "") -> dict[str, torch.Tensor]:
+    """The weights of the checkpoint at `path` (a run directory resolves to its newest checkpoint), optionally
+    only those under ``prefix`` (e.g. ``"vq."``) with the prefix removed."""
     ckpt = resolve(path)
-    meta = read_meta(ckpt)
-    cfg = RunConfig.from_dict(meta["config"])
-    if cfg.task not in TASKS:
-        raise CheckpointError(f"{ckpt}: unknown task {cfg.task!r}")
-    task = TASKS[cfg.task](cfg, info_from_meta(meta))
-    load_weights(task, ckpt)
-    return task.to(device).eval()
+    try:
+        weights = load_file(str(ckpt / "model.safetensors"))
+    except Exception as e:  # noqa: BLE001 - safetensors raises several error types
+        raise CheckpointError(f"{ckpt}/model.safetensors: unreadable ({e})") from None
+    if not prefix:
+        return weights
+    return {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
 
 
 def load_weights(task: torch.nn.Module, ckpt: str | Path) -> None:
-    try:
-        weights = load_file(str(Path(ckpt) / "model.safetensors"))
-    except Exception as e:  # noqa: BLE001 - safetensors raises several error types
-        raise CheckpointError(f"{ckpt}/model.safetensors: unreadable ({e})") from None
-    task.load_state_dict(weights, strict=True)
+    """Load every weight of `task` from `ckpt` (strict) and mark fitted tokenizers as fitted."""
+    task.load_state_dict(read_weights(ckpt), strict=True)
     for m in task.modules():
         if hasattr(m, "fitted"):
             m.fitted = True

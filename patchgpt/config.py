@@ -1,7 +1,9 @@
 """Run configuration as dataclasses, saved as JSON in every checkpoint, and the one `--set` parser.
 
-Recipes are Python (big_vision style): `default_config(task)` gives a sensible run for a task, and
-``--set section.key=value`` overrides any field, checked against its declared type.
+This module holds what every run shares (``model``, ``data``, ``tokenizer``, ``train``); each task brings its
+own section (a dataclass nested in the task class) and its recipe, and the task registry assembles them:
+``patchgpt.tasks.default_config(task)`` gives a sensible run for a task (big_vision-style recipes in Python),
+and ``--set section.key=value`` overrides any field, checked against its declared type.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import asdict, dataclass, field, fields
+from typing import Any
 
 from .model import SIZES, GPTConfig
 
@@ -48,63 +51,6 @@ class TokenizerConfig:
 
 
 @dataclass
-class PretrainConfig:
-    target: str = "patches"      # patches: next-patch regression (AIM) | tokens: next-token CE (iGPT)
-    prefix: bool = True          # random bidirectional prefix per batch (AIM), so probes may look both ways
-    norm_pix: bool = True        # regress per-patch normalized pixels
-    head_hidden: int = 2         # MLP head width as a multiple of n_embd; 0 = a linear head
-
-
-@dataclass
-class ClassifyConfig:
-    mode: str = "finetune"       # finetune | linear | attentive
-    layer: int = -1              # probe features from this block (1-based; -1 = last, with final norm)
-    label_smoothing: float = 0.1
-    attention: str = "bidirectional"  # bidirectional | causal
-    head_dropout: float = 0.0
-
-
-@dataclass
-class GenerateConfig:
-    condition: str = "auto"      # auto (captions -> text, labels -> class, else none) | none | class | text
-    p_uncond: float = 0.1        # training: drop the condition to the null token this often (for guidance)
-    text_len: int = 32           # caption bytes kept (padded/truncated)
-    temperature: float = 1.0     # sampling defaults (CLI flags override)
-    top_k: int = 0
-    top_p: float = 1.0
-    cfg_scale: float = 0.0       # guidance: logits = cond + s * (cond - uncond); 0 = plain conditional
-
-
-@dataclass
-class DetectConfig:
-    bins: int = 64               # coordinate bins over [0, 1] (about one per input pixel is plenty)
-    max_objects: int = 0         # objects per image, real plus noise (0: the data's most + 2); more are dropped
-    noise: bool = True           # Pix2Seq sequence augmentation: pad with noise objects up to max_objects
-    jitter: float = 0.2          # noise boxes: real boxes shifted/resized by up to this fraction of their size
-    scale_jitter: float = 0.0    # training zoom by a factor in [1 - s, 1 + s] about a random point (0 = off)
-    noise_weight: float = 1.0    # loss weight of the noise class token
-    class_weight: float = 1.0    # loss weight of real class tokens (coordinates weigh 1)
-    order: str = "random"        # object order in training: random | area | raster
-    coord_pos: bool = True       # coordinate tokens carry the patch-grid row/column they point at
-    glimpse: bool = True         # an input-only token with the box's pixels (one patch) precedes each class
-    temperature: float = 0.0     # decoding: 0 = greedy; > 0 samples (with top_p for nucleus sampling)
-    top_p: float = 1.0
-    nms_iou: float = 0.7         # class-wise NMS threshold on decoded boxes (1 = off)
-    draw_score: float = 0.3      # pictures: draw boxes scoring at least this
-
-
-@dataclass
-class VQTrainConfig:
-    downsample: int = 2          # code grid = image / downsample (2, 4 or 8)
-    hidden: int = 64
-    codebook_size: int = 256
-    code_dim: int = 32
-    beta: float = 0.25
-    l2_norm: bool = True
-    dead_after: int = 100        # restart codes unused for this many steps
-
-
-@dataclass
 class TrainConfig:
     steps: int = 1000
     batch_size: int = 64         # images per optimizer step (split over `accum` micro-batches)
@@ -129,6 +75,13 @@ class TrainConfig:
 
 @dataclass
 class RunConfig:
+    """What every run shares, plus the sections of its task (``sections``, supplied by the task registry).
+
+    A task's section reads as an attribute (``cfg.classify.mode``) and is set with ``--set classify.mode=...``;
+    in ``config.json`` it sits beside the shared sections, so the file reads the same as before sections
+    became the tasks' own.
+    """
+
     task: str = "pretrain"
     out: str = "runs/run"
     init: str = ""               # checkpoint to start from (backbone and tokenizer)
@@ -136,32 +89,43 @@ class RunConfig:
     model: GPTConfig = field(default_factory=GPTConfig)
     data: DataConfig = field(default_factory=DataConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
-    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
-    classify: ClassifyConfig = field(default_factory=ClassifyConfig)
-    generate: GenerateConfig = field(default_factory=GenerateConfig)
-    vq: VQTrainConfig = field(default_factory=VQTrainConfig)
-    detect: DetectConfig = field(default_factory=DetectConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    sections: dict[str, Any] = field(default_factory=dict)  # the task's own config sections, by name
+
+    def __getattr__(self, name: str) -> Any:
+        sections = self.__dict__.get("sections")
+        if sections is not None and name in sections:
+            return sections[name]
+        raise AttributeError(f"RunConfig has no field or section {name!r}")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = {f.name: (asdict(v) if dataclasses.is_dataclass(v) else v)
+             for f in fields(self) if f.name != "sections" for v in [getattr(self, f.name)]}
+        d.update({name: asdict(sec) for name, sec in self.sections.items()})
+        return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> RunConfig:
+    def from_dict(cls, d: dict, sections: dict[str, type] | None = None) -> RunConfig:
+        """A config from its JSON; `sections` (name -> dataclass) says which task sections to read.
+
+        Unknown keys are ignored, so files written by older versions (which held every task's section)
+        still load."""
         cfg = cls()
         for f in fields(cls):
-            if f.name not in d:
+            if f.name == "sections" or f.name not in d:
                 continue
             cur = getattr(cfg, f.name)
-            if dataclasses.is_dataclass(cur):
-                known = {g.name for g in fields(cur)}
-                setattr(cfg, f.name, type(cur)(**{k: v for k, v in d[f.name].items() if k in known}))
-            else:
-                setattr(cfg, f.name, d[f.name])
+            setattr(cfg, f.name, _section(type(cur), d[f.name]) if dataclasses.is_dataclass(cur) else d[f.name])
+        cfg.sections = {name: _section(typ, d.get(name, {})) for name, typ in (sections or {}).items()}
         return cfg
 
     def dumps(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
+
+
+def _section(typ: type, values: dict) -> Any:
+    known = {g.name for g in fields(typ)}
+    return typ(**{k: v for k, v in values.items() if k in known})
 
 
 def apply_size(cfg: RunConfig, size: str) -> None:
@@ -202,10 +166,16 @@ def set_override(cfg: RunConfig, assignment: str) -> None:
     obj = cfg
     parts = key.strip().split(".")
     for i, part in enumerate(parts):
-        names = {f.name: f for f in fields(obj)}
+        names = {f.name: f for f in fields(obj) if f.name != "sections"}
+        if obj is cfg and part in cfg.sections:
+            obj = cfg.sections[part]
+            if i == len(parts) - 1:
+                raise ConfigError(f"--set {key}: is a section; set one of its keys, e.g. {key}.<name>=...")
+            continue
         if part not in names:
             where = ".".join(parts[:i]) or "the config"
-            raise ConfigError(f"--set {key}: unknown key {part!r} in {where} (known: {', '.join(names)})")
+            known = [*names, *cfg.sections] if obj is cfg else list(names)
+            raise ConfigError(f"--set {key}: unknown key {part!r} in {where} (known: {', '.join(known)})")
         f = names[part]
         if i == len(parts) - 1:
             if dataclasses.is_dataclass(getattr(obj, part)):
@@ -222,20 +192,14 @@ def set_override(cfg: RunConfig, assignment: str) -> None:
 
 
 def check(cfg: RunConfig) -> None:
-    """Validate choices that types cannot express; raise a one-line `ConfigError`."""
-    choices = {
+    """Validate the shared sections' choices that types cannot express; raise a one-line `ConfigError`.
+
+    Each task checks its own section (``Task.check``)."""
+    check_choices({
         "data.resize": (cfg.data.resize, ("crop", "stretch", "pad")),
         "data.on_error": (cfg.data.on_error, ("stop", "skip")),
         "tokenizer.kind": (cfg.tokenizer.kind, ("patches", "colors", "vq")),
-        "pretrain.target": (cfg.pretrain.target, ("patches", "tokens")),
-        "classify.mode": (cfg.classify.mode, ("finetune", "linear", "attentive")),
-        "classify.attention": (cfg.classify.attention, ("bidirectional", "causal")),
-        "generate.condition": (cfg.generate.condition, ("auto", "none", "class", "text")),
-        "detect.order": (cfg.detect.order, ("random", "area", "raster")),
-    }
-    for key, (val, ok) in choices.items():
-        if val not in ok:
-            raise ConfigError(f"{key}={val!r}: choose one of {', '.join(ok)}")
+    })
     t = cfg.train
     if t.steps < 1 or t.batch_size < 1 or t.accum < 1:
         raise ConfigError("train.steps, train.batch_size and train.accum must be positive")
@@ -245,39 +209,12 @@ def check(cfg: RunConfig) -> None:
         raise ConfigError(f"model.n_embd={cfg.model.n_embd} is not divisible by model.n_head={cfg.model.n_head}")
     if not 0.0 <= cfg.data.val_fraction < 1.0:
         raise ConfigError("data.val_fraction must be in [0, 1)")
-    if cfg.pretrain.target == "tokens" and cfg.tokenizer.kind != "colors":
-        raise ConfigError("pretrain.target=tokens needs tokenizer.kind=colors (discrete pixels)")
-    if cfg.task == "generate" and cfg.tokenizer.kind == "patches":
-        raise ConfigError("generate needs discrete image tokens: tokenizer.kind=colors or vq")
-    if cfg.task.startswith("video-") and cfg.tokenizer.kind != "patches":
-        raise ConfigError(f"{cfg.task} reads clips as tubelets: tokenizer.kind must be patches")
     if cfg.tokenizer.kind == "vq" and not (cfg.tokenizer.vq or cfg.tokenizer.vq_config):
         raise ConfigError("tokenizer.kind=vq needs tokenizer.vq=RUN_DIR of a `patchgpt train vq` run")
 
 
-def default_config(task: str) -> RunConfig:
-    """A sensible run for `task` on a laptop CPU."""
-    cfg = RunConfig(task=task, out=f"runs/{task}")
-    apply_size(cfg, "micro")
-    if task == "pretrain":
-        cfg.train.lr, cfg.train.steps, cfg.train.warmup = 1e-3, 1500, 100
-    elif task == "classify":
-        cfg.train.lr, cfg.train.steps, cfg.train.warmup = 5e-4, 1000, 50
-    elif task == "vq":
-        cfg.train.lr, cfg.train.steps, cfg.train.warmup, cfg.train.weight_decay = 2e-3, 2000, 50, 0.0
-        cfg.data.augment = False
-    elif task == "generate":
-        cfg.tokenizer.kind, cfg.tokenizer.n_colors = "colors", 16
-        cfg.train.lr, cfg.train.steps, cfg.train.warmup = 1e-3, 3000, 100
-        cfg.data.augment = False  # a shifted digit is a different image to generate
-    elif task == "detect":
-        cfg.tokenizer.patch_size = 8
-        cfg.data.resize = "pad"   # letterbox: every box stays inside the image
-        cfg.train.lr, cfg.train.steps, cfg.train.warmup, cfg.train.batch_size = 1e-3, 2500, 200, 32
-        cfg.train.eval_every = 500
-    elif task in ("video-classify", "video-pretrain"):
-        cfg.data.spec = "moving-digits"
-        cfg.tokenizer.patch_size, cfg.tokenizer.tubelet = 4, 2
-        cfg.train.lr, cfg.train.steps, cfg.train.warmup = 2e-3, 2000, 50
-        cfg.pretrain.norm_pix = False  # next-frame pictures roll predictions out in pixel space
-    return cfg
+def check_choices(choices: dict[str, tuple[object, tuple]]) -> None:
+    """``{"section.key": (value, allowed values)}``: a one-line `ConfigError` for the first value not allowed."""
+    for key, (val, ok) in choices.items():
+        if val not in ok:
+            raise ConfigError(f"{key}={val!r}: choose one of {', '.join(map(str, ok))}")

@@ -9,8 +9,10 @@ References: PyTorch's DDP tutorial and torchrun docs (torch.distributed.elastic)
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -98,3 +100,47 @@ def cleanup() -> None:
     """Leave the process group (at the end of a torchrun run)."""
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def wrap(module: torch.nn.Module, env: Env, blocks: Iterable[torch.nn.Module] = (), fsdp: bool = False
+         ) -> torch.nn.Module:
+    """The module a training loop calls: `module` itself in a world of one, else DDP (or FSDP2) over all of it.
+
+    DDP skips parameters with ``requires_grad=False`` (frozen backbones of probes); FSDP2 shards each of
+    `blocks` (a backbone's transformer blocks) and then the rest (``fully_shard`` works in place; it is public
+    in ``torch.distributed.fsdp`` from torch 2.6)."""
+    if not env.distributed:
+        return module
+    if fsdp:
+        try:
+            from torch.distributed.fsdp import fully_shard
+        except ImportError:
+            raise RuntimeError(f"train.fsdp needs torch 2.6 or newer (this is {torch.__version__})") from None
+
+        for block in blocks:
+            fully_shard(block)
+        return fully_shard(module)
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [env.device.index] if env.device.type == "cuda" else None
+    # Tasks leave some backbone parameters out of their loss (the unused LM head of a classifier, say):
+    # DDP must look for them each step rather than wait for their gradients for ever.
+    return DistributedDataParallel(module, device_ids=ids, find_unused_parameters=True)
+
+
+def no_sync(model: torch.nn.Module, skip: bool):
+    """A context in which backward does not all-reduce gradients (DDP's ``no_sync``, FSDP2's switch)."""
+    if not skip:
+        return contextlib.nullcontext()
+    if hasattr(model, "no_sync"):
+        return model.no_sync()
+    if hasattr(model, "set_requires_gradient_sync"):
+        @contextlib.contextmanager
+        def off():
+            model.set_requires_gradient_sync(False)
+            try:
+                yield
+            finally:
+                model.set_requires_gradient_sync(True)
+        return off()
+    return contextlib.nullcontext()

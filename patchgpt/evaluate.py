@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 
 from .data.base import batch_len, to_device
-from .tasks import Task
+from .tasks import Task, metric_files
 
 
 @torch.no_grad()
-def evaluate(task: Task, batches: Iterable[dict], device: torch.device | str = "cpu") -> dict:
-    """Run ``task.metric()`` over `batches` in eval mode; returns the metric's dict."""
+def evaluate(task: Task, batches: Iterable[dict], device: torch.device | str = "cpu"
+             ) -> tuple[dict, dict[str, Any]]:
+    """Run ``task.metric()`` over `batches` in eval mode; returns (the metric's results, its files, e.g.
+    ``{"detections.json": [...]}``)."""
     was_training = task.training
     task.eval()
     m = task.metric()
@@ -21,4 +24,4 @@ def evaluate(task: Task, batches: Iterable[dict], device: torch.device | str = "
             continue
         m.update(to_device(batch, device))
     task.train(was_training)
-    return m.compute()
+    return m.compute(), metric_files(m)

@@ -319,13 +319,6 @@ class GPT(nn.Module):
         """(B, T, C) -> (B, T, V) next-token logits."""
         return self.lm_head(hidden)
 
-    @classmethod
-    def from_pretrained(cls, path: str) -> GPT:
-        """The backbone of the checkpoint (or run directory) at `path`, in eval mode."""
-        from .checkpoint import load
-
-        return load(path).backbone
-
     def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
         p = next(self.parameters())
         return KVCache(self.cfg, batch_size, max_len, device=p.device, dtype=p.dtype)

@@ -15,9 +15,10 @@ import sys
 import time
 from pathlib import Path
 
-from .config import RunConfig, apply_size, default_config
+from .config import RunConfig, apply_size
 from .data import build_datasets
 from .report import atomic_write_text, save_curves
+from .tasks import default_config
 from .train import train
 
 

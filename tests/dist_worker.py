@@ -11,7 +11,8 @@ import sys
 from safetensors.torch import save_file
 
 from patchgpt import dist
-from patchgpt.config import apply_size, default_config, set_override
+from patchgpt.config import apply_size, set_override
+from patchgpt.tasks import default_config
 
 T = importlib.import_module("patchgpt.train")  # the module (`patchgpt.train` the name is the function)
 

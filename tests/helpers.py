@@ -1,7 +1,8 @@
 """Small configurations shared by the tests."""
 
 from patchgpt.cli import main
-from patchgpt.config import RunConfig, apply_size, default_config
+from patchgpt.config import RunConfig, apply_size
+from patchgpt.tasks import default_config
 
 
 def run_cli(capsys, *argv) -> tuple[int, str, str]:

@@ -1,4 +1,5 @@
-"""Tests for patchgpt.data: digits, IDX files, image folders, augmentation and the batch order.
+"""Tests for patchgpt.data: digits, IDX files, image folders, augmentation, items and `collate`, the batch order
+and the `DATASETS` registry.
 
 Every file is written inside the test (tmp_path); nothing is downloaded.
 """
@@ -12,17 +13,21 @@ from PIL import Image
 
 from patchgpt.config import DataConfig
 from patchgpt.data import (
-    SPECS,
+    DATASETS,
     DataError,
     DataInfo,
     ImageFolder,
     ImageSet,
+    Source,
     augment,
     build_datasets,
+    collate,
     load_image,
     read_idx,
     train_batches,
 )
+from patchgpt.data.base import PAD, batch_len
+from patchgpt.rng import RowRNG
 
 # ---------------------------------------------------------------- helpers
 
@@ -92,7 +97,9 @@ def test_digits_split_is_deterministic_and_disjoint():
     assert len(train) + len(val) == 1797
     assert sorted(train.indices + val.indices) == list(range(1797))
     assert info.channels == 1 and info.image_size == (8, 8) and info.num_classes == 10
-    x, y, caption = train[0]
+    item = train[0]
+    assert list(item) == ["image", "label", "text"]
+    x, y, caption = item["image"], item["label"], item["text"]
     _check_images(x, (1, 8, 8))
     assert caption.startswith("the digit ") and info.captions
     imgs = train.images()
@@ -134,7 +141,9 @@ def test_idx_folder_without_test_files_splits_by_val_fraction(tmp_path, gz):
     assert info.channels == 1 and info.image_size == (28, 28)
     assert info.classes == [str(i) for i in range(10)]
     i = train.indices[0]
-    img, label = train[0]
+    item = train[0]
+    assert list(item) == ["image", "label"]
+    img, label = item["image"], item["label"]
     _check_images(img, (1, 28, 28))
     assert torch.allclose(img[0], torch.from_numpy(x[i]).float() / 255 * 2 - 1)
     assert label == int(y[i])
@@ -149,7 +158,7 @@ def test_idx_folder_uses_t10k_files_as_validation(tmp_path):
     train, val, info = build_datasets(DataConfig(spec=f"idx:{tmp_path}", val_fraction=0.5))
     assert len(train) == 12 and len(val) == 4
     assert val.labels().tolist() == [3, 1, 4, 1]
-    assert torch.allclose(val[2][0][0], torch.from_numpy(xt[2]).float() / 255 * 2 - 1)
+    assert torch.allclose(val[2]["image"][0], torch.from_numpy(xt[2]).float() / 255 * 2 - 1)
     assert info.classes == [str(i) for i in range(10)]
 
 
@@ -217,10 +226,10 @@ def test_idx_resize_and_channels(tmp_path):
     imgs = train.images()
     _check_images(imgs, (6, 3, 16, 16))
     assert torch.allclose(imgs, torch.ones_like(imgs))
-    _check_images(val[0][0], (3, 16, 16))
+    _check_images(val[0]["image"], (3, 16, 16))
     x2, _ = _mnist(8, seed=3)
     _write_mnist(tmp_path, "train", x2, y)
-    img = build_datasets(cfg)[0][0][0]
+    img = build_datasets(cfg)[0][0]["image"]
     assert torch.equal(img[0], img[1]) and torch.equal(img[1], img[2])   # gray expanded to 3 channels
     _raises(lambda: build_datasets(DataConfig(spec=f"idx:{tmp_path}", image_size=16, resize="pad")), "pad")
 
@@ -238,9 +247,9 @@ def test_folder_one_subfolder_per_class(tmp_path):
     assert info.channels == 3 and info.image_size == (8, 8)
     assert len(train) == 6 and len(val) == 0
     ds = train.base
-    for (path, label), (img, lab) in zip(ds.files, (train[i] for i in range(len(train))), strict=True):
-        assert info.classes[label] == path.parent.name and lab == label
-        _check_images(img, (3, 8, 8))
+    for (path, label), item in zip(ds.files, (train[i] for i in range(len(train))), strict=True):
+        assert info.classes[label] == path.parent.name and item["label"] == label
+        _check_images(item["image"], (3, 8, 8))
     assert sorted(train.labels().tolist()) == [0, 0, 1, 1, 2, 2]
 
 
@@ -251,7 +260,7 @@ def test_flat_folder_is_unlabeled(tmp_path):
     assert info.classes is None and info.num_classes == 0
     assert len(train) == 2 and len(val) == 1
     assert train.labels().tolist() == [-1, -1] and val.labels().tolist() == [-1]
-    assert train[0][1] == -1
+    assert train[0]["label"] == -1
 
 
 def _mixed_images(root):
@@ -283,9 +292,9 @@ def test_folder_mixed_modes_and_sizes(tmp_path, channels):
                                                val_fraction=0.0))
     assert len(train) == len(made) and info.skipped == []
     for i in range(len(train)):
-        img, label = train[i]
-        _check_images(img, (channels, 12, 12))
-        assert label == -1
+        item = train[i]
+        _check_images(item["image"], (channels, 12, 12))
+        assert item["label"] == -1
     _check_images(train.images(), (len(made), channels, 12, 12))
 
 
@@ -423,16 +432,67 @@ def test_load_image_missing_or_corrupt_raises(tmp_path):
 def test_augment():
     x = torch.rand(6, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
     for shift, flip in ((1, False), (2, True), (0, True)):
-        a = augment(x, torch.Generator().manual_seed(7), shift=shift, flip=flip)
-        b = augment(x, torch.Generator().manual_seed(7), shift=shift, flip=flip)
+        a = augment(x, RowRNG(torch.Generator().manual_seed(7)), shift=shift, flip=flip)
+        b = augment(x, RowRNG(torch.Generator().manual_seed(7)), shift=shift, flip=flip)
         assert a.shape == x.shape and torch.equal(a, b)
-    assert torch.equal(augment(x, torch.Generator().manual_seed(7), shift=0, flip=False), x)
-    f = augment(x, torch.Generator().manual_seed(3), shift=0, flip=True)
+    assert torch.equal(augment(x, RowRNG(torch.Generator().manual_seed(7)), shift=0, flip=False), x)
+    f = augment(x, RowRNG(torch.Generator().manual_seed(3)), shift=0, flip=True)
     for i in range(len(x)):
         assert torch.equal(f[i], x[i]) or torch.equal(f[i], x[i].flip(-1))
-    s = augment(x, torch.Generator().manual_seed(3), shift=2, flip=False)
+    s = augment(x, RowRNG(torch.Generator().manual_seed(3)), shift=2, flip=False)
     assert not torch.equal(s, x)
     assert s.min() >= x.min() and s.max() <= x.max()       # edge replication invents no values
+    # two processes holding halves of the global batch get exactly the whole batch's augmentation
+    whole = augment(x, RowRNG(torch.Generator().manual_seed(5), 0, 6), shift=2, flip=True)
+    halves = [augment(x[i:i + 3], RowRNG(torch.Generator().manual_seed(5), i, 6), shift=2, flip=True) for i in (0, 3)]
+    assert torch.equal(torch.cat(halves), whole)
+
+
+# ---------------------------------------------------------------- items and collate
+
+
+def _same(a, b) -> bool:
+    """Equal values, tensors equal in dtype and shape too."""
+    if torch.is_tensor(a):
+        return torch.is_tensor(b) and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+    return type(a) is type(b) and a == b
+
+
+def test_collate_stacks_pads_and_lists_by_key():
+    boxes = [torch.rand(2, 4), torch.rand(0, 4), torch.rand(3, 4)]
+    items = [{"image": torch.full((1, 2, 2), float(i)), "label": i, "text": f"t{i}", "boxes": b,
+              "classes": torch.arange(len(b)), "meta": {"i": i}} for i, b in enumerate(boxes)]
+    batch = collate([items[0], None, items[1], items[2]])           # None: a file skipped as unreadable
+    assert list(batch) == ["image", "label", "text", "boxes", "classes", "meta"]
+    assert _same(batch["image"], torch.stack([it["image"] for it in items]))
+    assert _same(batch["label"], torch.tensor([0, 1, 2])) and batch_len(batch) == 3
+    assert batch["text"] == ["t0", "t1", "t2"] and batch["meta"] == [{"i": 0}, {"i": 1}, {"i": 2}]
+    assert batch["boxes"].shape == (3, 3, 4) and batch["classes"].shape == (3, 3) and PAD["classes"] == -1
+    assert _same(batch["classes"], torch.tensor([[0, 1, -1], [-1, -1, -1], [0, 1, 2]]))
+    for b, bx in enumerate(boxes):
+        assert torch.equal(batch["boxes"][b, :len(bx)], bx) and not batch["boxes"][b, len(bx):].any()
+    # Images without objects still get one (padding) slot, as equal-length boxes are simply stacked.
+    empty = collate([items[1], items[1]])
+    assert empty["boxes"].shape == (2, 1, 4) and empty["classes"].tolist() == [[-1], [-1]]
+    assert collate([items[0], items[0]])["classes"].tolist() == [[0, 1], [0, 1]]
+    clips = collate([{"video": torch.zeros(3, 1, 2, 2), "label": 4}])
+    assert clips["video"].shape == (1, 3, 1, 2, 2) and clips["label"].dtype == torch.long
+    assert collate([None, None]) == {} and batch_len(collate([None])) == 0
+    with pytest.raises(DataError, match="different fields"):
+        collate([items[0], {"image": items[0]["image"], "label": 0}])
+
+
+def test_a_new_field_flows_through_collate_with_no_edit():
+    items = [{"image": torch.zeros(1, 2, 2), "label": -1, "question": f"how many {i}?", "score": 0.5 * i,
+              "mask": torch.ones(i + 1, 2, dtype=torch.bool), "flag": i == 1} for i in range(3)]
+    batch = collate(items)
+    assert batch["question"] == ["how many 0?", "how many 1?", "how many 2?"]
+    assert _same(batch["score"], torch.tensor([0.0, 0.5, 1.0]))
+    assert _same(batch["flag"], torch.tensor([False, True, False]))
+    assert batch["mask"].shape == (3, 3, 2) and batch["mask"].dtype == torch.bool
+    assert batch["mask"].sum(dim=(1, 2)).tolist() == [2, 4, 6]           # padded with False (0) past each length
+    with pytest.raises(DataError, match="'grid'"):
+        collate([{"grid": torch.zeros(2, 3)}, {"grid": torch.zeros(2, 4)}])
 
 
 # ---------------------------------------------------------------- batch order
@@ -448,8 +508,8 @@ class _Indexed(ImageSet):
     def __len__(self) -> int:
         return self.n
 
-    def __getitem__(self, i: int):
-        return torch.full((1, 2, 2), float(i)), i
+    def __getitem__(self, i: int) -> dict:
+        return {"image": torch.full((1, 2, 2), float(i)), "label": i}
 
 
 def _order(ds, bs, seed, start, steps) -> list[list[int]]:
@@ -487,8 +547,24 @@ def test_train_batches_empty_set_raises():
 
 @pytest.mark.parametrize("spec", ["foo:bar", "folder:", "idx:", "digits:extra", "mnist"])
 def test_unknown_spec_lists_known_specs(spec):
-    msg = _raises(lambda: build_datasets(DataConfig(spec=spec)), repr(spec), *SPECS)
+    usages = [s.usage(name) for name, s in DATASETS.items()]
+    assert "folder:PATH" in usages and "coco:ANN.json[:IMAGES_DIR]" in usages and "digits" in usages
+    msg = _raises(lambda: build_datasets(DataConfig(spec=spec)), repr(spec), *usages)
     assert msg.startswith("unknown data spec")
+
+
+def test_datasets_registry_builds_through_its_records(monkeypatch):
+    import patchgpt
+
+    assert patchgpt.DATASETS is DATASETS
+    assert all(isinstance(s, Source) and callable(s.build) and s.help and "\n" not in s.help for s in DATASETS.values())
+    assert {n for n, s in DATASETS.items() if s.takes_arg} == {"folder", "idx", "coco", "videos", "shards"}
+    calls = []
+    fake = Source(lambda cfg, arg, classes: calls.append((arg, classes)) or ("t", "v", "i"), "made up", "WHAT")
+    monkeypatch.setitem(DATASETS, "made-up", fake)
+    assert build_datasets(DataConfig(spec=" made-up:a:b "), classes=["x"]) == ("t", "v", "i")
+    assert calls == [("a:b", ["x"])]
+    _raises(lambda: build_datasets(DataConfig(spec="made-up")), "made-up:WHAT (made up)")
 
 
 def test_error_messages_name_paths_even_with_spaces(tmp_path):

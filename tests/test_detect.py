@@ -8,19 +8,22 @@ import pytest
 import torch
 from PIL import Image
 
+import patchgpt.tasks.detect as detect_module
 from patchgpt.coco_eval import coco_map, ground_truth
 from patchgpt.config import DataConfig
 from patchgpt.data.base import DataError, collate
 from patchgpt.data.coco import CocoDetection, letterbox, to_pixels
 from patchgpt.data.specs import build_datasets
-from patchgpt.generate import sample
+from patchgpt.rng import RowRNG
+from patchgpt.sampling import DecodeHook, SamplingParams, sample
 from patchgpt.sequence import Vocab, concat, tokens
-from patchgpt.tasks import Detect
+from patchgpt.tasks import Detect, Task
 from patchgpt.tokenizers.boxes import TOKENS_PER_OBJECT, Boxes
 
 from .helpers import run_cli, tiny_config
 
 # ---- box tokens -------------------------------------------------------------------------------------
+from .reference_sampling import uncached
 
 
 @pytest.mark.parametrize("bins", [2, 17, 64, 1000])
@@ -72,20 +75,22 @@ def _tiny_detector(tmp_path, **sets):
     cfg.detect.max_objects = 4
     for k, v in sets.items():
         setattr(cfg.detect, k, v)
+    Detect.check(cfg)
     train, val, info = build_datasets(cfg.data)
     return Detect(cfg, info).eval(), train, val
 
 
 def test_constrained_decoder_never_emits_an_invalid_sequence(tmp_path):
     task, train, _ = _tiny_detector(tmp_path)
-    images = torch.stack([train[i][0] for i in range(16)])
+    images = torch.stack([train[i]["image"] for i in range(16)])
     img = task.input.encode(images)
     prompt = concat(img, tokens(torch.full((16, 1), task.task_id)), prefix_len=img.ids.shape[1] + 1)
     for seed in range(4):   # an untrained model at temperature 2 tries everything it is allowed to
-        ids = sample(task.backbone, prompt, TOKENS_PER_OBJECT * 4 + 1, temperature=2.0,
+        stop = DecodeHook()
+        stop.stop_token = task.boxes.end
+        ids = sample(task.backbone, prompt, TOKENS_PER_OBJECT * 4 + 1, SamplingParams(temperature=2.0),
                      generator=torch.Generator().manual_seed(seed),
-                     allowed=partial(task.boxes.allowed, max_objects=4),
-                     stop_token=task.boxes.end)
+                     allowed=partial(task.boxes.allowed, max_objects=4), hook=stop)
         assert all(_valid(task.boxes, row) for row in ids.tolist())
         assert (ids[:, -1] == task.boxes.end).all() or ids.shape[1] < TOKENS_PER_OBJECT * 4 + 1
 
@@ -94,7 +99,8 @@ def test_cached_detection_equals_uncached_and_scores_are_probabilities(tmp_path)
     task, _, val = _tiny_detector(tmp_path)
     batch = collate([val[i] for i in range(6)])
     a = task.predict(batch)["detections"]
-    b = task.predict(batch, use_cache=False)["detections"]
+    with uncached(detect_module):
+        b = task.predict(batch)["detections"]
     for x, y in zip(a, b, strict=True):
         assert torch.equal(x["classes"], y["classes"]) and torch.allclose(x["boxes"], y["boxes"])
         assert torch.allclose(x["scores"], y["scores"], atol=1e-5)
@@ -105,7 +111,7 @@ def test_cached_detection_equals_uncached_and_scores_are_probabilities(tmp_path)
 def test_training_sequence_marks_noise_coordinates_without_loss(tmp_path):
     task, train, _ = _tiny_detector(tmp_path)
     batch = collate([train[i] for i in range(4)])
-    seq = task.sequence(batch, torch.Generator().manual_seed(0))
+    seq = task.sequence(batch, RowRNG(torch.Generator().manual_seed(0)))
     P = seq.prefix_len
     n_real = (batch["classes"] >= 0).sum(1)
     for b in range(4):
@@ -123,9 +129,10 @@ def test_digit_scenes_are_deterministic_with_tight_boxes():
     train, val, info = build_datasets(DataConfig(spec="digit-scenes"))
     assert info.boxes and info.classes == [str(i) for i in range(10)]
     a, b = train[3], train[3]
-    assert torch.equal(a[0], b[0]) and torch.equal(a[2]["boxes"], b[2]["boxes"])
+    assert torch.equal(a["image"], b["image"]) and torch.equal(a["boxes"], b["boxes"])
     for i in range(20):
-        image, _, t = val[i]
+        t = val[i]
+        image = t["image"]
         assert 1 <= len(t["classes"]) <= 4
         ink = image[0] > -0.6                                              # (64, 64) bright pixels
         covered = torch.zeros_like(ink)
@@ -156,13 +163,14 @@ def test_coco_loading_letterboxes_boxes_consistently(tmp_path):
     ann = write_coco(tmp_path / "c", GOOD)
     ds = CocoDetection(ann, size=40, channels=3)
     assert ds.info.classes == ["cat", "dog"] and ds.info.category_ids == [3, 7]
-    image, _, t = ds[0]                                                   # 40x20 -> scale 1, padded 10 above
+    t = ds[0]                                                             # 40x20 -> scale 1, padded 10 above
+    image = t["image"]
     assert image.shape == (3, 40, 40)
     assert torch.allclose(t["boxes"], torch.tensor([[10 / 40, 15 / 40, 30 / 40, 25 / 40]]))
     assert t["classes"].tolist() == [1]
     back = to_pixels(t["boxes"], t["meta"], 40)
     assert torch.allclose(back, torch.tensor([[10.0, 5.0, 30.0, 15.0]]), atol=1e-4)
-    _, _, t2 = ds[1]                                                      # the crowd box is no target ...
+    t2 = ds[1]                                                            # the crowd box is no target ...
     assert t2["classes"].tolist() == [0]
     assert [a["iscrowd"] for a in t2["meta"]["gt"]] == [0, 1]             # ... but stays in the ground truth
     spec = DataConfig(spec=f"coco:{ann}", image_size=40, val_fraction=0.5, resize="pad")
@@ -186,7 +194,7 @@ def test_malformed_annotations_stop_or_skip_with_one_line(tmp_path, bad, why):
     assert why in msg and "ann.json" in msg and "annotation #3" in msg and "\n" not in msg
     ds = CocoDetection(ann, size=32, on_error="skip")
     assert len(ds.info.skipped) == 1 and why in ds.info.skipped[0]
-    assert sum(len(ds[i][2]["classes"]) for i in range(len(ds))) == 2   # the good ones are all there
+    assert sum(len(ds[i]["classes"]) for i in range(len(ds))) == 2   # the good ones are all there
 
 
 def test_coco_file_errors_are_one_line(tmp_path):
@@ -329,9 +337,9 @@ def test_glimpse_is_the_box_region_resampled_like_a_patch():
 
 def test_flip_augmentation_moves_boxes_with_pixels(tmp_path):
     task, train, _ = _tiny_detector(tmp_path)
-    assert task.own_augment                                               # train.py's pixel-only shift is skipped
+    assert type(task).augment is not Task.augment                         # not the generic pixel-only shift
     batch = collate([train[i] for i in range(8)])
-    out = task._flip(batch, torch.Generator().manual_seed(0))
+    out = task._flip(batch, RowRNG(torch.Generator().manual_seed(0)))
     flipped = ~torch.isclose(out["image"], batch["image"]).flatten(1).all(1)
     assert 0 < int(flipped.sum()) < 8
     S = out["image"].shape[-1]
@@ -347,8 +355,7 @@ def test_flip_augmentation_moves_boxes_with_pixels(tmp_path):
 def test_scale_jitter_moves_boxes_with_pixels_and_splits_over_processes(tmp_path):
     task, train, _ = _tiny_detector(tmp_path, scale_jitter=0.5)
     batch = collate([train[i] for i in range(8)])
-    batch["rows"] = (0, 8)
-    out = task._zoom(batch, torch.Generator().manual_seed(0))
+    out = task._zoom(batch, RowRNG(torch.Generator().manual_seed(0), 0, 8))
     assert out["image"].shape == batch["image"].shape and out["image"].min() >= -1 - 1e-6
     S = out["image"].shape[-1]
     widths = []
@@ -368,8 +375,7 @@ def test_scale_jitter_moves_boxes_with_pixels_and_splits_over_processes(tmp_path
     halves = []
     for first in (0, 4):
         part = {k: (v[first:first + 4] if torch.is_tensor(v) or isinstance(v, list) else v) for k, v in batch.items()}
-        part["rows"] = (first, 8)
-        halves.append(task._zoom(part, torch.Generator().manual_seed(0)))
+        halves.append(task._zoom(part, RowRNG(torch.Generator().manual_seed(0), first, 8)))
     for key in ("image", "boxes", "classes"):
         assert torch.allclose(torch.cat([h[key] for h in halves]).float(), out[key].float()), key
     with pytest.raises(ValueError, match="scale_jitter"):
@@ -380,12 +386,11 @@ def test_training_sequences_split_over_processes_equal_one_process(tmp_path):
     """Each row's object order and noise boxes come from a per-row seed drawn for the global batch."""
     task, train, _ = _tiny_detector(tmp_path)
     batch = collate([train[i] for i in range(8)])
-    whole = task.sequence(batch, torch.Generator().manual_seed(5))
+    whole = task.sequence(batch, RowRNG(torch.Generator().manual_seed(5), 0, 8))
     halves = []
     for first in (0, 4):
         part = {k: (v[first:first + 4] if torch.is_tensor(v) or isinstance(v, list) else v) for k, v in batch.items()}
-        part["rows"] = (first, 8)
-        halves.append(task.sequence(part, torch.Generator().manual_seed(5)))
+        halves.append(task.sequence(part, RowRNG(torch.Generator().manual_seed(5), first, 8)))
     assert torch.equal(torch.cat([h.ids for h in halves]), whole.ids)
     assert torch.equal(torch.cat([h.labels for h in halves]), whole.labels)
     assert torch.allclose(torch.cat([h.patches for h in halves]), whole.patches)

@@ -20,7 +20,9 @@ def test_emoji_render_with_captions():
     except DataError:
         pytest.skip("Noto Color Emoji is not installed")
     ds = emoji.Emoji(size=8, limit=12)
-    x, label, caption = ds[0]
+    item = ds[0]
+    assert list(item) == ["image", "label", "text"]
+    x, label, caption = item["image"], item["label"], item["text"]
     assert x.shape == (3, 8, 8) and -1 <= x.min() and x.max() <= 1
     assert len(ds) == 12 and ds.info.captions and caption == caption.lower() and caption == ds.info.classes[label]
     assert x.std() > 0.05  # a drawn emoji, not a blank canvas

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import patchgpt
+import patchgpt.tasks.generate_image as generate_module
 from patchgpt.cli import main
 from patchgpt.config import ConfigError
 from patchgpt.data import Digits
@@ -13,6 +14,7 @@ from patchgpt.tasks import Generate
 from patchgpt.train import train
 
 from .helpers import tiny_config
+from .reference_sampling import uncached
 
 
 def gen_config(out, condition="class", steps=3, **kw):
@@ -50,10 +52,11 @@ def test_generate_trains_and_samples(tmp_path, condition):
     task = patchgpt.load(out)
     kw = {"class": {"classes": torch.tensor([3, 7])}, "text": {"texts": ["the digit three", "the digit seven"]},
           "none": {}}[condition]
-    a = task.generate(2, seed=1, **kw)
+    a = task.sample_images(2, seed=1, **kw)
     assert a.shape == (2, 1, 8, 8) and a.min() >= -1 and a.max() <= 1
-    torch.testing.assert_close(a, task.generate(2, seed=1, **kw))          # seeded
-    torch.testing.assert_close(a, task.generate(2, seed=1, use_cache=False, **kw))  # cache == no cache
+    torch.testing.assert_close(a, task.sample_images(2, seed=1, **kw))          # seeded
+    with uncached(generate_module):                                               # cache == no cache
+        torch.testing.assert_close(a, task.sample_images(2, seed=1, **kw))
     assert (out / "samples.png").exists()
     m = json.loads((out / "metrics.json").read_text())
     assert m["bits_per_dim"] > 0
@@ -65,7 +68,7 @@ def test_completion_keeps_the_given_tokens(tmp_path):
     ds = Digits()
     ids = task.input.encode(ds.x[:1]).ids[:, 1:]                            # (1, 64) without bos
     keep = ids[:, :24].expand(3, 24)
-    images = task.generate(3, classes=torch.tensor([1, 1, 1]), keep=keep, seed=0)
+    images = task.sample_images(3, classes=torch.tensor([1, 1, 1]), keep=keep, seed=0)
     again = task.input.encode(images).ids[:, 1:]
     assert torch.equal(again[:, :24], keep)
 
@@ -103,7 +106,7 @@ def test_vq_tokens_for_generation(tmp_path):
     out = train(cfg, quiet=True)
     task = patchgpt.load(out)
     assert task.input.length == 1 + 16  # bos + a 4x4 code grid (8x8 digits, downsample 2)
-    assert task.generate(2, classes=torch.tensor([0, 1])).shape == (2, 1, 8, 8)
+    assert task.sample_images(2, classes=torch.tensor([0, 1])).shape == (2, 1, 8, 8)
     # The generator's VQ weights are those of the VQ run, frozen.
     src = patchgpt.load(vq).vq.state_dict()
     for k, v in task.input.tok.vq.state_dict().items():

@@ -1,19 +1,21 @@
-"""Tar shards: `patchgpt shard` writes them exactly, ``shards:PATTERN`` streams them per rank and worker,
-resumes mid-stream, and trains exactly as the source data does."""
+"""Tar shards: `patchgpt shard` writes them exactly (any item field, and shards of the earlier format still read),
+``shards:PATTERN`` streams them per rank and worker, resumes mid-stream, and trains exactly as the source data
+does."""
 
 import io
 import json
 import tarfile
 
+import numpy as np
 import pytest
 import torch
 
-from patchgpt import checkpoint
 from patchgpt.cli import main
 from patchgpt.config import DataConfig
-from patchgpt.data import build_datasets, train_batches
-from patchgpt.data.base import DataError, DataInfo, ImageSet
-from patchgpt.data.shards import expand, stream_batches, write_shards
+from patchgpt.data import build_datasets, collate, train_batches
+from patchgpt.data.base import DataError, DataInfo, ImageSet, Subset
+from patchgpt.data.shards import all_items, expand, stream_batches, write_shards
+from patchgpt.tasks import load
 
 from .test_cli import write_folder
 
@@ -28,12 +30,23 @@ class Numbered(ImageSet):
     def __len__(self) -> int:
         return self.n
 
-    def __getitem__(self, i: int):
-        return torch.full((1, 4, 4), float(i % 256)) / 127.5 - 1.0, i
+    def __getitem__(self, i: int) -> dict:
+        return {"image": torch.full((1, 4, 4), float(i % 256)) / 127.5 - 1.0, "label": i}
 
 
 def labels(batches, k: int) -> list[list[int]]:
     return [next(batches)["label"].tolist() for _ in range(k)]
+
+
+def same(a, b) -> bool:
+    """Items (or any values) equal field by field; tensors in dtype and shape too, tuples stay tuples."""
+    if torch.is_tensor(a):
+        return torch.is_tensor(b) and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(same(x, y) for x, y in zip(a, b, strict=True))
+    return type(a) is type(b) and a == b
 
 
 def test_shards_hold_the_items_exactly(tmp_path):
@@ -44,15 +57,17 @@ def test_shards_hold_the_items_exactly(tmp_path):
     assert not list((tmp_path / "s").glob(".*"))  # no temporary files left
     train, _, info = build_datasets(DataConfig(spec=f"shards:{tmp_path}/s", val_spec=f"shards:{paths[-1]}"))
     assert len(train) == 10 and info.classes == ds.info.classes
-    for (x, y), i in zip(train, range(10), strict=True):
-        assert torch.equal(x, ds[i][0]) and y == i
+    for item, i in zip(train, range(10), strict=True):
+        assert same(item, ds[i])
     # Digits have 17 grey levels, not 8-bit ones: stored as float32 .npy, still exact, captions kept.
     src, _, _ = build_datasets(DataConfig(spec="digits"))
     write_shards(src, tmp_path / "d", per_shard=1000)
     items = iter(build_datasets(DataConfig(spec=f"shards:{tmp_path}/d", val_spec="digits"))[0])
+    assert tarfile.open(tmp_path / "d" / "train-000000.tar").getnames()[:3] == [f"000000000.{e}" for e in
+                                                                                 ("npy", "cls", "txt")]
     for i in range(20):
         a, b = next(items), src[i]
-        assert torch.equal(a[0], b[0]) and a[1:] == tuple(b[1:])
+        assert list(a) == ["image", "label", "text"] and same(a, b)
 
 
 def test_shard_patterns(tmp_path):
@@ -114,7 +129,7 @@ def test_shards_train_exactly_like_their_source(tmp_path, capsys):
                  "--out", str(tmp_path / "b"), *common]) == 0
     rows = [[json.loads(x) for x in (tmp_path / r / "log.jsonl").read_text().splitlines()] for r in "ab"]
     assert [r["loss"] for r in rows[0] if "loss" in r] == [r["loss"] for r in rows[1] if "loss" in r]
-    wa, wb = (checkpoint.load(tmp_path / r).state_dict() for r in "ab")
+    wa, wb = (load(tmp_path / r).state_dict() for r in "ab")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
@@ -125,33 +140,101 @@ def test_detection_shards_hold_targets_exactly_and_train(tmp_path, capsys):
     _, src, _ = build_datasets(DataConfig(spec="digit-scenes"))
     paths = sorted(shards.glob("val-*.tar"))
     assert len(paths) == 5
-    assert tarfile.open(paths[0]).getnames()[:3] == [f"000000000.{e}" for e in ("npy", "cls", "json")]
+    assert tarfile.open(paths[0]).getnames()[:5] == [f"000000000.{e}" for e in
+                                                     ("npy", "cls", "boxes.npy", "classes.npy", "meta.json")]
     train, val, info = build_datasets(DataConfig(spec=f"shards:{shards}/val-{{000000..000004}}.tar"))
     assert info.boxes and info.max_objects == src.info.max_objects and info.classes == src.info.classes
-    for (x, y, t), i in zip(train, range(400), strict=True):
-        a = src[i]
-        assert torch.equal(x, a[0]) and y == a[1]
-        assert torch.equal(t["boxes"], a[2]["boxes"]) and torch.equal(t["classes"], a[2]["classes"])
-        assert t["meta"] == a[2]["meta"]
+    for item, i in zip(train, range(400), strict=True):
+        assert same(item, src[i])                     # boxes, classes and meta (its tuples too) exactly
     assert len(val) == 100
     out = tmp_path / "run"
     assert main(["train", "detect", "--data", f"shards:{shards}/val-{{000000..000004}}.tar", "--out", str(out),
                  "--model", "nano", "--steps", "3", "--quiet", "--set", "train.batch_size=8",
                  "--set", "train.warmup=1", "--set", "detect.max_objects=4"]) == 0
     assert "AP50" in json.loads((out / "metrics.json").read_text())
-    # A damaged target is one line naming the sample.
+    # A damaged member is one line naming the sample and the member.
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "meta.json").write_text((shards / "meta.json").read_text())
     with tarfile.open(paths[0]) as t, tarfile.open(bad / "val-000000.tar", "w") as w:
-        for m in t.getmembers()[:3]:
+        for m in t.getmembers()[:5]:
             data = t.extractfile(m).read()
             if m.name.endswith(".json"):
                 data = b"{not json"
                 m.size = len(data)
             w.addfile(m, io.BytesIO(data))
-    with pytest.raises(DataError, match="000000000: unreadable detection target"):
+    with pytest.raises(DataError, match=r"000000000: unreadable \.meta\.json member"):
         next(iter(build_datasets(DataConfig(spec=f"shards:{bad}/val-000000.tar", val_spec="digit-scenes"))[0]))
+
+
+def legacy_shard(path, items) -> None:
+    """A shard as `patchgpt shard` wrote them before fields were generic: {key}.npy, .cls, and .txt or a .json
+    detection target (boxes, classes, meta)."""
+    with tarfile.open(path, "w") as tar:
+        for i, it in enumerate(items):
+            buf = io.BytesIO()
+            np.save(buf, it["image"].numpy().astype(np.float32), allow_pickle=False)
+            members = {"npy": buf.getvalue(), "cls": str(it["label"]).encode()}
+            if "boxes" in it:
+                members["json"] = json.dumps({"boxes": it["boxes"].tolist(), "classes": it["classes"].tolist(),
+                                              "meta": it["meta"]}).encode()
+            if "text" in it:
+                members["txt"] = it["text"].encode()
+            for ext, data in members.items():
+                ti = tarfile.TarInfo(f"{i:09d}.{ext}")
+                ti.size = len(data)
+                tar.addfile(ti, io.BytesIO(data))
+
+
+def test_shards_of_the_earlier_format_still_read_exactly(tmp_path):
+    for spec in ("digit-scenes", "digits"):
+        src = Subset(build_datasets(DataConfig(spec=spec))[1], list(range(30)))
+        out = tmp_path / spec
+        write_shards(src, out, per_shard=1000)                           # for its meta.json
+        legacy_shard(out / "train-000000.tar", [src[i] for i in range(30)])
+        got = all_items(expand(str(out)), build_datasets(DataConfig(spec=f"shards:{out}", val_spec=spec))[2])
+        assert len(got) == 30 and all(same(got[i], src[i]) for i in range(30))
+    bad = tmp_path / "bad"
+    write_shards(Subset(src, [0]), bad)
+    legacy_shard(bad / "train-000000.tar", [src[0]])
+    with tarfile.open(bad / "train-000000.tar", "a") as tar:
+        ti = tarfile.TarInfo("000000001.json")
+        ti.size = 9
+        tar.addfile(ti, io.BytesIO(b"{not json"))
+    with pytest.raises(DataError, match="000000001: unreadable detection target"):
+        list(build_datasets(DataConfig(spec=f"shards:{bad}", val_spec="digits"))[0])
+
+
+class Quiz(ImageSet):
+    """Items with fields no source has: a question, a variable-length mask, a score, a flag, a nested dict."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.info = DataInfo(channels=3, image_size=(4, 4), classes=None)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict:
+        g = torch.Generator().manual_seed(i)
+        return {"image": torch.rand(3, 4, 4, generator=g) * 2 - 1, "label": -1, "question": f"what is {i}? é",
+                "mask": torch.rand(i % 3, 4, generator=g) > 0.5, "score": 0.1 * i, "flag": i % 2 == 0,
+                "extra": {"pair": (i, 0.5), "list": [1, [2, (3,)]], "none": None}}
+
+
+def test_a_new_field_round_trips_through_shards_and_collate_with_no_edit(tmp_path):
+    src = Quiz(7)
+    write_shards(src, tmp_path, per_shard=4)
+    names = tarfile.open(tmp_path / "train-000000.tar").getnames()[:7]
+    assert names == [f"000000000.{e}" for e in ("npy", "cls", "question.txt", "mask.npy", "score.json",
+                                                 "flag.json", "extra.json")]
+    train, _, _ = build_datasets(DataConfig(spec=f"shards:{tmp_path}", val_spec=f"shards:{tmp_path}"))
+    got = list(train)
+    assert len(got) == 7 and all(same(got[i], src[i]) for i in range(7))
+    want = collate([src[i] for i in range(3)])
+    assert same(collate(got[:3]), want) and want["mask"].shape == (3, 2, 4) and want["question"][2] == "what is 2? é"
+    batch = next(stream_batches(train, 3, seed=0, shuffle=False))   # the DataLoader makes tuples lists
+    assert same({k: v for k, v in batch.items() if k != "extra"}, {k: v for k, v in want.items() if k != "extra"})
 
 
 def test_shard_refuses_bad_args(tmp_path):
@@ -172,5 +255,5 @@ def test_a_streamed_run_resumes_exactly(tmp_path):
         train(cfg, quiet=True, until=until)
         if until:
             train(cfg, quiet=True, resume=True)
-        runs[name] = checkpoint.load(tmp_path / name).state_dict()
+        runs[name] = load(tmp_path / name).state_dict()
     assert all(torch.equal(runs["full"][k], runs["part"][k]) for k in runs["full"])

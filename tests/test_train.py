@@ -24,7 +24,7 @@ def test_checkpoint_save_load_equality(tmp_path):
     assert (ckpt / "config.json").exists() and (ckpt / "model.safetensors").exists()
     assert not list((out / "checkpoints").glob(".tmp*"))
     a = patchgpt.load(out)
-    b = patchgpt.from_pretrained(ckpt)
+    b = patchgpt.load(ckpt)
     for k, v in a.state_dict().items():
         assert torch.equal(v, b.state_dict()[k])
     x = torch.rand(3, 1, 8, 8) * 2 - 1

@@ -169,11 +169,11 @@ def test_missing_pyav_is_a_one_line_hint(monkeypatch):
 def test_moving_digits_deterministic_and_first_move_shows_the_label():
     ds = MovingDigits(n=64, frames=6, size=16)
     assert ds.info.classes == DIRECTIONS and ds.info.frames == 6
-    x, y = ds[5]
-    assert x.shape == (6, 1, 16, 16) and torch.equal(MovingDigits(n=64, frames=6, size=16)[5][0], x)
+    x, y = ds[5]["video"], ds[5]["label"]
+    assert x.shape == (6, 1, 16, 16) and torch.equal(MovingDigits(n=64, frames=6, size=16)[5]["video"], x)
     grid = torch.arange(16, dtype=torch.float)
     for i in range(64):
-        x, y = ds[i]
+        x, y = ds[i]["video"], ds[i]["label"]
         ink = (x[:2, 0] + 1)                                              # (2, S, S) frames 0 and 1
         cy = (ink.sum(2) * grid).sum(1) / ink.sum((1, 2))                 # (2,) centroid rows
         cx = (ink.sum(1) * grid).sum(1) / ink.sum((1, 2))
@@ -202,7 +202,7 @@ def test_next_frame_rollout_with_cache_matches_recomputing(tmp_path):
     cfg = tiny_config("video-pretrain", tmp_path)
     ds = MovingDigits(n=4, frames=6, size=16)
     task = VideoPretrain(cfg, ds.info).eval()
-    video = torch.stack([ds[i][0] for i in range(2)])
+    video = torch.stack([ds[i]["video"] for i in range(2)])
     out = task.predict_frames(video, context=1)                            # (B, F, C, H, W)
     assert out.shape == video.shape and torch.equal(out[:, :2], video[:, :2])
     seq = task.input.encode(video)

@@ -1,20 +1,32 @@
-"""What every image source provides, the deterministic batch order, and the training augmentation.
+"""What every image source provides, the item and batch format, the deterministic batch order, and the
+training augmentation.
 
-Images leave the data layer as float tensors (C, H, W) in [-1, 1] with an int label (-1 = unlabeled).
-Batch order is a pure function of (seed, step), so a resumed run sees exactly the batches it would have
-seen, whatever the number of loader workers.
+An item is a dict keyed by field: ``"image"`` (C, H, W) float in [-1, 1] or ``"video"`` (F, C, H, W), ``"label"``
+(int, -1 = unlabeled), and whatever else the source carries (``"text"``: a caption; detection: ``"boxes"``
+(N, 4), ``"classes"`` (N,), ``"meta"``). None stands for an item skipped as unreadable. `collate` batches
+items by key, knowing no field but the pad values in `PAD`. Batch order is a pure function of (seed, step),
+so a resumed run sees exactly the batches it would have seen, whatever the number of loader workers.
 """
 
 from __future__ import annotations
 
+import numbers
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
+
+from ..rng import RowRNG
+
+Item = dict[str, Any]   # one data item, {"image" | "video": Tensor, "label": int, ...}
+
+# Pad value of fields whose tensors differ in length along their first dimension (default 0).
+PAD: dict[str, int | float] = {"classes": -1}
 
 
 class DataError(ValueError):
@@ -51,19 +63,23 @@ def skip_or_raise(info: DataInfo, on_error: str, e: DataError) -> None:
 
 
 class ImageSet(Dataset):
-    """A map-style dataset of (image (C, H, W) float in [-1, 1], label int) pairs."""
+    """A map-style dataset of items: dicts with ``"image"`` (C, H, W) float in [-1, 1] (or ``"video"``) and
+    ``"label"`` (int), or None for an item skipped as unreadable."""
 
     info: DataInfo
 
-    def images(self, n: int | None = None) -> Tensor:
-        """The first `n` images stacked (N, C, H, W) — for fitting palettes and probes' baselines.
+    def __getitem__(self, i: int) -> Item | None:
+        raise NotImplementedError
 
-        Items that come back as None (files skipped at decode time) are left out."""
+    def images(self, n: int | None = None) -> Tensor:
+        """The first `n` images (N, C, H, W) or clips (N, F, C, H, W) stacked — for fitting palettes and
+        probes' baselines. Items that come back as None (files skipped at decode time) are left out."""
         n = len(self) if n is None else min(n, len(self))
-        return torch.stack([item[0] for item in (self[i] for i in range(n)) if item is not None])
+        return torch.stack([item[input_key(item)] for item in (self[i] for i in range(n)) if item is not None])
 
     def labels(self) -> Tensor:
-        return torch.tensor([self[i][1] for i in range(len(self))])
+        """Every item's label (N,)."""
+        return torch.tensor([self[i]["label"] for i in range(len(self))])
 
 
 class Subset(ImageSet):
@@ -108,53 +124,61 @@ def split(ds: ImageSet, val_fraction: float, seed: int) -> tuple[ImageSet, Image
     return Subset(ds, sorted(perm[n_val:])), Subset(ds, sorted(perm[:n_val]))
 
 
-def collate(items: list) -> dict:
-    """[(image, label[, caption | target]), ...] -> {"image": (B, C, H, W), "label": (B,)[, "text": [str]]}.
+def collate(items: list[Item | None]) -> dict:
+    """Items -> one batch, field by field: None items (files skipped as unreadable) are dropped, then
 
-    A detection target (a dict of ``boxes`` (N, 4), ``classes`` (N,), ``meta``) becomes ``boxes``
-    (B, Nmax, 4) and ``classes`` (B, Nmax) padded with class -1, and ``meta`` (a list). Clips (F, C, H, W)
-    become {"video": (B, F, C, H, W), "label": (B,)}. None items (files skipped as unreadable) are dropped.
+    - tensors of one shape are stacked (B, ...);
+    - tensors of different lengths N along their first dimension, or all of length 0, are padded with
+      ``PAD.get(key, 0)`` to the longest (at least 1) and stacked (B, Nmax, ...): detection ``boxes`` become
+      (B, Nmax, 4) zero-padded and ``classes`` (B, Nmax) padded with -1;
+    - Python numbers become a tensor (B,) (``label``: long);
+    - anything else (captions, detection ``meta``) becomes a list.
+
+    A batch whose every item was skipped is ``{}`` (`batch_len` 0).
     """
     items = [it for it in items if it is not None]
     if not items:
-        return {"image": torch.zeros(0), "label": torch.zeros(0, dtype=torch.long)}
-    key = "video" if items[0][0].dim() == 4 else "image"
-    batch = {key: torch.stack([it[0] for it in items]),
-             "label": torch.tensor([it[1] for it in items], dtype=torch.long)}
-    if len(items[0]) > 2 and isinstance(items[0][2], dict):
-        batch.update(pad_targets([it[2] for it in items]))
-    elif len(items[0]) > 2:
-        batch["text"] = [it[2] for it in items]
-    return batch
+        return {}
+    keys = items[0].keys()
+    for it in items:
+        if it.keys() != keys:
+            raise DataError(f"items of one batch have different fields: {sorted(keys)} and {sorted(it.keys())}")
+    return {k: collate_field(k, [it[k] for it in items]) for k in keys}
 
 
-def pad_targets(targets: list[dict]) -> dict:
-    """Detection targets of one batch -> padded ``boxes`` (B, N, 4), ``classes`` (B, N) (-1 = none), ``meta``."""
-    n = max([len(t["classes"]) for t in targets] + [1])
-    boxes = torch.zeros(len(targets), n, 4)
-    classes = torch.full((len(targets), n), -1, dtype=torch.long)
-    for b, t in enumerate(targets):
-        k = len(t["classes"])
-        boxes[b, :k], classes[b, :k] = t["boxes"], t["classes"]
-    return {"boxes": boxes, "classes": classes, "meta": [t["meta"] for t in targets]}
+def collate_field(key: str, values: list) -> Any:
+    """One field of a batch's items -> a stacked, padded-and-stacked tensor or a list (see `collate`)."""
+    first = values[0]
+    if torch.is_tensor(first):
+        if all(v.shape == first.shape for v in values) and (first.dim() == 0 or first.shape[0] > 0):
+            return torch.stack(values)
+        return pad_stack(values, PAD.get(key, 0), key)
+    if isinstance(first, numbers.Number):
+        return torch.tensor(values)   # ints -> long, floats -> float32, bools -> bool
+    return list(values)
+
+
+def pad_stack(values: list[Tensor], pad: int | float, key: str = "field") -> Tensor:
+    """Tensors (N_b, ...) -> (B, max(N_b, 1), ...) filled with `pad` past each one's length."""
+    tail = values[0].shape[1:]
+    if any(v.dim() == 0 or v.shape[1:] != tail for v in values):
+        raise DataError(f"{key!r}: cannot batch tensors of shapes {sorted({tuple(v.shape) for v in values})}")
+    n = max([len(v) for v in values] + [1])
+    out = torch.full((len(values), n, *tail), pad, dtype=values[0].dtype)
+    for b, v in enumerate(values):
+        out[b, :len(v)] = v
+    return out
 
 
 def input_key(batch: dict) -> str:
-    """The batch's pixel input: "video" for clips, else "image"."""
+    """The pixel input of a batch or an item: "video" for clips, else "image"."""
     return "video" if "video" in batch else "image"
 
 
 def batch_len(batch: dict) -> int:
     """Items in a batch (0 for a batch whose every file was skipped)."""
-    x = batch[input_key(batch)]
-    return x.shape[0] if x.numel() else 0
-
-
-def rows(batch: dict) -> tuple[int, int]:
-    """(first, total): this batch is rows first..first+B-1 of a global batch of `total` split over processes.
-
-    Per-row random draws made for all `total` rows and sliced give each item what one process gives it."""
-    return batch.get("rows", (0, batch_len(batch)))
+    x = batch.get(input_key(batch))
+    return x.shape[0] if x is not None and x.numel() else 0
 
 
 def to_device(batch: dict, device: torch.device | str) -> dict:
@@ -218,24 +242,24 @@ def eval_batches(ds: ImageSet, batch_size: int, num_workers: int = 0) -> Iterato
                            num_workers=num_workers))
 
 
-def augment(images: Tensor, gen: torch.Generator, shift: int = 1, flip: bool = False,
-            rows: tuple[int, int] | None = None) -> Tensor:
+def augment(images: Tensor, rng: RowRNG | None, shift: int = 1, flip: bool = False) -> Tensor:
     """Random translation by up to `shift` pixels (edge-replicated) and optional horizontal flips.
 
-    Clips (B, F, C, H, W) get one shift and flip per clip, the same for all its frames. ``rows=(first,
-    total)`` says these B images are rows first..first+B-1 of a batch of `total` split over processes: the
-    draws are made for all `total` rows and sliced, so each image gets what a one-process run gives it."""
+    Clips (B, F, C, H, W) get one shift and flip per clip, the same for all its frames. The draws are made
+    for the whole global batch and this process's rows taken (`RowRNG`), so each image gets what a
+    one-process run gives it. ``rng=None`` returns the images unchanged."""
+    if rng is None:
+        return images
     if images.dim() == 5:
         B, F_, C, H, W = images.shape
-        out = augment(images.reshape(B, F_ * C, H, W), gen, shift, flip, rows)   # frames folded into channels
+        out = augment(images.reshape(B, F_ * C, H, W), rng, shift, flip)   # frames folded into channels
         return out.reshape(B, F_, C, H, W)
     B, C, H, W = images.shape
-    first, total = rows if rows is not None else (0, B)
     if shift > 0:
         padded = F.pad(images, (shift, shift, shift, shift), mode="replicate")   # (B, C, H+2s, W+2s)
-        offs = torch.randint(0, 2 * shift + 1, (total, 2), generator=gen)[first:first + B].tolist()
+        offs = rng.randint(0, 2 * shift + 1, B, 2).tolist()
         images = torch.stack([padded[b, :, dy:dy + H, dx:dx + W] for b, (dy, dx) in enumerate(offs)])
     if flip:
-        mask = (torch.rand(total, generator=gen) < 0.5)[first:first + B].to(images.device)
+        mask = (rng.rand(B) < 0.5).to(images.device)
         images = torch.where(mask[:, None, None, None], images.flip(-1), images)
     return images

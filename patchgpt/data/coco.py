@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from .base import DataError, DataInfo, ImageSet, skip_or_raise
+from .base import DataError, DataInfo, ImageSet, Item, skip_or_raise
 from .images import load_pil, to_mode, to_tensor
 
 _TOLERANCE = 1.0  # pixels a box may stick out of its image (rounding in exporters) before it is an error
@@ -50,7 +50,8 @@ def _check_annotation(a: dict, images: dict, cats: dict) -> str | None:
 
 
 class CocoDetection(ImageSet):
-    """Images of a COCO annotation file with their boxes; items are (image, -1, target) like `DigitScenes`.
+    """Images of a COCO annotation file with their boxes; items are {"image", "label": -1, "boxes", "classes",
+    "meta"} like `DigitScenes`.
 
     Args:
         ann_file: the instances JSON.
@@ -139,7 +140,7 @@ class CocoDetection(ImageSet):
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, i: int) -> Item | None:
         rec = self.records[i]
         path = self._path(rec["file_name"])
         try:
@@ -165,9 +166,9 @@ class CocoDetection(ImageSet):
             boxes.append([(x0 * sx + ox) / S, (y0 * sy + oy) / S, (x1 * sx + ox) / S, (y1 * sy + oy) / S])
             classes.append(self.cat_to_class[a["category_id"]])
         meta = {**tf, "image_id": rec["id"], "gt": gt, "file": str(path)}   # tf: width, height, scale, offset
-        target = {"boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4).clamp(0, 1),
-                  "classes": torch.tensor(classes, dtype=torch.long), "meta": meta}
-        return image, -1, target
+        return {"image": image, "label": -1,
+                "boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4).clamp(0, 1),   # (N, 4)
+                "classes": torch.tensor(classes, dtype=torch.long), "meta": meta}
 
 
 def letterbox(im: Image.Image, size: int, resize: str = "pad") -> tuple[Image.Image, dict]:

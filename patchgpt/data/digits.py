@@ -7,14 +7,14 @@ from __future__ import annotations
 
 import torch
 
-from .base import DataInfo, ImageSet
+from .base import DataInfo, ImageSet, Item
 
 DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
 
 class Digits(ImageSet):
-    """All 1,797 digits as (1, 8, 8) images in [-1, 1] (ink is bright), labels 0-9, and captions
-    ("the digit seven") for text-conditioned generation."""
+    """All 1,797 digits as items {"image": (1, 8, 8) in [-1, 1] (ink is bright), "label": 0-9, "text": a
+    caption ("the digit seven") for text-conditioned generation}."""
 
     def __init__(self) -> None:
         from sklearn.datasets import load_digits
@@ -29,9 +29,9 @@ class Digits(ImageSet):
     def __len__(self) -> int:
         return len(self.y)
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, i: int) -> Item:
         y = int(self.y[i])
-        return self.x[i], y, f"the digit {DIGIT_NAMES[y]}"
+        return {"image": self.x[i], "label": y, "text": f"the digit {DIGIT_NAMES[y]}"}
 
     def images(self, n: int | None = None) -> torch.Tensor:
         return self.x[:n]

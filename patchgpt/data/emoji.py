@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from .base import DataError, DataInfo, ImageSet
+from .base import DataError, DataInfo, ImageSet, Item
 from .images import resize, to_tensor
 
 FONT_PATHS = ["/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf",
@@ -45,7 +45,8 @@ def render(ch: str, font: ImageFont.FreeTypeFont, canvas: int = 136) -> Image.Im
 
 
 class Emoji(ImageSet):
-    """All renderable single-code-point emoji as (3, S, S) images in [-1, 1] with their names as captions."""
+    """All renderable single-code-point emoji as items {"image": (3, S, S) in [-1, 1], "label": its index,
+    "text": its name}."""
 
     def __init__(self, size: int = 16, limit: int | None = None) -> None:
         font = ImageFont.truetype(str(find_font()), size=109)  # the colour bitmap strike of Noto Color Emoji
@@ -78,8 +79,8 @@ class Emoji(ImageSet):
     def __len__(self) -> int:
         return len(self.captions)
 
-    def __getitem__(self, i: int):
-        return self.x[i], i, self.captions[i]
+    def __getitem__(self, i: int) -> Item:
+        return {"image": self.x[i], "label": i, "text": self.captions[i]}
 
     def images(self, n: int | None = None) -> torch.Tensor:
         return self.x[:n]

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .base import DataError, DataInfo, ImageSet
+from .base import DataError, DataInfo, ImageSet, Item
 
 _DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
@@ -67,7 +67,7 @@ def find_idx(root: str | Path) -> dict[str, tuple[Path, Path | None]]:
 
 
 class IdxImages(ImageSet):
-    """IDX images (N, H, W) or (N, H, W, C) of uint8, with optional IDX labels (N,)."""
+    """IDX images (N, H, W) or (N, H, W, C) of uint8, with optional IDX labels (N,): items {"image", "label"}."""
 
     def __init__(self, images: str | Path, labels: str | Path | None = None, classes: list[str] | None = None,
                  channels: int = 0, size: int = 0, resize: str = "crop") -> None:
@@ -110,8 +110,8 @@ class IdxImages(ImageSet):
     def __len__(self) -> int:
         return len(self.x)
 
-    def __getitem__(self, i: int):
-        return self.x[i], int(self.y[i])
+    def __getitem__(self, i: int) -> Item:
+        return {"image": self.x[i], "label": int(self.y[i])}
 
     def images(self, n: int | None = None) -> torch.Tensor:
         return self.x[:n]

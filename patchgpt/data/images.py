@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from .base import DataError, DataInfo, ImageSet, skip_or_raise
+from .base import DataError, DataInfo, ImageSet, Item, skip_or_raise
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 
@@ -115,7 +115,7 @@ def scan_class_folder(root: Path, exts: set[str], spec: str, what: str) -> tuple
 
 
 class ImageFolder(ImageSet):
-    """Images under `root`, decoded on access.
+    """Images under `root`, decoded on access: items {"image": (C, S, S) in [-1, 1], "label"}.
 
     Unreadable files found while scanning (Pillow cannot identify or verify them) stop the run with one
     line naming the file (``on_error="stop"``) or are skipped and counted in ``info.skipped``
@@ -157,10 +157,10 @@ class ImageFolder(ImageSet):
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, i: int) -> Item | None:
         path, label = self.files[i]
         try:
-            return load_image(path, self.channels, self.size, self.policy), label
+            return {"image": load_image(path, self.channels, self.size, self.policy), "label": label}
         except DataError as e:
             skip_or_raise(self.info, self.on_error, e)
             return None

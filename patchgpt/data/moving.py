@@ -12,14 +12,14 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .base import DataError, DataInfo, ImageSet
+from .base import DataError, DataInfo, ImageSet, Item
 
 DIRECTIONS = ["up", "up-right", "right", "down-right", "down", "down-left", "left", "up-left"]
 STEPS = [(-1, 0), (-1, 1), (0, 1), (1, 1), (1, 0), (1, -1), (0, -1), (-1, -1)]   # (dy, dx) per direction
 
 
 class MovingDigits(ImageSet):
-    """`n` clips (F, 1, S, S) in [-1, 1] (ink bright) with direction labels 0-7 (see `DIRECTIONS`).
+    """`n` items {"video": (F, 1, S, S) in [-1, 1] (ink bright), "label": direction 0-7 (see `DIRECTIONS`)}.
 
     Args:
         n: number of clips.
@@ -59,9 +59,9 @@ class MovingDigits(ImageSet):
             x, vx = _bounce(x + vx, vx, room)
         return out, label
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, i: int) -> Item:
         frames, label = self.clip(i)
-        return torch.from_numpy(frames)[:, None], label   # (F, S, S) -> (F, 1, S, S)
+        return {"video": torch.from_numpy(frames)[:, None], "label": label}   # (F, S, S) -> (F, 1, S, S)
 
     def labels(self) -> torch.Tensor:
         return torch.tensor([self.clip(i)[1] for i in range(self.n)])

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .base import DataInfo, ImageSet, split
+from .base import DataInfo, ImageSet, Item, split
 from .digits import Digits
 
 
@@ -25,10 +25,9 @@ def _iou(a: tuple, b: tuple) -> float:
 
 
 class DigitScenes(ImageSet):
-    """Scenes (1, S, S) in [-1, 1] with boxes; items are (image, -1, target).
-
-    ``target``: ``boxes`` (N, 4) normalized xyxy, ``classes`` (N,), and ``meta`` (image id, the canvas size,
-    and the ground truth in pixels as COCO annotations for evaluation).
+    """Scenes with boxes; items are {"image": (1, S, S) in [-1, 1], "label": -1, "boxes": (N, 4) normalized
+    xyxy, "classes": (N,), "meta": image id, the canvas size, and the ground truth in pixels as COCO annotations
+    for evaluation}.
 
     Args:
         digits: the source digits (images in [-1, 1], ink bright) and labels.
@@ -54,7 +53,7 @@ class DigitScenes(ImageSet):
     def __len__(self) -> int:
         return self.n
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, i: int) -> Item:
         if not 0 <= i < self.n:
             raise IndexError(i)
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
@@ -74,7 +73,7 @@ class DigitScenes(ImageSet):
             else:
                 continue
             j = int(torch.randint(0, len(self.digits), (1,), generator=g))
-            img = (self.digits[j][0][0] + 1) / 2                                   # (8, 8) in [0, 1]
+            img = (self.digits[j]["image"][0] + 1) / 2                            # (8, 8) in [0, 1]
             big = F.interpolate(img[None, None], size=(s, s), mode="bilinear",
                                 align_corners=False)[0, 0].clamp(0, 1)            # (s, s)
             ink = big > 0.2
@@ -89,8 +88,8 @@ class DigitScenes(ImageSet):
         gt = [{"bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]], "category_id": c + 1, "iscrowd": 0}
               for b, c in zip(boxes, classes, strict=True)]
         meta = {"image_id": i, "width": S, "height": S, "scale": (1.0, 1.0), "offset": (0.0, 0.0), "gt": gt}
-        target = {"boxes": px / S, "classes": torch.tensor(classes, dtype=torch.long), "meta": meta}
-        return canvas[None] * 2 - 1, -1, target                                  # (1, S, S) in [-1, 1]
+        return {"image": canvas[None] * 2 - 1, "label": -1,                     # (1, S, S) in [-1, 1]
+                "boxes": px / S, "classes": torch.tensor(classes, dtype=torch.long), "meta": meta}
 
 
 def digit_scenes(size: int = 64, n_train: int = 16000, n_val: int = 500, val_fraction: float = 0.2,

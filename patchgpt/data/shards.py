@@ -1,11 +1,11 @@
 """WebDataset-style tar shards: `patchgpt shard` writes them, the ``shards:PATTERN`` data spec streams them.
 
 For sets larger than memory or local disk. A shard is a plain tar whose consecutive members share a key
-(the WebDataset convention, webdataset/webdataset): ``{key}.png`` for images that 8-bit PNG holds exactly,
-``{key}.npy`` (float32) for anything else (clips, sources with other levels such as `digits`),
-``{key}.cls`` the label as text, ``{key}.txt`` the caption and ``{key}.json`` a detection target (boxes,
-classes and the item's meta with its ground truth in original pixels). ``meta.json`` beside the shards holds
-the `DataInfo` and each shard's item count. Decoded items equal the source's items bit for bit.
+(the WebDataset convention, webdataset/webdataset): one member per field of the item, ``{key}.png`` the image
+(``.npy`` when 8-bit PNG cannot hold it exactly, and for clips), ``{key}.cls`` the label, ``{key}.txt`` the
+caption, and ``{key}.{field}.{format}`` any other field (detection: ``.boxes.npy``, ``.classes.npy``,
+``.meta.json``); `members` has the formats. ``meta.json`` beside the shards holds the `DataInfo` and each
+shard's item count. Decoded items equal the source's items bit for bit.
 
 Reading: rank r of `world`, DataLoader worker w of `nw` is reader g = r * nw + w of G = world * nw. With at
 least G shards each reader takes shards g, g + G, ...; with fewer, every reader walks all shards and keeps
@@ -28,39 +28,16 @@ from collections.abc import Iterator
 from itertools import count
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .base import DataError, DataInfo, ImageSet, collate
+from .base import DataError, DataInfo, ImageSet, Item, collate, input_key
+from .members import decode, item_members
 
 META = "meta.json"
 
 
 # ---- writing ------------------------------------------------------------------------------------------
-
-def _u8_exact(x: torch.Tensor) -> np.ndarray | None:
-    """`x` (C, H, W) in [-1, 1] as an (H, W[, C]) uint8 array if ``u8 / 127.5 - 1`` gives back `x` exactly."""
-    if x.dim() != 3 or x.shape[0] not in (1, 3, 4):
-        return None
-    u8 = torch.round((x + 1) * 127.5).clamp(0, 255).to(torch.uint8)
-    if not torch.equal(u8.float() / 127.5 - 1.0, x):
-        return None
-    a = u8.permute(1, 2, 0).numpy()                                   # (C, H, W) -> (H, W, C)
-    return a[:, :, 0] if a.shape[2] == 1 else a
-
-
-def _encode(x: torch.Tensor) -> tuple[str, bytes]:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    a = _u8_exact(x)
-    if a is not None:
-        Image.fromarray(a).save(buf, format="PNG")
-        return "png", buf.getvalue()
-    np.save(buf, x.detach().cpu().numpy().astype(np.float32), allow_pickle=False)
-    return "npy", buf.getvalue()
-
 
 def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     ti = tarfile.TarInfo(name)
@@ -72,24 +49,6 @@ def _atomic_json(path: Path, obj) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(obj, indent=2))
     os.replace(tmp, path)
-
-
-def _target_json(t: dict) -> bytes:
-    """A detection target as JSON: float32 boxes go through Python floats (doubles), so they come back exactly."""
-    return json.dumps({"boxes": t["boxes"].tolist(), "classes": t["classes"].tolist(), "meta": t["meta"]}).encode()
-
-
-def _target(raw: bytes, key: str) -> dict:
-    try:
-        t = json.loads(raw)
-        meta = t["meta"]
-        for k in ("scale", "offset"):   # JSON has no tuples
-            if isinstance(meta.get(k), list):
-                meta[k] = tuple(meta[k])
-        return {"boxes": torch.tensor(t["boxes"], dtype=torch.float32).reshape(-1, 4),
-                "classes": torch.tensor(t["classes"], dtype=torch.long), "meta": meta}
-    except (ValueError, KeyError, TypeError, RuntimeError) as e:
-        raise DataError(f"shard sample {key}: unreadable detection target ({e})") from None
 
 
 def write_shards(ds: ImageSet, out_dir: str | Path, per_shard: int = 1000, prefix: str = "train") -> list[Path]:
@@ -116,14 +75,8 @@ def write_shards(ds: ImageSet, out_dir: str | Path, per_shard: int = 1000, prefi
             tar = tarfile.open(tmp, "w")
             paths.append(out / name)
             counts[name] = 0
-        key = f"{idx:09d}"
-        ext, data = _encode(item[0])
-        _add(tar, f"{key}.{ext}", data)
-        _add(tar, f"{key}.cls", str(int(item[1])).encode())
-        if len(item) > 2 and isinstance(item[2], dict):   # a detection target
-            _add(tar, f"{key}.json", _target_json(item[2]))
-        elif len(item) > 2 and item[2] is not None:
-            _add(tar, f"{key}.txt", str(item[2]).encode("utf-8"))
+        for name, data in item_members(item, f"{idx:09d}"):
+            _add(tar, name, data)
         counts[paths[-1].name] += 1
         idx += 1
         if counts[paths[-1].name] == per_shard:
@@ -223,28 +176,6 @@ def _samples(path: Path) -> Iterator[dict]:
         raise DataError(f"{path}: unreadable shard ({e})") from None
 
 
-def decode(sample: dict, info: DataInfo) -> tuple:
-    """A raw sample -> (image (C, H, W) or clip (F, C, H, W) float in [-1, 1], label[, caption | target])."""
-    from PIL import Image
-
-    from .images import to_tensor
-
-    if "png" in sample:
-        x = to_tensor(Image.open(io.BytesIO(sample["png"])))
-    elif "npy" in sample:
-        x = torch.from_numpy(np.load(io.BytesIO(sample["npy"]), allow_pickle=False))
-    else:
-        raise DataError(f"shard sample {sample['__key__']}: no .png or .npy member")
-    label = int(sample["cls"]) if "cls" in sample else -1
-    if info.boxes:
-        if "json" not in sample:
-            raise DataError(f"shard sample {sample['__key__']}: no .json detection target")
-        return x, label, _target(sample["json"], sample["__key__"])
-    if info.captions:
-        return x, label, sample.get("txt", b"").decode("utf-8")
-    return x, label
-
-
 class ShardSet(IterableDataset):
     """The items of some shards as a stream (`stream_batches` batches it for training)."""
 
@@ -254,16 +185,16 @@ class ShardSet(IterableDataset):
     def __len__(self) -> int:
         return self.total if self.total is not None else 0
 
-    def __iter__(self) -> Iterator[tuple]:
+    def __iter__(self) -> Iterator[Item]:
         for p in self.paths:
             for s in _samples(p):
                 yield decode(s, self.info)
 
     def images(self, n: int | None = None) -> torch.Tensor:
-        """The first `n` images stacked (for fitting a colour palette)."""
+        """The first `n` images (N, C, H, W) or clips stacked (for fitting a colour palette)."""
         out = []
         for item in self:
-            out.append(item[0])
+            out.append(item[input_key(item)])
             if n is not None and len(out) >= n:
                 break
         return torch.stack(out)
@@ -272,13 +203,13 @@ class ShardSet(IterableDataset):
 class MemorySet(ImageSet):
     """Shards read fully into memory: map-style, for validation."""
 
-    def __init__(self, items: list[tuple], info: DataInfo) -> None:
+    def __init__(self, items: list[Item], info: DataInfo) -> None:
         self.items, self.info = items, info
 
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, i: int) -> Item:
         return self.items[i]
 
 

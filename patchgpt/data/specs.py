@@ -1,9 +1,13 @@
 """Parse data specs (``digits``, ``folder:PATH``, ``idx:PATH``, ``emoji``, ``coco:ANN.json[:DIR]``,
-``digit-scenes``, ``videos:PATH``, ``moving-digits``, ``shards:PATTERN``) into train and validation sets."""
+``digit-scenes``, ``videos:PATH``, ``moving-digits``, ``shards:PATTERN``) into train and validation sets.
+
+`DATASETS` maps each spec's name (the part before ``:``) to a `Source`: its builder and one line of help.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 from ..config import DataConfig
 from .base import ConcatSet, DataError, DataInfo, ImageSet, split
@@ -11,23 +15,121 @@ from .digits import Digits
 from .idx import IdxImages, find_idx
 from .images import ImageFolder
 
-SPECS = {
-    "digits": "scikit-learn's bundled 8x8 handwritten digits (1,797 images, 10 classes)",
-    "folder:PATH": "your images: one subfolder per class, or a flat folder of unlabeled images",
-    "idx:PATH": "a folder of MNIST-format IDX files (train-images-idx3-ubyte[.gz], ...)",
-    "emoji": "colour emoji rendered from the Noto Color Emoji font, captioned with their Unicode names",
-    "coco:ANN.json[:IMAGES_DIR]": "COCO instance annotations (detection); images next to the JSON by default",
-    "digit-scenes": "detection scenes: 1-4 real handwritten digits pasted on 64x64 canvases, exact boxes",
-    "videos:PATH": "your video clips (mp4, avi, webm, mkv, gif): one subfolder per class, or a flat folder",
-    "moving-digits": "bundled digits moving and bouncing on a canvas, labelled by direction (8 classes)",
-    "shards:PATTERN": "streamed tar shards written by `patchgpt shard` (a dir, glob, or train-{000000..000009}.tar)",
-}
+Built = tuple[ImageSet, ImageSet, DataInfo]   # (train, validation, info); shards: train is a stream
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """One data source: ``build(cfg, arg, classes) -> (train, val, info)``, one line of help, and the
+    placeholder of the argument after ``name:`` ("" for a spec that takes none)."""
+
+    build: Callable[[DataConfig, str, list[str] | None], Built]
+    help: str
+    arg: str = ""
+
+    @property
+    def takes_arg(self) -> bool:
+        return bool(self.arg)
+
+    def usage(self, name: str) -> str:
+        """How the spec is written: ``name`` or ``name:ARG``."""
+        return f"{name}:{self.arg}" if self.arg else name
+
+
+def _split(cfg: DataConfig, ds: ImageSet) -> Built:
+    """A source without its own validation split: `cfg.val_fraction` of it held out by a seeded permutation."""
+    train, val = split(ds, cfg.val_fraction, cfg.split_seed)
+    return train, val, ds.info
+
+
+def _digits(cfg: DataConfig, arg: str, classes: list[str] | None) -> Built:
+    if cfg.image_size not in (0, 8) or cfg.channels not in (0, 1):
+        raise DataError("digits are 8x8 grayscale; data.image_size/data.channels apply to other sources")
+    return _split(cfg, Digits())
+
+
+def _folder(cfg: DataConfig, arg: str, classes: list[str] | None) -> Built:
+    return _split(cfg, ImageFolder(arg, channels=cfg.channels or 3, size=cfg.image_size or 32, resize=cfg.resize,
+                                   on_error=cfg.on_error))
+
+
+def _idx(cfg: DataConfig, arg: str, classes: list[str] | None) -> Built:
+    found = find_idx(arg)
+    kw = dict(channels=cfg.channels, size=cfg.image_size, resize=cfg.resize)
+    train = IdxImages(*found["train"], **kw)
+    if "test" in found:
+        return train, IdxImages(*found["test"], classes=train.info.classes, **kw), train.info
+    return _split(cfg, train)
+
+
+def _emoji(cfg: DataConfig, arg: str, classes: list[str] | None) -> Built:
+    from .emoji import Emoji
+
+    return _split(cfg, Emoji(size=cfg.image_size or 16))
 
 
 def _coco_args(arg: str) -> tuple[str, str | None]:
     """``ANN.json[:IMAGES_DIR]`` -> (annotation file, images dir or None)."""
     i = arg.lower().find(".json:")
     return (arg[:i + 5], arg[i + 6:]) if i >= 0 else (arg, None)
+
+
+def _coco(cfg: DataConfig, arg: str, classes: list[str] | None) -> Built:
+    from .coco import CocoDetection
+
+    ann, images_dir = _coco_args(arg)
+    return _split(cfg, CocoDetection(ann, images_dir, channels=cfg.channels or 3, size=cfg.image_size or 64,
+                                     resize=cfg.resize, on_error=cfg.on_error, classes=classes))
+
+
+def _digit_scenes(cfg: DataConfig, arg: str, classes: list[str] | None) -> Built:
+    from .scenes import digit_scenes
+
+    if cfg.channels not in (0, 1):
+        raise DataError("digit-scenes are grayscale; data.channels does not apply")
+    train, val = digit_scenes(size=cfg.image_size or 64, split_seed=cfg.split_seed)
+    return train, val, train.info
+
+
+def _videos(cfg: DataConfig, arg: str, classes: list[str] | None) -> Built:
+    from .video import VideoFolder
+
+    return _split(cfg, VideoFolder(arg, frames=cfg.frames or 8, size=cfg.image_size or 32,
+                                   channels=cfg.channels or 3, resize=cfg.resize, stride=cfg.frame_stride,
+                                   on_error=cfg.on_error))
+
+
+def _moving_digits(cfg: DataConfig, arg: str, classes: list[str] | None) -> Built:
+    from .moving import MovingDigits
+
+    if cfg.channels not in (0, 1):
+        raise DataError("moving-digits are grayscale; data.channels applies to other sources")
+    return _split(cfg, MovingDigits(frames=cfg.frames or 4, size=cfg.image_size or 16))
+
+
+def _shards(cfg: DataConfig, arg: str, classes: list[str] | None) -> Built:
+    from .shards import shard_sets
+
+    return shard_sets(arg, cfg.val_fraction)
+
+
+DATASETS: dict[str, Source] = {
+    "digits": Source(_digits, "scikit-learn's bundled 8x8 handwritten digits (1,797 images, 10 classes)"),
+    "folder": Source(_folder, "your images: one subfolder per class, or a flat folder of unlabeled images", "PATH"),
+    "idx": Source(_idx, "a folder of MNIST-format IDX files (train-images-idx3-ubyte[.gz], ...)", "PATH"),
+    "emoji": Source(_emoji, "colour emoji rendered from the Noto Color Emoji font, captioned with their Unicode "
+                            "names"),
+    "coco": Source(_coco, "COCO instance annotations (detection); images next to the JSON by default",
+                   "ANN.json[:IMAGES_DIR]"),
+    "digit-scenes": Source(_digit_scenes, "detection scenes: 1-4 real handwritten digits pasted on 64x64 "
+                                          "canvases, exact boxes"),
+    "videos": Source(_videos, "your video clips (mp4, avi, webm, mkv, gif): one subfolder per class, or a flat "
+                              "folder", "PATH"),
+    "moving-digits": Source(_moving_digits, "bundled digits moving and bouncing on a canvas, labelled by direction "
+                                            "(8 classes)"),
+    "shards": Source(_shards, "streamed tar shards written by `patchgpt shard` (a dir, glob, or "
+                              "train-{000000..000009}.tar)", "PATTERN"),
+}
 
 
 def build_datasets(cfg: DataConfig, classes: list[str] | None = None) -> tuple[ImageSet, ImageSet, DataInfo]:
@@ -60,70 +162,13 @@ def whole_dataset(cfg: DataConfig, spec: str, classes: list[str] | None = None) 
 
 
 def _build(cfg: DataConfig, spec: str, classes: list[str] | None = None,
-           val_fraction: float | None = None) -> tuple[ImageSet, ImageSet, DataInfo]:
+           val_fraction: float | None = None) -> Built:
     spec = spec.strip()
     if val_fraction is not None:
         cfg = dataclasses.replace(cfg, val_fraction=val_fraction)
-    kind, _, arg = spec.partition(":")
-    if kind == "digits" and not arg:
-        if cfg.image_size not in (0, 8) or cfg.channels not in (0, 1):
-            raise DataError("digits are 8x8 grayscale; data.image_size/data.channels apply to other sources")
-        ds = Digits()
-        train, val = split(ds, cfg.val_fraction, cfg.split_seed)
-        return train, val, ds.info
-    if kind == "emoji" and not arg:
-        from .emoji import Emoji
-
-        ds = Emoji(size=cfg.image_size or 16)
-        train, val = split(ds, cfg.val_fraction, cfg.split_seed)
-        return train, val, ds.info
-    if kind == "videos" and arg:
-        from .video import VideoFolder
-
-        ds = VideoFolder(arg, frames=cfg.frames or 8, size=cfg.image_size or 32, channels=cfg.channels or 3,
-                         resize=cfg.resize, stride=cfg.frame_stride, on_error=cfg.on_error)
-        train, val = split(ds, cfg.val_fraction, cfg.split_seed)
-        return train, val, ds.info
-    if kind == "moving-digits" and not arg:
-        from .moving import MovingDigits
-
-        if cfg.channels not in (0, 1):
-            raise DataError("moving-digits are grayscale; data.channels applies to other sources")
-        ds = MovingDigits(frames=cfg.frames or 4, size=cfg.image_size or 16)
-        train, val = split(ds, cfg.val_fraction, cfg.split_seed)
-        return train, val, ds.info
-    if kind == "folder" and arg:
-        ds = ImageFolder(arg, channels=cfg.channels or 3, size=cfg.image_size or 32, resize=cfg.resize,
-                         on_error=cfg.on_error)
-        train, val = split(ds, cfg.val_fraction, cfg.split_seed)
-        return train, val, ds.info
-    if kind == "idx" and arg:
-        found = find_idx(arg)
-        kw = dict(channels=cfg.channels, size=cfg.image_size, resize=cfg.resize)
-        train_ds = IdxImages(*found["train"], **kw)
-        if "test" in found:
-            val_ds = IdxImages(*found["test"], classes=train_ds.info.classes, **kw)
-            return train_ds, val_ds, train_ds.info
-        train, val = split(train_ds, cfg.val_fraction, cfg.split_seed)
-        return train, val, train_ds.info
-    if kind == "digit-scenes" and not arg:
-        from .scenes import digit_scenes
-
-        if cfg.channels not in (0, 1):
-            raise DataError("digit-scenes are grayscale; data.channels does not apply")
-        train, val = digit_scenes(size=cfg.image_size or 64, split_seed=cfg.split_seed)
-        return train, val, train.info
-    if kind == "coco" and arg:
-        from .coco import CocoDetection
-
-        ann, images_dir = _coco_args(arg)
-        ds = CocoDetection(ann, images_dir, channels=cfg.channels or 3, size=cfg.image_size or 64,
-                           resize=cfg.resize, on_error=cfg.on_error, classes=classes)
-        train, val = split(ds, cfg.val_fraction, cfg.split_seed)
-        return train, val, ds.info
-    if kind == "shards" and arg:
-        from .shards import shard_sets
-
-        return shard_sets(arg, cfg.val_fraction)
-    known = "; ".join(f"{k} ({v})" for k, v in SPECS.items())
-    raise DataError(f"unknown data spec {spec!r}; use one of: {known}")
+    name, _, arg = spec.partition(":")
+    source = DATASETS.get(name)
+    if source is None or bool(arg) != source.takes_arg:
+        known = "; ".join(f"{s.usage(n)} ({s.help})" for n, s in DATASETS.items())
+        raise DataError(f"unknown data spec {spec!r}; use one of: {known}")
+    return source.build(cfg, arg, classes)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .base import DataError, DataInfo, ImageSet, skip_or_raise
+from .base import DataError, DataInfo, ImageSet, Item, skip_or_raise
 from .images import resize, scan_class_folder, to_mode, to_tensor
 
 VIDEO_EXTS = {".mp4", ".m4v", ".mov", ".avi", ".webm", ".mkv", ".gif"}
@@ -110,7 +110,7 @@ def read_video(path: str | Path, frames: int, size: int, channels: int = 3, poli
 
 
 class VideoFolder(ImageSet):
-    """Clips under `root` as (F, C, S, S) in [-1, 1], decoded on access.
+    """Clips under `root` as items {"video": (F, C, S, S) in [-1, 1], "label"}, decoded on access.
 
     Files are checked while scanning (they open, have a video stream and frames); one that fails, then or
     later at decode time, stops the run with one line naming it (``on_error="stop"``) or is skipped and
@@ -147,10 +147,11 @@ class VideoFolder(ImageSet):
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, i: int) -> Item | None:
         path, label, n = self.files[i]
         try:
-            return read_video(path, self.frames, self.size, self.channels, self.policy, self.stride, n), label
+            clip = read_video(path, self.frames, self.size, self.channels, self.policy, self.stride, n)
+            return {"video": clip, "label": label}
         except DataError as e:
             skip_or_raise(self.info, self.on_error, e)
             return None

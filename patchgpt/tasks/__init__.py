@@ -1,6 +1,19 @@
-"""Tasks: each turns batches into `Sequence`s, owns its head and loss, and computes its metric."""
+"""Tasks: each turns batches into `Sequence`s, owns its head, loss, config section, metric and pictures.
 
-from .base import ImageInput, Task, next_token_loss
+`TASKS` is the one registry: a new task is one file in this folder and one line here. The helpers below
+assemble what the rest of the library needs from it (a run's config with the task's section, a saved task).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .. import checkpoint
+from ..config import ConfigError, RunConfig, apply_size
+from ..data.base import DataInfo
+from .base import Metric, Task, metric_files, next_token_loss
 from .classify import Classify
 from .detect import Detect
 from .generate_image import Generate
@@ -8,8 +21,66 @@ from .pretrain import Pretrain
 from .video import VideoClassify, VideoPretrain
 from .vq import TrainVQ
 
-TASKS: dict[str, type[Task]] = {"pretrain": Pretrain, "classify": Classify, "generate": Generate, "vq": TrainVQ,
-                               "detect": Detect, "video-classify": VideoClassify, "video-pretrain": VideoPretrain}
+TASKS: dict[str, type[Task]] = {
+    "pretrain": Pretrain,
+    "classify": Classify,
+    "generate": Generate,
+    "vq": TrainVQ,
+    "detect": Detect,
+    "video-classify": VideoClassify,
+    "video-pretrain": VideoPretrain,
+}
 
-__all__ = ["TASKS", "Classify", "Detect", "Generate", "ImageInput", "Pretrain", "Task", "TrainVQ", "VideoClassify",
-           "VideoPretrain", "next_token_loss"]
+
+def task_class(name: str) -> type[Task]:
+    """The registered task `name`; a one-line `ConfigError` listing the tasks otherwise."""
+    if name not in TASKS:
+        raise ConfigError(f"unknown task {name!r}; choose one of {', '.join(TASKS)}")
+    return TASKS[name]
+
+
+def sections(name: str) -> dict[str, type]:
+    """The config sections task `name` brings (name -> dataclass)."""
+    cls = task_class(name)
+    return {cls.section: cls.Config} if cls.section and cls.Config else {}
+
+
+def default_config(name: str) -> RunConfig:
+    """A sensible run of task `name` on a laptop CPU: the shared defaults, the `micro` backbone, the task's
+    own section and its recipe (``Task.defaults``)."""
+    cfg = RunConfig(task=name, out=f"runs/{name}")
+    cfg.sections = {k: typ() for k, typ in sections(name).items()}
+    apply_size(cfg, "micro")
+    task_class(name).defaults(cfg)
+    return cfg
+
+
+def config_from_dict(d: dict) -> RunConfig:
+    """A run's config from its JSON (a checkpoint's, or one a user wrote), with its task's sections."""
+    return RunConfig.from_dict(d, sections(d.get("task", "pretrain")))
+
+
+def info_from_meta(meta: dict) -> DataInfo:
+    """What a saved task knew about its data, from its checkpoint's ``config.json``."""
+    st = meta["state"]
+    return DataInfo(channels=st["channels"], image_size=tuple(st["image_size"]), classes=st["classes"],
+                    captions=st.get("captions", False), boxes=st.get("boxes", False),
+                    category_ids=st.get("category_ids"), frames=st.get("frames", 0))
+
+
+def load(path: str | Path, device: str | torch.device = "cpu") -> Task:
+    """Rebuild the task saved at `path` (a checkpoint directory, or a run directory: its newest checkpoint) —
+    backbone, heads and tokenizer state — in eval mode on `device`. Nothing is downloaded."""
+    ckpt = checkpoint.resolve(path)
+    meta = checkpoint.read_meta(ckpt)
+    if meta.get("task") not in TASKS:
+        raise checkpoint.CheckpointError(f"{ckpt}: unknown task {meta.get('task')!r} (written by patchgpt "
+                                         f"{meta.get('patchgpt', '?')})")
+    task = TASKS[meta["task"]](config_from_dict(meta["config"]), info_from_meta(meta))
+    checkpoint.load_weights(task, ckpt)
+    return task.to(device).eval()
+
+
+__all__ = ["TASKS", "Classify", "Detect", "Generate", "Metric", "Pretrain", "Task", "TrainVQ", "VideoClassify",
+           "VideoPretrain", "config_from_dict", "default_config", "info_from_meta", "load", "metric_files",
+           "next_token_loss", "sections", "task_class"]

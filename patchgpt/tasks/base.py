@@ -1,23 +1,31 @@
-"""The task plugin interface and what image tasks share: building the backbone and the image input.
+"""The task interface: everything about one task lives in a `Task` subclass, so nothing outside `tasks/`
+names one (see DESIGN.md, section 3).
 
-A task turns a batch (a dict, see DESIGN.md) into a `Sequence`, owns its head and loss, decodes
-predictions and accumulates its metric. ``forward(batch) -> (loss, logs)`` so ``DDP(task)`` just works.
+A task turns a batch (a dict of tensors and lists, keyed by field) into a `Sequence`, owns its head and loss,
+its config section and recipe, its augmentation, inference on the user's files, its metric and the pictures
+it leaves next to its numbers. ``forward(batch, rng) -> (loss, logs)``, so ``DDP(task)`` just works. Adding a
+task is one file here plus one line in `TASKS` (``tasks/__init__.py``).
 """
 
 from __future__ import annotations
 
-import json
+from abc import ABCMeta, abstractmethod
+from collections.abc import Sequence as SequenceOf
+from pathlib import Path
+from typing import Any, ClassVar, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import RunConfig
-from ..data.base import DataError, DataInfo
+from .. import checkpoint
+from ..config import ConfigError, RunConfig
+from ..data import load_image
+from ..data.base import DataError, DataInfo, ImageSet, augment, input_key, to_device
 from ..model import GPT
-from ..sequence import IGNORE, Sequence, Vocab, concat, tokens
-from ..tokenizers import ColorClusters, Patches
-from ..tokenizers.vq import VQVAE, VQCodes, VQConfig
+from ..rng import RowRNG
+from ..sequence import IGNORE, Sequence, Vocab
+from ..tokenizers import PixelInput
 
 
 def next_token_loss(logits: Tensor, seq: Sequence) -> Tensor:
@@ -28,50 +36,6 @@ def next_token_loss(logits: Tensor, seq: Sequence) -> Tensor:
     valid = (seq.labels.reshape(-1) != IGNORE).float()
     w = valid if seq.weights is None else valid * seq.weights.reshape(-1)
     return (loss * w).sum() / w.sum().clamp(min=1e-8)
-
-
-class ImageInput(nn.Module):
-    """Images -> the backbone's input `Sequence`, with either tokenizer.
-
-    ``patches``: one continuous token per P x P patch (AIM/ViT). ``colors``: a begin token then one colour
-    token per pixel (iGPT), so the first pixel is predicted too. ``vq``: a begin token then one learned code
-    per VQ-VAE grid cell.
-    """
-
-    def __init__(self, cfg: RunConfig, info: DataInfo, vocab: Vocab) -> None:
-        super().__init__()
-        if info.frames:
-            raise DataError(f"{cfg.data.spec} holds clips: use video-classify or video-pretrain")
-        t = cfg.tokenizer
-        self.kind = t.kind
-        self.bos = vocab.add("bos", 1).start
-        if t.kind == "patches":
-            self.tok = Patches(t.patch_size, info.channels, info.image_size, vocab)
-        elif t.kind == "vq":
-            vq = VQVAE(VQConfig.from_dict(json.loads(t.vq_config)))
-            vq.requires_grad_(False)  # a trained tokenizer: the GPT learns over its codes, never changes them
-            self.tok = VQCodes(vq, vocab)
-        else:
-            self.tok = ColorClusters(t.n_colors, info.channels, info.image_size, vocab)
-        self.grid = self.tok.grid
-        self.slices = 1  # time slices of the position grid: 1 for images
-
-    @property
-    def patch_dim(self) -> int:
-        return self.tok.patch_dim if self.kind == "patches" else 0
-
-    @property
-    def length(self) -> int:
-        """Tokens per image."""
-        return self.tok.num_patches + (0 if self.kind == "patches" else 1)
-
-    def encode(self, images: Tensor) -> Sequence:
-        """(B, C, H, W) in [-1, 1] -> input `Sequence` (labels IGNORE)."""
-        seq = self.tok.encode(images)
-        if self.kind != "patches":
-            bos = torch.full((images.shape[0], 1), self.bos, dtype=torch.long, device=images.device)
-            seq = concat(tokens(bos), seq)
-        return seq
 
 
 def build_backbone(cfg: RunConfig, vocab: Vocab, patch_dim: int, length: int, grid: tuple[int, int],
@@ -86,26 +50,175 @@ def build_backbone(cfg: RunConfig, vocab: Vocab, patch_dim: int, length: int, gr
     return GPT(m)
 
 
-class Task(nn.Module):
-    """Base class: subclasses set ``name`` and implement `forward`, `predict` and `metric`."""
+class Metric(Protocol):
+    """What ``Task.metric()`` returns: fed validation batches one by one, then asked for its results."""
 
-    name = "task"
-    own_augment = False  # True: the task augments its batches itself (e.g. moving boxes with the pixels)
+    def update(self, batch: dict) -> None:
+        """Accumulate one batch (already on the task's device)."""
+        ...
+
+    def compute(self) -> dict:
+        """The results: JSON-friendly scalars (``val_loss`` at least), lists and dicts."""
+        ...
+
+
+def metric_files(metric: Metric) -> dict[str, Any]:
+    """Large outputs a metric keeps beside its numbers (``{"detections.json": [...]}``): ``metric.files()``
+    where the metric has it, else nothing."""
+    files = getattr(metric, "files", None)
+    return files() if callable(files) else {}
+
+
+class Task(nn.Module, metaclass=ABCMeta):
+    """Base class of every task. Subclasses set the class attributes and implement the abstract methods.
+
+    Class attributes:
+        name: the registry key (``patchgpt train NAME``).
+        section: the name of the task's own config section (``--set SECTION.key=value``), or None.
+        Config: the dataclass of that section, with its defaults.
+        reads_clips: True for tasks over (B, F, C, H, W) clips, False for images.
+        examples: command lines for ``patchgpt --help``.
+        output_keys, metric_keys: the keys `predict` and the metric promise (the contract test checks them).
+        demo_data: a bundled data spec the task trains on out of the box.
+    """
+
+    name: ClassVar[str] = "task"
+    section: ClassVar[str | None] = None
+    Config: ClassVar[type | None] = None
+    reads_clips: ClassVar[bool] = False
+    examples: ClassVar[list[str]] = []   # command lines shown by ``patchgpt --help``
+    output_keys: ClassVar[tuple[str, ...]] = ()   # what `predict` returns, at least
+    metric_keys: ClassVar[tuple[str, ...]] = ()   # what ``metric().compute()`` returns besides ``val_loss``
+    demo_data: ClassVar[str] = "digits"          # a bundled data spec the task trains on (tests, examples)
 
     def __init__(self, cfg: RunConfig, info: DataInfo) -> None:
         super().__init__()
         self.cfg, self.info = cfg, info
         self.vocab = Vocab()
 
-    def forward(self, batch: dict) -> tuple[Tensor, dict]:  # pragma: no cover - interface
-        raise NotImplementedError
+    # ---- configuration: class methods, used before a task exists -------------------------------------------
+
+    @classmethod
+    def defaults(cls, cfg: RunConfig) -> None:
+        """The task's recipe: adjust the shared sections of a fresh config (steps, lr, augmentation ...)."""
+
+    @classmethod
+    def check(cls, cfg: RunConfig) -> None:
+        """Validate the task's section against the whole config; raise a one-line `ConfigError`."""
+
+    # ---- building ------------------------------------------------------------------------------------------
+
+    def make_input(self) -> PixelInput:
+        """The input tokenizer over the data's images (or clips, for tasks that read clips)."""
+        cfg, info = self.cfg, self.info
+        if self.reads_clips and not info.frames:
+            raise DataError(f"{cfg.task} needs clips; {cfg.data.spec} has images (use videos:PATH or moving-digits)")
+        if info.frames and not self.reads_clips:
+            raise DataError(f"{cfg.data.spec} holds clips: use video-classify or video-pretrain")
+        try:
+            return PixelInput(cfg.tokenizer, info.channels, tuple(info.image_size), self.vocab, info.frames)
+        except ValueError as e:
+            raise ConfigError(f"{e} (set data.frames, data.image_size, tokenizer.tubelet, tokenizer.patch_size)") \
+                from None
+
+    def unused_parameters(self) -> list[str]:
+        """Trainable parameters the loss does not reach by design (for the contract test and DDP): the
+        embeddings of token ids this task never feeds, e.g. the id table when every input is a patch."""
+        return []
+
+    def networks(self) -> list[nn.Module]:
+        """The large networks, which ``train.compile`` compiles and FSDP shards block by block."""
+        return [self.backbone]
+
+    def init_from(self, path: str | Path) -> None:
+        """Start from another run's backbone and input tokenizer (``--init``); heads stay freshly initialised."""
+        weights = checkpoint.read_weights(path)
+        source = checkpoint.read_meta(path).get("task", "?")
+        for part in ("backbone", "input"):
+            sub = {k[len(part) + 1:]: v for k, v in weights.items() if k.startswith(part + ".")}
+            try:
+                getattr(self, part).load_state_dict(sub)
+            except RuntimeError as e:
+                first = str(e).strip().splitlines()[-1].strip()
+                raise ConfigError(f"--init {path}: its {source} backbone does not fit a {self.name} model "
+                                  f"({first})") from None
+        for m in self.input.modules():
+            if hasattr(m, "fitted"):
+                m.fitted = True
+
+    def fit(self, train_set: ImageSet, seed: int = 0) -> None:
+        """Before training from scratch: fit what the tokenizer learns from data (a colour palette), or load
+        the trained VQ-VAE named by ``tokenizer.vq``."""
+        inp = getattr(self, "input", None)
+        if inp is None:
+            return
+        t = self.cfg.tokenizer
+        if inp.kind == "vq" and t.vq and not self.cfg.init:
+            st = checkpoint.read_meta(t.vq)["state"]
+            if (st["channels"], tuple(st["image_size"])) != (self.info.channels, tuple(self.info.image_size)):
+                raise ConfigError(f"tokenizer.vq={t.vq} was trained on {st['channels']}x{list(st['image_size'])} "
+                                  f"images, this data is {self.info.channels}x{list(self.info.image_size)}")
+            inp.tok.load_run(checkpoint.read_weights(t.vq, prefix="vq."), t.vq)
+        if not inp.tok.fitted:
+            inp.tok.fit(train_set.images(4096), seed=seed)
+
+    # ---- training ------------------------------------------------------------------------------------------
+
+    @abstractmethod
+    def sequence(self, batch: dict, rng: RowRNG | None = None) -> Sequence:
+        """The batch as the backbone's `Sequence`, with labels; `rng` draws training-time randomness (random
+        prefixes, dropped conditions, noise objects), None at evaluation."""
+
+    @abstractmethod
+    def forward(self, batch: dict, rng: RowRNG | None = None) -> tuple[Tensor, dict]:
+        """(loss, logs): the training loss and scalars to log (``{"loss": ..., ...}``, detached)."""
+
+    def augment(self, batch: dict, rng: RowRNG) -> dict:
+        """Training-time augmentation of a batch (``data.augment``): random shifts and, with ``data.flip``,
+        horizontal flips of the pixels. Tasks whose targets move with the pixels (boxes) override it."""
+        d = self.cfg.data
+        if not d.augment:
+            return batch
+        key = input_key(batch)
+        return {**batch, key: augment(batch[key], rng, d.shift, d.flip)}
+
+    # ---- inference -----------------------------------------------------------------------------------------
+
+    @abstractmethod
+    def predict(self, batch: dict) -> dict:
+        """The task's outputs for a batch (tensors, or lists of per-item dicts), documented by each task."""
+
+    @abstractmethod
+    def metric(self) -> Metric:
+        """A fresh accumulator of the task's validation metric."""
+
+    def report(self, out: Path, val_set: ImageSet, metrics: dict, **options: Any) -> dict:
+        """Write the task's pictures (and other files) about a finished run into `out`; returns further
+        results to report (paths, extra scores). `options` come from ``patchgpt eval`` (e.g. a judge)."""
+        return {}
 
     @torch.no_grad()
-    def predict(self, batch: dict) -> dict:  # pragma: no cover - interface
-        raise NotImplementedError
+    def predict_files(self, paths: SequenceOf[str | Path], out: str | Path | None = None,
+                      **options: Any) -> list[dict]:
+        """The user's files in (read, resized and letterboxed as the training data was), JSON-able results
+        out, one dict per file; with `out`, also written there (as the task documents)."""
+        raise NotImplementedError(f"{self.name} has no predict_files")
 
-    def metric(self):  # pragma: no cover - interface
-        raise NotImplementedError
+    def read_files(self, paths: SequenceOf[str | Path]) -> dict:
+        """A batch from image (or video) files, decoded like the training data, on the task's device."""
+        d, C, S = self.cfg.data, self.info.channels, self.info.image_size[0]
+        if self.info.frames:
+            from ..data.video import read_video
+
+            clips = [read_video(p, self.info.frames, S, C, d.resize, d.frame_stride) for p in paths]
+            return to_device({"video": torch.stack(clips)}, self.device)        # (B, F, C, H, W)
+        return to_device({"image": torch.stack([load_image(p, C, S, d.resize) for p in paths])}, self.device)
+
+    # ---- bookkeeping ---------------------------------------------------------------------------------------
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
 
     def state(self) -> dict:
         """JSON-friendly state saved in config.json beside the weights (classes, vocab, ...)."""
@@ -113,14 +226,16 @@ class Task(nn.Module):
                 "channels": self.info.channels, "image_size": list(self.info.image_size),
                 "captions": self.info.captions, "frames": self.info.frames}
 
-    def needs_fit(self) -> bool:
-        """True if a tokenizer must be fitted on training data before training (a colour palette)."""
+    def describe(self) -> str:
+        """The network, for the start-up line (``GPT micro``)."""
+        return f"GPT {self.cfg.size}"
+
+    @property
+    def tokens_per_item(self) -> int:
+        """Input tokens per image or clip (0 where the task has no token input)."""
         inp = getattr(self, "input", None)
-        return inp is not None and inp.kind == "colors" and not inp.tok.fitted
+        return inp.length if inp is not None else 0
 
     def num_params(self) -> int:
         """Trainable and frozen parameters of the whole task."""
         return sum(p.numel() for p in self.parameters())
-
-    def fit_tokenizer(self, images: Tensor, seed: int = 0) -> None:
-        self.input.tok.fit(images, seed=seed)

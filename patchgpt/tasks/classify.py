@@ -7,14 +7,31 @@ MAE's BatchNorm-without-affine before the linear probe (He et al. 2022).
 
 from __future__ import annotations
 
+import json
+from collections.abc import Sequence as SequenceOf
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import RunConfig
-from ..data.base import DataError, DataInfo
+from ..config import RunConfig, check_choices
+from ..data.base import DataError, DataInfo, ImageSet
+from ..report import atomic_write_text, save_confusion, save_rows
+from ..rng import RowRNG
 from ..sequence import Sequence
-from .base import ImageInput, Task, build_backbone
+from .base import Task, build_backbone
+
+
+@dataclass
+class ClassifyConfig:
+    mode: str = "finetune"       # finetune | linear | attentive
+    layer: int = -1              # probe features from this block (1-based; -1 = last, with final norm)
+    label_smoothing: float = 0.1
+    attention: str = "bidirectional"  # bidirectional | causal
+    head_dropout: float = 0.0
 
 
 class AttentivePool(nn.Module):
@@ -38,14 +55,32 @@ class Classify(Task):
     """Predict one label per image from the GPT's features (``classify.mode``: finetune|linear|attentive)."""
 
     name = "classify"
-    key = "image"  # the batch entry read as input ("video" for clips)
+    section = "classify"
+    Config = ClassifyConfig
+    output_keys = ("logits", "probs", "pred")
+    metric_keys = ("top1", "mean_per_class", "per_class", "confusion")
+    examples = [
+        'patchgpt train classify --data folder:~/photos --init runs/pre --out runs/cls',
+        'patchgpt train classify --init runs/pre --set classify.mode=linear --set classify.layer=2',
+        'patchgpt predict runs/cls cat.jpg dog.png',
+    ]
+
+    @classmethod
+    def defaults(cls, cfg: RunConfig) -> None:
+        cfg.train.lr, cfg.train.steps, cfg.train.warmup = 5e-4, 1000, 50
+
+    @classmethod
+    def check(cls, cfg: RunConfig) -> None:
+        check_choices({"classify.mode": (cfg.classify.mode, ("finetune", "linear", "attentive")),
+                       "classify.attention": (cfg.classify.attention, ("bidirectional", "causal"))})
 
     def __init__(self, cfg: RunConfig, info: DataInfo) -> None:
         super().__init__(cfg, info)
         if not info.classes:
             raise DataError(f"classification needs labelled data; {cfg.data.spec} has no classes "
                             "(use one subfolder per class)")
-        self.input = self.make_input(cfg, info)
+        self.input = self.make_input()
+        self.key = self.input.key  # the batch entry read as input: "image", or "video" for clips
         self.backbone = build_backbone(cfg, self.vocab, self.input.patch_dim, self.input.length, self.input.grid,
                                        self.input.slices)
         c = cfg.classify
@@ -68,10 +103,6 @@ class Classify(Task):
         if self.frozen:
             self.backbone.requires_grad_(False)
 
-    def make_input(self, cfg: RunConfig, info: DataInfo) -> nn.Module:
-        """The input tokenizer (images here; `VideoClassify` reads clips as tubelets)."""
-        return ImageInput(cfg, info, self.vocab)
-
     @property
     def frozen(self) -> bool:
         return self.mode != "finetune"
@@ -82,7 +113,8 @@ class Classify(Task):
             self.backbone.eval()  # a probe never changes the backbone
         return self
 
-    def sequence(self, batch: dict) -> Sequence:
+    def sequence(self, batch: dict, rng: RowRNG | None = None) -> Sequence:
+        """The image (clip) tokens, all of them a bidirectional prefix unless ``classify.attention=causal``."""
         seq = self.input.encode(batch[self.key])
         prefix = seq.ids.shape[1] if self.cfg.classify.attention == "bidirectional" else 0
         return seq.with_prefix(prefix)
@@ -100,7 +132,7 @@ class Classify(Task):
         pooled = self.pool(h) if self.mode == "attentive" else self.pool(h.mean(dim=1))  # (B, C)
         return self.head(self.drop(pooled))                               # (B, K)
 
-    def forward(self, batch: dict, gen: torch.Generator | None = None) -> tuple[Tensor, dict]:
+    def forward(self, batch: dict, rng: RowRNG | None = None) -> tuple[Tensor, dict]:
         logits = self.logits(batch[self.key])
         loss = F.cross_entropy(logits, batch["label"], label_smoothing=self.cfg.classify.label_smoothing)
         acc = (logits.argmax(-1) == batch["label"]).float().mean()
@@ -115,6 +147,43 @@ class Classify(Task):
 
     def metric(self) -> ClassifyMetric:
         return ClassifyMetric(self)
+
+    @torch.no_grad()
+    def predict_files(self, paths: SequenceOf[str | Path], out: str | Path | None = None, top: int = 5,
+                      **options: Any) -> list[dict]:
+        """Classify image (or clip) files: ``[{"image": path, "class", "score", "probs": top-k}]``; with `out`,
+        the same JSON is also written to that file."""
+        names = self.info.classes
+        results = []
+        for i in range(0, len(paths), 64):
+            chunk = list(paths[i:i + 64])
+            probs = self.predict(self.read_files(chunk))["probs"].cpu()      # (B, K)
+            for path, pr in zip(chunk, probs, strict=True):
+                vals, idx = pr.topk(min(top, len(names)))
+                top_k = {names[j]: round(v, 6) for v, j in zip(vals.tolist(), idx.tolist(), strict=True)}
+                results.append({self.key: str(path), "class": names[idx[0]], "score": float(vals[0]),
+                                "probs": top_k})
+        if out:
+            atomic_write_text(out, json.dumps(results, indent=2) + "\n")
+        return results
+
+    def report(self, out: Path, val_set: ImageSet, metrics: dict, **options: Any) -> dict:
+        """``confusion.png``; for clips also ``clips.png`` (frames of validation clips, "true: predicted")."""
+        files = {}
+        if "confusion" in metrics:
+            files["confusion_png"] = str(save_confusion(out / "confusion.png", metrics["confusion"],
+                                                        self.info.classes,
+                                                        title=f"validation top-1 {metrics['top1']:.3f}"))
+        if self.reads_clips and len(val_set):
+            items = [it for it in (val_set[i] for i in range(min(6, len(val_set)))) if it is not None]
+            clips = torch.stack([it["video"] for it in items]).to(self.device)      # (B, F, C, H, W)
+            self.eval()
+            pred = self.predict({"video": clips})["pred"].tolist()
+            names = self.info.classes
+            rows = [(f"{names[it['label']]}: {names[p]}", clips[b].cpu())
+                    for b, (it, p) in enumerate(zip(items, pred, strict=True))]
+            files["clips_png"] = str(save_rows(out / "clips.png", rows, scale=max(1, 64 // self.info.image_size[0])))
+        return files
 
 
 class ClassifyMetric:

@@ -7,7 +7,7 @@ objects — jittered copies of real boxes and random boxes — labelled with a "
 carry no loss, up to ``detect.max_objects``. The model so learns to say "noise" rather than to stop early,
 and decoding keeps proposing boxes, which COCO's AP rewards when they are scored.
 
-Inference decodes all rows in one batch with the KV cache (`patchgpt.generate.sample`), constrained so that
+Inference decodes all rows in one batch with the KV cache (`patchgpt.sampling.sample`), constrained so that
 coordinates come only where coordinates belong, then a real class, or the end token. A box's score is its
 class token's probability under the full distribution (noise included), so noise-like proposals score low;
 class-wise non-maximum suppression removes duplicates.
@@ -18,20 +18,46 @@ attention over image patches (AIM, El-Nouby et al. 2024).
 
 from __future__ import annotations
 
+import json
+from collections.abc import Sequence as SequenceOf
+from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from ..coco_eval import coco_map, ground_truth
-from ..config import ConfigError, RunConfig
-from ..data.base import DataError, DataInfo, rows
-from ..data.coco import to_pixels
-from ..generate import sample
+from ..config import ConfigError, RunConfig, check_choices
+from ..data.base import DataError, DataInfo, ImageSet, to_device
+from ..data.coco import letterbox, to_pixels
+from ..data.images import load_pil, to_mode, to_tensor
+from ..report import atomic_write_text, draw_boxes, save_boxes, save_detection_grid, tensor_to_pil
+from ..rng import RowRNG
+from ..sampling import DecodeHook, SamplingParams, sample
 from ..sequence import IGNORE, Sequence, concat, tokens
 from ..tokenizers.boxes import TOKENS_PER_OBJECT, Boxes
-from .base import ImageInput, Task, build_backbone, next_token_loss
+from .base import Task, build_backbone, next_token_loss
+
+
+@dataclass
+class DetectConfig:
+    bins: int = 64               # coordinate bins over [0, 1] (about one per input pixel is plenty)
+    max_objects: int = 0         # objects per image, real plus noise (0: the data's most + 2); more are dropped
+    noise: bool = True           # Pix2Seq sequence augmentation: pad with noise objects up to max_objects
+    jitter: float = 0.2          # noise boxes: real boxes shifted/resized by up to this fraction of their size
+    scale_jitter: float = 0.0    # training zoom by a factor in [1 - s, 1 + s] about a random point (0 = off)
+    noise_weight: float = 1.0    # loss weight of the noise class token
+    class_weight: float = 1.0    # loss weight of real class tokens (coordinates weigh 1)
+    order: str = "random"        # object order in training: random | area | raster
+    coord_pos: bool = True       # coordinate tokens carry the patch-grid row/column they point at
+    glimpse: bool = True         # an input-only token with the box's pixels (one patch) precedes each class
+    temperature: float = 0.0     # decoding: 0 = greedy; > 0 samples (with top_p for nucleus sampling)
+    top_p: float = 1.0
+    nms_iou: float = 0.7         # class-wise NMS threshold on decoded boxes (1 = off)
+    draw_score: float = 0.3      # pictures: draw boxes scoring at least this
 
 
 def glimpse(images: Tensor, boxes: Tensor, size: int) -> Tensor:
@@ -85,7 +111,29 @@ class Detect(Task):
     """Predict boxes and classes as tokens after the image (``patchgpt train detect``)."""
 
     name = "detect"
-    own_augment = True   # flips move the boxes too; the generic pixel shift would not
+    section = "detect"
+    Config = DetectConfig
+    output_keys = ("detections",)
+    metric_keys = ("AP", "AP50")
+    demo_data = "digit-scenes"
+    examples = [
+        'patchgpt train detect --data digit-scenes --out runs/det',
+        'patchgpt predict runs/det scene.png --out detections/',
+    ]
+
+    @classmethod
+    def defaults(cls, cfg: RunConfig) -> None:
+        cfg.tokenizer.patch_size = 8
+        cfg.data.resize = "pad"   # letterbox: every box stays inside the image
+        cfg.train.lr, cfg.train.steps, cfg.train.warmup, cfg.train.batch_size = 1e-3, 2500, 200, 32
+        cfg.train.eval_every = 500
+
+    @classmethod
+    def check(cls, cfg: RunConfig) -> None:
+        d = cfg.detect
+        check_choices({"detect.order": (d.order, ("random", "area", "raster"))})
+        if not 0 <= d.scale_jitter < 1:
+            raise ConfigError(f"detect.scale_jitter={d.scale_jitter}: must be in [0, 1) (0.3 zooms by 0.7-1.3)")
 
     def __init__(self, cfg: RunConfig, info: DataInfo) -> None:
         super().__init__(cfg, info)
@@ -93,11 +141,9 @@ class Detect(Task):
             raise DataError(f"detection needs boxes; {cfg.data.spec} has none (use coco:ANN.json[:IMAGES_DIR] "
                             "or digit-scenes)")
         d = cfg.detect
-        if not 0 <= d.scale_jitter < 1:
-            raise ConfigError(f"detect.scale_jitter={d.scale_jitter}: must be in [0, 1) (0.3 zooms by 0.7-1.3)")
         if d.max_objects <= 0:   # auto: room for the busiest image of the data plus two noise objects
             d.max_objects = max(info.max_objects, 1) + 2
-        self.input = ImageInput(cfg, info, self.vocab)
+        self.input = self.make_input()
         self.task_id = self.vocab.add("task_detect", 1).start
         self.boxes = Boxes(d.bins, len(info.classes), self.vocab)
         self.max_objects = d.max_objects
@@ -159,16 +205,15 @@ class Detect(Task):
                 labels[j * P:j * P + 4] = IGNORE                           # noise boxes' coordinates: no loss
         return ids[:-1], labels
 
-    def sequence(self, batch: dict, gen: torch.Generator | None = None) -> Sequence:
-        """Image prefix + task token + objects; labels on the object tokens (noise coordinates excluded)."""
+    def sequence(self, batch: dict, rng: RowRNG | None = None) -> Sequence:
+        """Image prefix + task token + objects; labels on the object tokens (noise coordinates excluded).
+        With `rng`: objects in random order (``detect.order``) and noise objects (Pix2Seq)."""
         images = batch["image"]
         dev = images.device
         img = self.input.encode(images)
         gens: list[torch.Generator | None] = [None] * images.shape[0]
-        if gen is not None:   # one generator per row, drawn for the global batch: the same under DDP as alone
-            first, total = rows(batch)
-            seeds = torch.randint(0, 2**62, (total,), generator=gen)[first:first + images.shape[0]]
-            gens = [torch.Generator().manual_seed(int(x)) for x in seeds]
+        if rng is not None:   # one generator per row, drawn for the global batch: the same under DDP as alone
+            gens = rng.generators(images.shape[0])
         parts = [self._targets(b, c, g) for b, c, g in zip(batch["boxes"], batch["classes"], gens, strict=True)]
         L = max(len(ids) for ids, _ in parts)
         ids = torch.full((len(parts), L), self.boxes.end, dtype=torch.long)
@@ -203,32 +248,24 @@ class Detect(Task):
             return torch.zeros(*ids.shape, 3, dtype=torch.long, device=ids.device)
         return self.boxes.grid_pos(ids, self.input.grid, period or self.period)
 
-    def _step_positions(self, history: Tensor, t: int) -> Tensor:
-        """Generated ids so far (B, t + 1) (5 per object: no glimpses) -> the (B, 1, 3) position of the last."""
-        return self._positions(history[:, t - t % TOKENS_PER_OBJECT:], TOKENS_PER_OBJECT)[:, -1:]
+    def augment(self, batch: dict, rng: RowRNG) -> dict:
+        """Flips (``data.flip``) and scale jitter (``detect.scale_jitter``) that move the boxes with the pixels;
+        the generic pixel shift is not used (it would not move the boxes)."""
+        if self.cfg.data.augment and self.cfg.data.flip:
+            batch = self._flip(batch, rng)
+        if self.cfg.data.augment and self.cfg.detect.scale_jitter > 0:
+            batch = self._zoom(batch, rng)
+        return batch
 
-    def _glimpse_step(self, images: Tensor, history: Tensor, t: int) -> Sequence | None:
-        """After a generated y_max (slot 3), the glimpse token of that box; else None."""
-        if t % TOKENS_PER_OBJECT != 3:
-            return None
-        coords = history[:, t - 3:t + 1]                                   # (B, 4) ids
-        B, dev = coords.shape[0], coords.device
-        pos = self._positions(coords, TOKENS_PER_OBJECT)[:, -1:]           # the box centre, as y_max's
-        patch = glimpse(images, self.boxes.dequantize(coords), self.cfg.tokenizer.patch_size)   # (B, D)
-        return Sequence(ids=torch.full((B, 1), self.glimpse_id, dtype=torch.long, device=dev),
-                        labels=torch.full((B, 1), IGNORE, dtype=torch.long, device=dev), pos=pos,
-                        patches=patch[:, None], is_patch=torch.ones(B, 1, dtype=torch.bool, device=dev))
-
-    def _flip(self, batch: dict, gen: torch.Generator) -> dict:
+    def _flip(self, batch: dict, rng: RowRNG) -> dict:
         """Horizontal flips of half the images, with their boxes (``data.flip``)."""
-        first, total = rows(batch)
-        flip = (torch.rand(total, generator=gen)[first:first + batch["image"].shape[0]] < 0.5).to(batch["image"].device)
+        flip = (rng.rand(batch["image"].shape[0]) < 0.5).to(batch["image"].device)
         images = torch.where(flip[:, None, None, None], batch["image"].flip(-1), batch["image"])
         b = batch["boxes"]
         flipped = torch.stack([1 - b[..., 2], b[..., 1], 1 - b[..., 0], b[..., 3]], dim=-1)   # (B, N, 4)
         return {**batch, "image": images, "boxes": torch.where(flip[:, None, None], flipped, b)}
 
-    def _zoom(self, batch: dict, gen: torch.Generator) -> dict:
+    def _zoom(self, batch: dict, rng: RowRNG) -> dict:
         """Scale jitter (``detect.scale_jitter`` = s), Pix2Seq's main image augmentation, at a fixed size.
 
         Each image is scaled by z in [1 - s, 1 + s] and shifted by a random t that keeps the view inside the
@@ -239,8 +276,7 @@ class Detect(Task):
         s = self.cfg.detect.scale_jitter
         images, b = batch["image"], batch["boxes"]
         n, dev, dt = images.shape[0], images.device, images.dtype
-        first, total = rows(batch)
-        r = torch.rand(total, 3, generator=gen)[first:first + n].to(dev, dt)          # (n, 3) this rank's rows
+        r = rng.rand(n, 3).to(dev, dt)                                                # (n, 3) this rank's rows
         z = 1 - s + 2 * s * r[:, 0]                                                   # (n,)
         lo, hi = (1 - z).clamp(max=0), (1 - z).clamp(min=0)                          # (n,) the shift range
         tx, ty = lo + (hi - lo) * r[:, 1], lo + (hi - lo) * r[:, 2]                   # (n,) each
@@ -257,12 +293,8 @@ class Detect(Task):
         classes = torch.where(visible, batch["classes"], -1)
         return {**batch, "image": zoomed, "boxes": clipped.to(b.dtype), "classes": classes}
 
-    def forward(self, batch: dict, gen: torch.Generator | None = None) -> tuple[Tensor, dict]:
-        if gen is not None and self.cfg.data.augment and self.cfg.data.flip:
-            batch = self._flip(batch, gen)
-        if gen is not None and self.cfg.data.augment and self.cfg.detect.scale_jitter > 0:
-            batch = self._zoom(batch, gen)
-        seq = self.sequence(batch, gen)
+    def forward(self, batch: dict, rng: RowRNG | None = None) -> tuple[Tensor, dict]:
+        seq = self.sequence(batch, rng)
         P = seq.prefix_len - 1
         h = self.backbone(seq)[:, P:]                                      # (B, L, C) task token onwards
         tail = Sequence(ids=seq.ids[:, P:], labels=seq.labels[:, P:], pos=seq.pos[:, P:],
@@ -283,7 +315,7 @@ class Detect(Task):
 
     @torch.no_grad()
     def predict(self, batch: dict, temperature: float | None = None, top_p: float | None = None,
-                max_objects: int | None = None, use_cache: bool = True, seed: int = 0) -> dict:
+                max_objects: int | None = None, seed: int = 0) -> dict:
         """Detect objects in ``batch["image"]`` (B, C, H, W).
 
         Returns ``{"detections": [{"boxes": (N, 4) normalized xyxy, "classes": (N,), "scores": (N,)}, ...]}``,
@@ -298,14 +330,11 @@ class Detect(Task):
                         prefix_len=img.ids.shape[1] + 1)
         n_obj = min(max_objects or self.max_objects, self.max_objects)
         gen = torch.Generator(device=dev).manual_seed(seed)
-        ids, raw = sample(self.backbone, prompt, TOKENS_PER_OBJECT * n_obj + 1,
-                          temperature=d.temperature if temperature is None else temperature,
-                          top_p=d.top_p if top_p is None else top_p, generator=gen,
-                          allowed=partial(self.boxes.allowed, max_objects=n_obj), use_cache=use_cache,
-                          token_positions=self._step_positions,
-                          inject=partial(self._glimpse_step, images) if self.glimpse else None,
-                          max_injected=n_obj if self.glimpse else 0,
-                          stop_token=self.boxes.end, stop_check=TOKENS_PER_OBJECT, return_logits=True)
+        params = SamplingParams(temperature=d.temperature if temperature is None else temperature,
+                                top_p=d.top_p if top_p is None else top_p)
+        ids, raw = sample(self.backbone, prompt, TOKENS_PER_OBJECT * n_obj + 1, params, generator=gen,
+                          allowed=partial(self.boxes.allowed, max_objects=n_obj),
+                          hook=DetectHook(self, images, n_obj), return_logits=True)
         out = []
         cls_range = self.boxes.classes
         for b in range(B):
@@ -323,6 +352,109 @@ class Detect(Task):
     def metric(self) -> DetectMetric:
         return DetectMetric(self)
 
+    # ---- the user's side: files and pictures --------------------------------------------------------------
+
+    @torch.no_grad()
+    def predict_files(self, paths: SequenceOf[str | Path], out: str | Path | None = None, min_score: float = 0.0,
+                      **options: Any) -> list[dict]:
+        """Detect objects in image files: per image ``{"image", "width", "height", "objects": [{"box" (xyxy
+        pixels of the original image), "class", "score"}]}``; with `out` (a directory), one JSON and one PNG
+        with the boxes drawn per image."""
+        S, C = self.info.image_size[0], self.info.channels
+        out = Path(out) if out else None
+        if out:
+            out.mkdir(parents=True, exist_ok=True)
+        names = self.info.classes
+        results = []
+        for i in range(0, len(paths), 32):
+            chunk = list(paths[i:i + 32])
+            originals, metas, inputs = [], [], []
+            for p in chunk:
+                im = to_mode(load_pil(p), C)
+                boxed, meta = letterbox(im, S, self.cfg.data.resize)
+                originals.append(im)
+                metas.append(meta)
+                inputs.append(to_tensor(boxed))
+            dets = self.predict(to_device({"image": torch.stack(inputs)}, self.device))["detections"]
+            for p, im, meta, det in zip(chunk, originals, metas, dets, strict=True):
+                keep = det["scores"] >= min_score
+                px = to_pixels(det["boxes"][keep].cpu(), meta, S).tolist()
+                cls, scores = det["classes"][keep].tolist(), det["scores"][keep].tolist()
+                objs = [{"box": [round(v, 1) for v in b], "class": names[c], "score": round(s, 4)}
+                        for b, c, s in zip(px, cls, scores, strict=True)]
+                r = {"image": str(p), "width": meta["width"], "height": meta["height"], "objects": objs}
+                results.append(r)
+                if out:
+                    stem = Path(p).stem
+                    atomic_write_text(out / f"{stem}.json", json.dumps(r, indent=2) + "\n")
+                    shown = [o for o in objs if o["score"] >= self.cfg.detect.draw_score]
+                    save_boxes(out / f"{stem}.png", im.convert("RGB"), [o["box"] for o in shown],
+                               [f"{o['class']} {o['score']:.2f}" for o in shown],
+                               [names.index(o["class"]) for o in shown])
+        return results
+
+    def report(self, out: Path, val_set: ImageSet, metrics: dict, prefix: str = "", **options: Any) -> dict:
+        """``{prefix}detections.png``: validation images with predicted boxes over the ground truth."""
+        if not len(val_set):
+            return {}
+        items = [val_set[i] for i in range(min(12, len(val_set)))]
+        return {"detections_png": str(self.detections_png(items, out / f"{prefix}detections.png"))}
+
+    def detections_png(self, items: list, path: Path) -> Path:
+        """Images with predicted boxes (solid, "class score") over the ground truth (dashed, grey)."""
+        items = [it for it in items if it is not None]
+        images = torch.stack([it["image"] for it in items]).to(self.device)
+        self.eval()
+        dets = self.predict({"image": images})["detections"]
+        S = self.info.image_size[0]
+        scale = max(1, 256 // S)
+        panels = []
+        for item, det in zip(items, dets, strict=True):
+            pil = tensor_to_pil(item["image"].cpu(), scale)
+            gt = (item["boxes"] * S * scale).tolist()
+            pil = draw_boxes(pil, gt, [""] * len(gt), dashed=True, colour="#9e9e9e")
+            keep = det["scores"] >= self.cfg.detect.draw_score
+            boxes = (det["boxes"][keep] * S * scale).tolist()
+            names = [f"{self.info.classes[c]} {s:.2f}" for c, s in zip(det["classes"][keep].tolist(),
+                                                                         det["scores"][keep].tolist(), strict=True)]
+            panels.append(draw_boxes(pil, boxes, names, det["classes"][keep].tolist()))
+        return save_detection_grid(path, panels)
+
+
+class DetectHook(DecodeHook):
+    """How `Detect.predict` decodes: each object token sits at the grid cell its box's coordinates point at
+    (``detect.coord_pos``: known only once they are sampled), the glimpse of each box is fed after its y_max
+    (``detect.glimpse``), and decoding ends once every image has emitted the end token (checked per object).
+
+    Args:
+        task: the detector; images: (B, C, H, W) the images being decoded; n_obj: the most objects per image.
+    """
+
+    stop_check = TOKENS_PER_OBJECT
+
+    def __init__(self, task: Detect, images: Tensor, n_obj: int) -> None:
+        self.task, self.images = task, images
+        self.dynamic = task.cfg.detect.coord_pos          # without it every object token sits at position zero
+        self.max_injected = n_obj if task.glimpse else 0  # one glimpse per object
+        self.stop_token = task.boxes.end
+
+    def position(self, history: Tensor, t: int) -> Tensor:
+        """Generated ids so far (B, t + 1) (5 per object: no glimpses) -> the (B, 1, 3) position of the last."""
+        return self.task._positions(history[:, t - t % TOKENS_PER_OBJECT:], TOKENS_PER_OBJECT)[:, -1:]
+
+    def inject(self, history: Tensor, t: int) -> Sequence | None:
+        """After a generated y_max (slot 3), the glimpse token of that box; else None."""
+        if t % TOKENS_PER_OBJECT != 3:
+            return None
+        task = self.task
+        coords = history[:, t - 3:t + 1]                                   # (B, 4) ids
+        B, dev = coords.shape[0], coords.device
+        pos = task._positions(coords, TOKENS_PER_OBJECT)[:, -1:]           # the box centre, as y_max's
+        patch = glimpse(self.images, task.boxes.dequantize(coords), task.cfg.tokenizer.patch_size)   # (B, D)
+        return Sequence(ids=torch.full((B, 1), task.glimpse_id, dtype=torch.long, device=dev),
+                        labels=torch.full((B, 1), IGNORE, dtype=torch.long, device=dev), pos=pos,
+                        patches=patch[:, None], is_patch=torch.ones(B, 1, dtype=torch.bool, device=dev))
+
 
 class DetectMetric:
     """Validation loss and COCO mAP (AP, AP50, AP75, per-class AP), with the detections as COCO results."""
@@ -335,7 +467,7 @@ class DetectMetric:
 
     def update(self, batch: dict) -> None:
         t = self.task
-        loss, _ = t(batch, torch.Generator().manual_seed(len(self.metas)))   # with noise objects, as in training
+        loss, _ = t(batch, RowRNG(torch.Generator().manual_seed(len(self.metas))))  # noise objects, as in training
         B = batch["image"].shape[0]
         self.loss_sum += float(loss) * B
         self.n += B
@@ -356,4 +488,8 @@ class DetectMetric:
         gt = ground_truth(self.metas, cat_ids, t.info.classes)
         m = coco_map(gt, self.results, t.info.classes)
         return {"val_loss": self.loss_sum / max(self.n, 1), **m, "images": self.n,
-                "detections_per_image": len(self.results) / max(self.n, 1), "_detections": self.results}
+                "detections_per_image": len(self.results) / max(self.n, 1)}
+
+    def files(self) -> dict[str, Any]:
+        """The detections in COCO results format (``detections.json``)."""
+        return {"detections.json": self.results}

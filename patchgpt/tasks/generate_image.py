@@ -10,16 +10,34 @@ probability ``generate.p_uncond``, which enables classifier-free guidance at sam
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence as SequenceOf
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from ..config import ConfigError, RunConfig
-from ..data.base import DataInfo, rows
-from ..generate import sample
+from ..config import ConfigError, RunConfig, check_choices
+from ..data import load_image
+from ..data.base import DataInfo, ImageSet
+from ..report import save_grid, save_rows
+from ..rng import RowRNG
+from ..sampling import SamplingParams, sample
 from ..sequence import IGNORE, Sequence, concat, tokens
 from ..tokenizers import Bytes, ClassLabel
-from .base import ImageInput, Task, build_backbone, next_token_loss
+from .base import Task, build_backbone, next_token_loss
+
+
+@dataclass
+class GenerateConfig:
+    condition: str = "auto"      # auto (captions -> text, labels -> class, else none) | none | class | text
+    p_uncond: float = 0.1        # training: drop the condition to the null token this often (for guidance)
+    text_len: int = 32           # caption bytes kept (padded/truncated)
+    temperature: float = 1.0     # sampling defaults (CLI flags override)
+    top_k: int = 0
+    top_p: float = 1.0
+    cfg_scale: float = 0.0       # guidance: logits = cond + s * (cond - uncond); 0 = plain conditional
 
 
 def resolve_condition(cfg: RunConfig, info: DataInfo) -> str:
@@ -38,6 +56,28 @@ class Generate(Task):
     """Next-token prediction of discrete image tokens after an optional condition prefix."""
 
     name = "generate"
+    section = "generate"
+    Config = GenerateConfig
+    output_keys = ("nll", "loss")
+    metric_keys = ("bits_per_dim",)
+    examples = [
+        'patchgpt train generate --data digits --set generate.condition=class --out runs/gen',
+        'patchgpt sample runs/gen --class 7 --n 16 --cfg 1.5 --out sevens.png',
+        'patchgpt complete runs/gen digit.png --class 3 --keep 0.5 --out completion.png',
+        'patchgpt eval runs/gen --judge runs/cls',
+    ]
+
+    @classmethod
+    def defaults(cls, cfg: RunConfig) -> None:
+        cfg.tokenizer.kind, cfg.tokenizer.n_colors = "colors", 16
+        cfg.train.lr, cfg.train.steps, cfg.train.warmup = 1e-3, 3000, 100
+        cfg.data.augment = False  # a shifted digit is a different image to generate
+
+    @classmethod
+    def check(cls, cfg: RunConfig) -> None:
+        check_choices({"generate.condition": (cfg.generate.condition, ("auto", "none", "class", "text"))})
+        if cfg.tokenizer.kind == "patches":
+            raise ConfigError("generate needs discrete image tokens: tokenizer.kind=colors or vq")
 
     def __init__(self, cfg: RunConfig, info: DataInfo) -> None:
         super().__init__(cfg, info)
@@ -46,7 +86,7 @@ class Generate(Task):
             self.labels = ClassLabel(self.vocab, len(info.classes))
         elif self.condition == "text":
             self.text = Bytes(self.vocab, cfg.generate.text_len)
-        self.input = ImageInput(cfg, info, self.vocab)
+        self.input = self.make_input()
         self.prefix_len = {"none": 0, "class": 1, "text": cfg.generate.text_len}[self.condition]
         self.backbone = build_backbone(cfg, self.vocab, 0, self.prefix_len + self.input.length, self.input.grid)
 
@@ -68,13 +108,13 @@ class Generate(Task):
         _ = B
         return None
 
-    def sequence(self, batch: dict, gen: torch.Generator | None = None) -> Sequence:
+    def sequence(self, batch: dict, rng: RowRNG | None = None) -> Sequence:
+        """``[condition] [bos] image tokens`` with next-token labels on the image; with `rng`, conditions are
+        dropped to the null condition with probability ``generate.p_uncond`` (for guidance)."""
         images = batch["image"]
         drop = None
-        if gen is not None and self.condition != "none" and self.cfg.generate.p_uncond > 0:
-            first, total = rows(batch)  # drawn for the global batch: the same drops on any number of processes
-            drop = (torch.rand(total, generator=gen) < self.cfg.generate.p_uncond)[first:first + images.shape[0]]
-            drop = drop.to(images.device)
+        if rng is not None and self.condition != "none" and self.cfg.generate.p_uncond > 0:
+            drop = (rng.rand(images.shape[0]) < self.cfg.generate.p_uncond).to(images.device)
         img = self.input.encode(images)                                   # [bos] + image tokens
         labels = torch.full_like(img.ids, IGNORE)
         labels[:, :-1] = img.ids[:, 1:]                                   # bos predicts the first token, ...
@@ -82,8 +122,8 @@ class Generate(Task):
         cond = self.condition_seq(batch, drop)
         return img if cond is None else concat(cond, img, prefix_len=self.prefix_len)
 
-    def forward(self, batch: dict, gen: torch.Generator | None = None) -> tuple[Tensor, dict]:
-        seq = self.sequence(batch, gen)
+    def forward(self, batch: dict, rng: RowRNG | None = None) -> tuple[Tensor, dict]:
+        seq = self.sequence(batch, rng)
         loss = next_token_loss(self.backbone.logits(self.backbone(seq)), seq)
         return loss, {"loss": loss.detach()}
 
@@ -105,10 +145,9 @@ class Generate(Task):
         return bos
 
     @torch.no_grad()
-    def generate(self, n: int, classes: Tensor | None = None, texts: list[str] | None = None,
+    def sample_images(self, n: int, classes: Tensor | None = None, texts: list[str] | None = None,
                  keep: Tensor | None = None, temperature: float | None = None, top_k: int | None = None,
-                 top_p: float | None = None, cfg_scale: float | None = None, seed: int = 0,
-                 use_cache: bool = True) -> Tensor:
+                 top_p: float | None = None, cfg_scale: float | None = None, seed: int = 0) -> Tensor:
         """Sample `n` images (n, C, H, W) in [-1, 1].
 
         Args:
@@ -138,9 +177,9 @@ class Generate(Task):
             if uncond is not None:
                 uncond = concat(uncond, kept, prefix_len=uncond.prefix_len)
         gen = torch.Generator(device=dev).manual_seed(seed)
-        ids = sample(self.backbone, prompt, N - k, positions=grid_pos[k:], temperature=temperature, top_k=top_k,
-                     top_p=top_p, generator=gen, allowed=[self.input.tok.ids], uncond_prompt=uncond,
-                     cfg_scale=cfg_scale, use_cache=use_cache)                       # (n, N - k)
+        params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, cfg_scale=cfg_scale)
+        ids = sample(self.backbone, prompt, N - k, params, positions=grid_pos[k:], generator=gen,
+                     allowed=[self.input.tok.ids], uncond_prompt=uncond)                # (n, N - k)
         if keep is not None:
             ids = torch.cat([keep.to(dev), ids], dim=1)
         return self.input.tok.decode(ids)
@@ -157,6 +196,150 @@ class Generate(Task):
 
     def metric(self) -> GenerateMetric:
         return GenerateMetric(self)
+
+    # ---- the user's side: files, pictures, judging -------------------------------------------------------
+
+    @torch.no_grad()
+    def predict_files(self, paths: SequenceOf[str | Path], out: str | Path | None = None, label: int = 0,
+                      text: str = "", **options: Any) -> list[dict]:
+        """How likely the model finds each image: ``[{"image", "nll" (nats), "bits_per_dim"}]``, under the
+        condition `label` or `text` where the model is conditional."""
+        self.eval()
+        images = self.read_files(paths)["image"]
+        B = images.shape[0]
+        batch = {"image": images, "label": torch.full((B,), label, dtype=torch.long, device=images.device),
+                 "text": [text] * B}
+        nll = self.predict(batch)["nll"].cpu()
+        dims = self.info.channels * self.info.image_size[0] * self.info.image_size[1]
+        return [{"image": str(p), "nll": float(v), "bits_per_dim": float(v) / (dims * math.log(2))}
+                for p, v in zip(paths, nll, strict=True)]
+
+    def report(self, out: Path, val_set: ImageSet, metrics: dict, prefix: str = "", judge: Task | None = None,
+               per_class: int = 20, **kw: Any) -> dict:
+        """``{prefix}samples.png`` (a row per class, per validation caption, or 4 rows); with a `judge` (a
+        classifier of the same classes), the share of class-conditional samples it assigns to the class asked
+        for, and ``{prefix}judged_samples.png``. `kw`: sampling settings (cfg_scale, temperature ...)."""
+        kw = {k: v for k, v in kw.items() if k in ("temperature", "top_k", "top_p", "cfg_scale")}
+        res: dict = {"samples_png": str(self.samples_png(out / f"{prefix}samples.png", val_set, **kw))}
+        if judge is not None and self.condition == "class":
+            r = judge_accuracy(self, judge, per_class=per_class, **kw)
+            K = len(self.info.classes)
+            rows = [(self.info.classes[k], r["samples"][r["requested"] == k][:10]) for k in range(K)]
+            res["judged_png"] = str(save_rows(out / f"{prefix}judged_samples.png", rows, scale=self.scale))
+            res.update({k: v for k, v in r.items() if k.startswith("judge")})
+        return res
+
+    @property
+    def scale(self) -> int:
+        """Pixel magnification of pictures (small images are drawn larger)."""
+        return max(1, 64 // self.info.image_size[0])
+
+    def samples_png(self, path: Path, val_set: ImageSet | None = None, per_row: int = 8, seed: int = 0,
+                    **kw: Any) -> Path:
+        """A grid of samples: one row per class, per caption (from the validation set), or 4 rows."""
+        if self.condition == "class":
+            K = min(len(self.info.classes), 16)
+            classes = torch.arange(K).repeat_interleave(per_row)
+            images = self.sample_images(len(classes), classes=classes, seed=seed, **kw)
+            rows = [(self.info.classes[k], images[k * per_row:(k + 1) * per_row]) for k in range(K)]
+            return save_rows(path, rows, scale=self.scale)
+        if self.condition == "text":
+            texts: list[str] = []
+            for i in range(len(val_set) if val_set is not None else 0):
+                item = val_set[i]
+                if item is not None and item["text"] not in texts:
+                    texts.append(item["text"])
+                if len(texts) == 6:
+                    break
+            return self.prompts_png(path, texts, per_row, seed, **kw)
+        images = self.sample_images(4 * per_row, seed=seed, **kw)
+        return save_grid(path, images.cpu(), nrow=per_row, scale=self.scale)
+
+    def prompts_png(self, path: Path, texts: list[str], per_row: int = 8, seed: int = 0, **kw: Any) -> Path:
+        """One row of samples per caption, labelled with the caption."""
+        images = self.sample_images(len(texts) * per_row, texts=[t for t in texts for _ in range(per_row)],
+                                    seed=seed, **kw)
+        rows = [(t[:24], images[i * per_row:(i + 1) * per_row]) for i, t in enumerate(texts)]
+        return save_rows(path, rows, scale=self.scale)
+
+    def class_indices(self, names: list[str] | None) -> list[int]:
+        """Class names or indices -> indices (all classes for None); a one-line error for an unknown one."""
+        known = self.info.classes or []
+        if not names:
+            return list(range(len(known)))
+        out = []
+        for n in names:
+            if n in known:
+                out.append(known.index(n))
+            elif n.isdigit() and int(n) < len(known):
+                out.append(int(n))
+            else:
+                raise ConfigError(f"--class {n}: unknown; the classes are {', '.join(known)}")
+        return out
+
+    def sample_png(self, path: str | Path, classes: list[str] | None = None, prompts: list[str] | None = None,
+                   n: int = 8, **kw: Any) -> Path:
+        """``patchgpt sample``: `n` samples per requested class or prompt (or `n` unconditional) as a PNG grid."""
+        if self.condition == "text":
+            if not prompts:
+                raise ConfigError("this model is text-conditional: give --prompt TEXT")
+            return self.prompts_png(Path(path), prompts, n, **kw)
+        if self.condition == "class":
+            ks = self.class_indices(classes)
+            images = self.sample_images(len(ks) * n, classes=torch.tensor(ks).repeat_interleave(n), **kw).cpu()
+            rows = [(self.info.classes[k], images[i * n:(i + 1) * n]) for i, k in enumerate(ks)]
+            return save_rows(path, rows, scale=self.scale)
+        if classes or prompts:
+            raise ConfigError("this model is unconditional: drop --class/--prompt")
+        return save_grid(path, self.sample_images(n, **kw).cpu(), nrow=min(n, 8), scale=self.scale)
+
+    def complete_png(self, image_path: str | Path, path: str | Path, keep: float = 0.5,
+                     classes: list[str] | None = None, prompts: list[str] | None = None, n: int = 8,
+                     **kw: Any) -> Path:
+        """``patchgpt complete``: keep the first `keep` of an image's tokens (raster order), sample the rest
+        `n` times; a PNG of the given part, the completions and the original."""
+        C, (H, W) = self.info.channels, self.info.image_size
+        dev = self.backbone.wte.weight.device
+        image = load_image(image_path, C, H, self.cfg.data.resize)[None].to(dev)      # (1, C, H, W)
+        ids = self.input.encode(image).ids[:, 1:]                                       # (1, N) without bos
+        N = ids.shape[1]
+        k = max(1, min(N - 1, round(keep * N)))
+        cond: dict = {}
+        if self.condition == "class":
+            if not classes:
+                raise ConfigError("this model is class-conditional: give --class")
+            cond["classes"] = torch.tensor(self.class_indices(classes)[:1] * n)
+        elif self.condition == "text":
+            if not prompts:
+                raise ConfigError("this model is text-conditional: give --prompt")
+            cond["texts"] = [prompts[0]] * n
+        out = self.sample_images(n, keep=ids[:, :k].expand(n, k), **cond, **kw).cpu()
+        # The kept tokens' pixels are pasted back from the original, so the given part is exact.
+        h, w = self.input.tok.grid
+        keep_mask = (torch.arange(h * w) < k).float().reshape(1, 1, h, w)
+        keep_mask = torch.nn.functional.interpolate(keep_mask, size=(H, W), mode="nearest")  # (1, 1, H, W)
+        image = image.cpu()
+        out = out * (1 - keep_mask) + image * keep_mask
+        given = image * keep_mask
+        return save_rows(path, [("given", given), ("completions", out), ("original", image)], scale=self.scale)
+
+
+@torch.no_grad()
+def judge_accuracy(task: Generate, judge: Task, per_class: int = 20, seed: int = 0, **kw: Any) -> dict:
+    """Sample `per_class` images of every class and report how often the judge (an independently trained
+    classifier of the same classes) agrees with the request: a classifier-based proxy in the spirit of the
+    Inception Score's conditional term."""
+    if task.condition != "class":
+        raise ConfigError("judge accuracy needs a class-conditional model")
+    if judge.info.classes != task.info.classes:
+        raise ConfigError(f"the judge's classes {judge.info.classes} differ from {task.info.classes}")
+    K = len(task.info.classes)
+    want = torch.arange(K).repeat_interleave(per_class)                       # (K * per_class,)
+    images = task.sample_images(len(want), classes=want, seed=seed, **kw)
+    pred = judge.predict({"image": images.to(judge.device)})["pred"].cpu()
+    per = [(pred[want == k] == k).float().mean().item() for k in range(K)]
+    return {"judge_accuracy": float((pred == want).float().mean()), "judge_per_class":
+            dict(zip(task.info.classes, per, strict=True)), "samples": images.cpu(), "requested": want}
 
 
 class GenerateMetric:

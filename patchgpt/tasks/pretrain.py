@@ -10,26 +10,59 @@ Two objectives over the same backbone, chosen by ``pretrain.target``:
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence as SequenceOf
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from ..config import RunConfig
-from ..data.base import DataInfo
+from ..config import ConfigError, RunConfig, check_choices
+from ..data.base import DataInfo, ImageSet
+from ..report import save_rows
+from ..rng import RowRNG
 from ..sequence import IGNORE, Sequence
 from ..tokenizers import normalize_patches
-from .base import ImageInput, Task, build_backbone, next_token_loss
+from .base import Task, build_backbone, next_token_loss
+
+
+@dataclass
+class PretrainConfig:
+    target: str = "patches"      # patches: next-patch regression (AIM) | tokens: next-token CE (iGPT)
+    prefix: bool = True          # random bidirectional prefix per batch (AIM), so probes may look both ways
+    norm_pix: bool = True        # regress per-patch normalized pixels
+    head_hidden: int = 2         # MLP head width as a multiple of n_embd; 0 = a linear head
 
 
 class Pretrain(Task):
     """Next-patch or next-token prediction over images."""
 
     name = "pretrain"
-    key = "image"  # the batch entry read as input ("video" for clips)
+    section = "pretrain"
+    Config = PretrainConfig
+    output_keys = ("loss", "pred")
+    examples = [
+        'patchgpt train pretrain --data folder:~/photos --out runs/pre --steps 2000',
+        'torchrun --standalone --nproc_per_node=8 -m patchgpt train pretrain --data digits --set train.batch_size=256',
+        'patchgpt train pretrain --data "shards:shards/train-{000000..000009}.tar" '
+        '--set data.val_spec=shards:shards/val-*',
+    ]
+
+    @classmethod
+    def defaults(cls, cfg: RunConfig) -> None:
+        cfg.train.lr, cfg.train.steps, cfg.train.warmup = 1e-3, 1500, 100
+
+    @classmethod
+    def check(cls, cfg: RunConfig) -> None:
+        check_choices({"pretrain.target": (cfg.pretrain.target, ("patches", "tokens"))})
+        if cfg.pretrain.target == "tokens" and cfg.tokenizer.kind != "colors":
+            raise ConfigError("pretrain.target=tokens needs tokenizer.kind=colors (discrete pixels)")
 
     def __init__(self, cfg: RunConfig, info: DataInfo) -> None:
         super().__init__(cfg, info)
-        self.input = self.make_input(cfg, info)
+        self.input = self.make_input()
+        self.key = self.input.key  # the batch entry read as input: "image", or "video" for clips
         self.backbone = build_backbone(cfg, self.vocab, self.input.patch_dim, self.input.length, self.input.grid,
                                        self.input.slices)
         self.target = cfg.pretrain.target
@@ -38,12 +71,10 @@ class Pretrain(Task):
             D, k = self.input.patch_dim, cfg.pretrain.head_hidden
             self.head = nn.Sequential(nn.Linear(C, k * C), nn.GELU(), nn.Linear(k * C, D)) if k else nn.Linear(C, D)
 
-    def make_input(self, cfg: RunConfig, info: DataInfo) -> nn.Module:
-        """The input tokenizer (images here; `VideoPretrain` reads clips as tubelets)."""
-        return ImageInput(cfg, info, self.vocab)
-
-    def sequence(self, batch: dict, prefix_len: int = 0) -> Sequence:
-        """Input sequence with next-token labels; positions inside the prefix carry no loss."""
+    def sequence(self, batch: dict, rng: RowRNG | None = None) -> Sequence:
+        """Input sequence with next-token labels; with `rng`, a random bidirectional prefix (AIM) whose
+        positions carry no loss."""
+        prefix_len = self.sample_prefix(rng)
         seq = self.input.encode(batch[self.key])
         B, T = seq.ids.shape
         labels = torch.full_like(seq.ids, IGNORE)
@@ -54,12 +85,12 @@ class Pretrain(Task):
         return Sequence(ids=seq.ids, labels=labels, pos=seq.pos, patches=seq.patches, is_patch=seq.is_patch,
                         prefix_len=prefix_len)
 
-    def sample_prefix(self, gen: torch.Generator | None) -> int:
-        """A prefix length uniform in [1, T-1] (1 = plain causal), as in AIM's prefix pretraining."""
-        if not self.cfg.pretrain.prefix or gen is None:
+    def sample_prefix(self, rng: RowRNG | None) -> int:
+        """A prefix length uniform in [1, T-1] (1 = plain causal), as in AIM's prefix pretraining; one for
+        the whole global batch."""
+        if not self.cfg.pretrain.prefix or rng is None:
             return 0
-        T = self.input.length
-        return int(torch.randint(1, max(2, T - 1), (1,), generator=gen))
+        return rng.batch_randint(1, max(2, self.input.length - 1))
 
     def _patch_loss(self, hidden: Tensor, seq: Sequence) -> tuple[Tensor, Tensor]:
         """MSE of predicted vs actual next patches; returns (loss, predictions (B, T-1, D))."""
@@ -73,8 +104,8 @@ class Pretrain(Task):
             keep[:, :seq.prefix_len - 1] = 0
         return (err * keep).sum() / keep.sum().clamp(min=1), pred
 
-    def forward(self, batch: dict, gen: torch.Generator | None = None) -> tuple[Tensor, dict]:
-        seq = self.sequence(batch, self.sample_prefix(gen))
+    def forward(self, batch: dict, rng: RowRNG | None = None) -> tuple[Tensor, dict]:
+        seq = self.sequence(batch, rng)
         hidden = self.backbone(seq)
         if self.target == "patches":
             loss, _ = self._patch_loss(hidden, seq)
@@ -112,6 +143,36 @@ class Pretrain(Task):
 
     def metric(self) -> PretrainMetric:
         return PretrainMetric(self)
+
+    @torch.no_grad()
+    def predict_files(self, paths: SequenceOf[str | Path], out: str | Path | None = None,
+                      **options: Any) -> list[dict]:
+        """Each file's validation loss (next-patch MSE, or nats per token for colour tokens); with `out` (a
+        directory), ``predictions.png``: the images above the model's next-patch predictions."""
+        self.eval()
+        batch = self.read_files(paths)
+        x = batch[self.key]
+        results = [{self.key: str(p), "loss": float(self.predict({self.key: x[i:i + 1]})["loss"])}
+                   for i, p in enumerate(paths)]
+        if out and not self.reads_clips:
+            Path(out).mkdir(parents=True, exist_ok=True)
+            self.report(Path(out), x, {})
+        return results
+
+    def report(self, out: Path, val_set: ImageSet | Tensor, metrics: dict, **options: Any) -> dict:
+        """``predictions.png``: validation images above the model's causal next-patch (next-pixel) predictions."""
+        if isinstance(val_set, Tensor):
+            images = val_set[:8]
+        elif len(val_set):
+            images = torch.stack([it["image"] for it in (val_set[i] for i in range(min(8, len(val_set))))
+                                  if it is not None]).to(self.device)
+        else:
+            return {}
+        self.eval()
+        pred = self.reconstruct(images)
+        scale = max(1, 96 // images.shape[-1])
+        return {"predictions_png": str(save_rows(out / "predictions.png", [("original", images.cpu()),
+                                                                           ("predicted", pred.cpu())], scale=scale))}
 
 
 class PretrainMetric:

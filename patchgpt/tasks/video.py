@@ -12,72 +12,73 @@ Moving MNIST next-frame prediction (Srivastava et al. 2015).
 
 from __future__ import annotations
 
+from collections.abc import Sequence as SequenceOf
+from pathlib import Path
+from typing import Any
+
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..config import ConfigError, RunConfig
-from ..data.base import DataError, DataInfo
-from ..sequence import IGNORE, Sequence, Vocab
-from ..tokenizers import Tubelets
+from ..data.base import ImageSet
+from ..report import save_rows
+from ..sequence import IGNORE, Sequence
 from .classify import Classify
 from .pretrain import Pretrain, PretrainMetric
 
 
-class VideoInput(nn.Module):
-    """Clips (B, F, C, H, W) -> the backbone's input `Sequence`: one continuous token per T x P x P tubelet,
-    positions (time slice, row, col) + 1."""
+def clip_defaults(cfg: RunConfig) -> None:
+    """The recipe both video tasks share: moving digits, 4x4 patches over 2-frame tubelets."""
+    cfg.data.spec = "moving-digits"
+    cfg.tokenizer.patch_size, cfg.tokenizer.tubelet = 4, 2
+    cfg.train.lr, cfg.train.steps, cfg.train.warmup = 2e-3, 2000, 50
 
-    kind = "patches"
 
-    def __init__(self, cfg: RunConfig, info: DataInfo, vocab: Vocab) -> None:
-        super().__init__()
-        if not info.frames:
-            raise DataError(f"{cfg.task} needs clips; {cfg.data.spec} has images (use videos:PATH or moving-digits)")
-        try:
-            self.tok = Tubelets(cfg.tokenizer.tubelet, cfg.tokenizer.patch_size, info.channels, info.frames,
-                                tuple(info.image_size), vocab)
-        except ValueError as e:
-            raise ConfigError(f"{e} (set data.frames, data.image_size, tokenizer.tubelet, tokenizer.patch_size)") \
-                from None
-        self.grid, self.slices = self.tok.grid, self.tok.slices
-
-    @property
-    def patch_dim(self) -> int:
-        return self.tok.patch_dim
-
-    @property
-    def length(self) -> int:
-        """Tokens per clip."""
-        return self.tok.num_patches
-
-    def encode(self, video: Tensor) -> Sequence:
-        """(B, F, C, H, W) in [-1, 1] -> input `Sequence` (labels IGNORE)."""
-        return self.tok.encode(video)
+def check_clips(cfg: RunConfig) -> None:
+    if cfg.tokenizer.kind != "patches":
+        raise ConfigError(f"{cfg.task} reads clips as tubelets: tokenizer.kind must be patches")
 
 
 class VideoClassify(Classify):
     """Predict one label per clip (``classify.mode``: finetune|linear|attentive, as for images)."""
 
     name = "video-classify"
-    key = "video"
+    reads_clips = True
+    demo_data = "moving-digits"
+    examples = [
+        'patchgpt train video-classify --data videos:~/clips --out runs/clips',
+        'patchgpt predict runs/clips clip.mp4',
+    ]
 
-    def make_input(self, cfg: RunConfig, info: DataInfo) -> nn.Module:
-        return VideoInput(cfg, info, self.vocab)
+    @classmethod
+    def defaults(cls, cfg: RunConfig) -> None:
+        clip_defaults(cfg)
+
+    @classmethod
+    def check(cls, cfg: RunConfig) -> None:
+        super().check(cfg)
+        check_clips(cfg)
 
 
 class VideoPretrain(Pretrain):
     """Next-tubelet regression over clips, and next-frame prediction by rolling the predictions out."""
 
     name = "video-pretrain"
-    key = "video"
+    reads_clips = True
+    demo_data = "moving-digits"
+    metric_keys = ("next_frames_mse", "repeat_last_frame_mse")
+    examples = ["patchgpt train video-pretrain --data moving-digits --out runs/vpre"]
 
-    def __init__(self, cfg: RunConfig, info: DataInfo) -> None:
+    @classmethod
+    def defaults(cls, cfg: RunConfig) -> None:
+        clip_defaults(cfg)
+        cfg.pretrain.norm_pix = False  # next-frame pictures roll predictions out in pixel space
+
+    @classmethod
+    def check(cls, cfg: RunConfig) -> None:
         if cfg.pretrain.target != "patches":
             raise ConfigError("video-pretrain regresses tubelets: pretrain.target must be patches")
-        super().__init__(cfg, info)
-
-    def make_input(self, cfg: RunConfig, info: DataInfo) -> nn.Module:
-        return VideoInput(cfg, info, self.vocab)
+        check_clips(cfg)
 
     def context_slices(self) -> int:
         """Time slices given to next-frame prediction: the first half of the clip (at least one)."""
@@ -126,6 +127,42 @@ class VideoPretrain(Pretrain):
 
     def metric(self) -> VideoPretrainMetric:
         return VideoPretrainMetric(self)
+
+    @torch.no_grad()
+    def predict_files(self, paths: SequenceOf[str | Path], out: str | Path | None = None,
+                      **options: Any) -> list[dict]:
+        """Each clip's next-tubelet loss and, for clips of two or more time slices, the error of its rolled-out
+        second half (``next_frames_mse``); with `out` (a directory), ``next_frames.png``."""
+        self.eval()
+        clips = self.read_files(paths)["video"]                                 # (B, F, C, H, W)
+        results = []
+        for i, p in enumerate(paths):
+            m = self.metric()
+            m.update({"video": clips[i:i + 1]})
+            results.append({"video": str(p), **{k: v for k, v in m.compute().items() if k != "val_loss"},
+                            "loss": m.compute()["val_loss"]})
+        if out and self.input.slices > 1:
+            Path(out).mkdir(parents=True, exist_ok=True)
+            self.next_frames_png(clips[:4], Path(out) / "next_frames.png")
+        return results
+
+    def report(self, out: Path, val_set: ImageSet, metrics: dict, **options: Any) -> dict:
+        """``next_frames.png``: validation clips above the model's next-frame roll-outs."""
+        if not len(val_set) or self.input.slices < 2:
+            return {}
+        clips = torch.stack([it["video"] for it in (val_set[i] for i in range(min(4, len(val_set))))
+                             if it is not None])
+        return {"next_frames_png": str(self.next_frames_png(clips.to(self.device), out / "next_frames.png"))}
+
+    def next_frames_png(self, clips: Tensor, path: Path) -> Path:
+        """For each clip (B, F, C, H, W): its real frames above the model's (given frames, then predicted)."""
+        self.eval()
+        pred = self.predict_frames(clips).cpu()
+        k = self.context_slices() * self.input.tok.tubelet
+        rows = []
+        for b in range(clips.shape[0]):
+            rows += [(f"real {b + 1}", clips[b].cpu()), (f"given {k}, pred", pred[b])]
+        return save_rows(path, rows, scale=max(1, 64 // self.info.image_size[0]))
 
 
 class VideoPretrainMetric(PretrainMetric):

@@ -7,14 +7,32 @@ when training a generator. Metrics: reconstruction PSNR, codebook usage and perp
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence as SequenceOf
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..config import RunConfig
-from ..data.base import DataError, DataInfo
-from ..tokenizers.vq import VQVAE, VQConfig
+from ..data.base import DataError, DataInfo, ImageSet
+from ..report import save_rows
+from ..rng import RowRNG
+from ..sequence import Sequence
+from ..tokenizers.vq import VQVAE, VQCodes, VQConfig
 from .base import Task
+
+
+@dataclass
+class VQTrainConfig:
+    downsample: int = 2          # code grid = image / downsample (2, 4 or 8)
+    hidden: int = 64
+    codebook_size: int = 256
+    code_dim: int = 32
+    beta: float = 0.25
+    l2_norm: bool = True
+    dead_after: int = 100        # restart codes unused for this many steps
 
 
 def vq_config(cfg: RunConfig, info: DataInfo) -> VQConfig:
@@ -28,6 +46,19 @@ class TrainVQ(Task):
     """Reconstruct images through a quantized bottleneck."""
 
     name = "vq"
+    section = "vq"
+    Config = VQTrainConfig
+    output_keys = ("codes", "recon")
+    metric_keys = ("psnr", "codebook_usage", "perplexity")
+    examples = [
+        'patchgpt train vq --data emoji --out runs/vq',
+        'patchgpt train generate --data emoji --set tokenizer.kind=vq --set tokenizer.vq=runs/vq',
+    ]
+
+    @classmethod
+    def defaults(cls, cfg: RunConfig) -> None:
+        cfg.train.lr, cfg.train.steps, cfg.train.warmup, cfg.train.weight_decay = 2e-3, 2000, 50, 0.0
+        cfg.data.augment = False
 
     def __init__(self, cfg: RunConfig, info: DataInfo) -> None:
         super().__init__(cfg, info)
@@ -35,7 +66,25 @@ class TrainVQ(Task):
             raise DataError(f"{cfg.data.spec} holds clips: the VQ tokenizer trains on images")
         self.vq = VQVAE(vq_config(cfg, info))
 
-    def forward(self, batch: dict, gen: torch.Generator | None = None) -> tuple[Tensor, dict]:
+    def networks(self) -> list[nn.Module]:
+        return [self.vq]
+
+    def describe(self) -> str:
+        return "VQ-VAE"
+
+    def init_from(self, path: str | Path) -> None:
+        from .. import checkpoint
+
+        self.vq.load_state_dict(checkpoint.read_weights(path, prefix="vq."))
+
+    def fit(self, train_set: ImageSet, seed: int = 0) -> None:
+        """Nothing to fit before training."""
+
+    def sequence(self, batch: dict, rng: RowRNG | None = None) -> Sequence:
+        """The images as the code tokens a generator would read (ids from a vocabulary of the codes alone)."""
+        return VQCodes(self.vq).encode(batch["image"])
+
+    def forward(self, batch: dict, rng: RowRNG | None = None) -> tuple[Tensor, dict]:
         _, loss, stats = self.vq(batch["image"])
         return loss, {"loss": loss.detach(), **{k: torch.tensor(float(v)) for k, v in stats.items()}}
 
@@ -50,6 +99,34 @@ class TrainVQ(Task):
 
     def metric(self) -> VQMetric:
         return VQMetric(self)
+
+    @torch.no_grad()
+    def predict_files(self, paths: SequenceOf[str | Path], out: str | Path | None = None,
+                      **options: Any) -> list[dict]:
+        """Each image's reconstruction PSNR and its code grid; with `out` (a directory), ``reconstructions.png``."""
+        self.eval()
+        images = self.read_files(paths)["image"]
+        pred = self.predict({"image": images})
+        mse = (pred["recon"] - images).pow(2).flatten(1).mean(1).clamp(min=1e-12)            # (B,)
+        results = [{"image": str(p), "psnr": float(10 * torch.log10(4.0 / m)), "codes": c.tolist()}
+                   for p, m, c in zip(paths, mse.cpu(), pred["codes"].cpu(), strict=True)]
+        if out:
+            Path(out).mkdir(parents=True, exist_ok=True)
+            self._reconstructions_png(images[:16], Path(out) / "reconstructions.png", float("nan"))
+        return results
+
+    def report(self, out: Path, val_set: ImageSet, metrics: dict, **options: Any) -> dict:
+        """``reconstructions.png``: validation images above their reconstructions through the codes."""
+        if not len(val_set):
+            return {}
+        images = torch.stack([val_set[i]["image"] for i in range(min(16, len(val_set)))]).to(self.device)
+        path = self._reconstructions_png(images, out / "reconstructions.png", metrics.get("psnr", float("nan")))
+        return {"reconstructions_png": str(path)}
+
+    def _reconstructions_png(self, images: Tensor, path: Path, psnr: float) -> Path:
+        recon = self.predict({"image": images})["recon"]
+        return save_rows(path, [("original", images.cpu()), (f"{psnr:.1f} dB", recon.cpu())],
+                         scale=max(1, 64 // self.info.image_size[0]))
 
 
 class VQMetric:

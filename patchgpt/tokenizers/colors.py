@@ -57,6 +57,7 @@ class ColorClusters(nn.Module):
         self.grid = self.image_size
         self.num_patches = self.image_size[0] * self.image_size[1]
         self.ids = (vocab or Vocab()).add("colors", n_colors)
+        self.patch_dim = 0  # discrete ids
         # (K, C) palette: a buffer, so it is saved with the model's weights and moves with .to(device).
         self.register_buffer("palette", palette if palette is not None else torch.zeros(n_colors, channels))
         self.fitted = palette is not None

@@ -38,6 +38,7 @@ class Patches:
         self.num_patches = self.grid[0] * self.grid[1]
         self.patch_dim = patch_size * patch_size * channels
         self.patch_id = (vocab or Vocab()).add("patch", 1).start
+        self.fitted = True  # nothing to learn
 
     def patchify(self, images: Tensor) -> Tensor:
         """(B, C, H, W) -> (B, N, P*P*C), N = (H/P)*(W/P), raster order."""
@@ -56,6 +57,9 @@ class Patches:
         x = patches.reshape(B, h, w, P, P, C)          # (B, h, w, P, P, C)
         x = x.permute(0, 5, 1, 3, 2, 4)                # (B, C, h, P, w, P)
         return x.reshape(B, C, h * P, w * P)          # (B, C, H, W)
+
+    def fit(self, images: Tensor, seed: int = 0) -> None:
+        """Nothing to learn: the tokens are the pixels."""
 
     def encode(self, images: Tensor) -> Sequence:
         """Images (B, C, H, W) in [-1, 1] -> a patch `Sequence` of N tokens (no labels)."""

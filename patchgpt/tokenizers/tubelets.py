@@ -41,6 +41,7 @@ class Tubelets:
         self.num_patches = self.slices * self.per_slice
         self.patch_dim = tubelet * patch_size * patch_size * channels
         self.patch_id = (vocab or Vocab()).add("patch", 1).start
+        self.fitted = True  # nothing to learn
 
     def patchify(self, video: Tensor) -> Tensor:
         """(B, F, C, H, W) -> (B, N, T*P*P*C), N = (F/T)*(H/P)*(W/P), frame-major raster order."""
@@ -65,6 +66,9 @@ class Tubelets:
     def positions(self, device: torch.device | str = "cpu") -> Tensor:
         """(N, 3) (frame slice, row, col) + 1 for every tubelet, in sequence order."""
         return grid_positions(self.slices, *self.grid, device=device)
+
+    def fit(self, images: Tensor, seed: int = 0) -> None:
+        """Nothing to learn: the tokens are the pixels."""
 
     def encode(self, video: Tensor) -> Sequence:
         """Clips (B, F, C, H, W) in [-1, 1] -> a tubelet `Sequence` of N tokens (no labels)."""

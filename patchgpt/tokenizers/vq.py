@@ -226,7 +226,17 @@ class VQCodes(nn.Module):
         self.grid = vq.grid
         self.num_patches = self.grid[0] * self.grid[1]
         self.ids = (vocab or Vocab()).add("vq", cfg.codebook_size)
-        self.fitted = True
+        self.patch_dim = 0  # discrete ids
+        self.fitted = True  # trained separately (`patchgpt train vq`); see `load_run`
+
+    def fit(self, images: Tensor, seed: int = 0) -> None:
+        """Nothing to fit here: the codes come from a trained VQ-VAE (`load_run`)."""
+
+    def load_run(self, weights: dict[str, Tensor], source: str) -> None:
+        """Load the VQ-VAE's weights from a `patchgpt train vq` checkpoint's ``vq.*`` tensors (prefix removed)."""
+        if not weights:
+            raise ValueError(f"{source}: holds no VQ-VAE weights (not a `patchgpt train vq` run)")
+        self.vq.load_state_dict(weights)
 
     def encode(self, images: Tensor) -> Sequence:
         """Images (B, C, H, W) in [-1, 1] -> a `Sequence` of h*w code tokens with grid positions (no labels)."""
