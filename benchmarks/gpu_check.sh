@@ -15,7 +15,7 @@ step() { local name=$1 t=$2; shift 2; local t0=$SECONDS log=/tmp/gpu_check_$1.lo
          { echo "== $name rc=$rc $((SECONDS - t0))s"; grep -v "it/s\|s/it" "$log" | tail -n 40; } >>"$OUT/steps.log";
          echo "rc=$rc $name $((SECONDS - t0))s"; grep -v "it/s\|s/it" "$log" | tail -n 4; }
 R=/tmp/runs
-step tests 60 $PY -m pytest -q -x tests/test_generate.py tests/test_model.py -p no:cacheprovider
+step tests 60 $PY -m pytest -q -x tests/test_sampling.py tests/test_model.py -p no:cacheprovider
 step sampling 100 $PY benchmarks/bench_sampling.py --device cuda --json "$OUT/sampling_gpu.json"
 grep -E "x$|tokens/s" /tmp/gpu_check_sampling.log | tail -9
 step imagegpt 120 $PY benchmarks/bench_imagegpt.py --device cuda --json "$OUT/imagegpt_gpu.json"

@@ -83,7 +83,12 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--out", help="where to also write results: a JSON file for classifiers, a directory of JSON "
                    "and pictures for the other tasks")
     r.add_argument("--min-score", type=float, default=0.0, help="drop boxes scoring below this")
+    _sampling_commands(sub)
+    return p
 
+
+def _sampling_commands(sub) -> None:
+    """``sample`` and ``complete``: for checkpoints whose task draws images."""
     def sampling_flags(x: argparse.ArgumentParser) -> None:
         x.add_argument("--class", dest="cls", action="append", help="class name or index (repeatable)")
         x.add_argument("--prompt", action="append", help="caption for a text-conditional model (repeatable)")
@@ -105,7 +110,6 @@ def _parser() -> argparse.ArgumentParser:
     sampling_flags(c)
     c.add_argument("--keep", type=float, default=0.5, help="fraction of the image tokens kept, in raster order")
     c.add_argument("--out", default="completion.png", help="PNG to write (default: completion.png)")
-    return p
 
 
 def cmd_train(a: argparse.Namespace) -> None:
@@ -183,7 +187,7 @@ def cmd_eval(a: argparse.Namespace) -> None:
     from .checkpoint import resolve
     from .data import build_datasets, eval_batches
     from .evaluate import evaluate
-    from .report import atomic_write_text
+    from .files import atomic_write_text
     from .tasks import load
 
     task = load(a.ckpt)

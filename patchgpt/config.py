@@ -82,7 +82,7 @@ class RunConfig:
     became the tasks' own.
     """
 
-    task: str = "pretrain"
+    task: str = ""               # a key of patchgpt.tasks.TASKS
     out: str = "runs/run"
     init: str = ""               # checkpoint to start from (backbone and tokenizer)
     size: str = "micro"          # a key of SIZES, applied to `model`

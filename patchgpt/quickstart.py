@@ -17,7 +17,8 @@ from pathlib import Path
 
 from .config import RunConfig, apply_size
 from .data import build_datasets
-from .report import atomic_write_text, save_curves
+from .files import atomic_write_text
+from .report import save_curves
 from .tasks import default_config
 from .train import train
 

@@ -1,19 +1,19 @@
 """Pictures for run reports, drawn with Pillow only: loss curves, confusion matrices, image grids.
 
-Every file is written atomically (a ``.tmp`` sibling, fsynced, then ``os.replace``), so a reader never
-sees a half-written picture or text file.
+Every file is written atomically (`patchgpt.files`), so a reader never sees a half-written picture.
+These are drawing primitives; each task composes its own pictures from them (``Task.report``).
 """
 
 from __future__ import annotations
 
 import math
-import os
-from collections.abc import Callable
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+from .files import atomic_open
 
 if TYPE_CHECKING:
     import torch
@@ -25,33 +25,10 @@ PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd",
 GREY = 128
 
 
-def _atomic(path: str | Path, write: Callable[[IO[bytes]], Any]) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    """Write ``data`` to ``path`` via a fsynced temp file and ``os.replace``; returns the path."""
-    return _atomic(path, lambda f: f.write(data))
-
-
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Write ``text`` (UTF-8) to ``path`` atomically; returns the path."""
-    return atomic_write_bytes(path, text.encode("utf-8"))
-
-
 def _save_png(path: str | Path, img: Image.Image) -> Path:
-    return _atomic(path, lambda f: img.save(f, format="PNG"))
+    with atomic_open(path) as f:
+        img.save(f, format="PNG")
+    return Path(path)
 
 
 def _font(size: int = 11) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:

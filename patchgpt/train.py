@@ -31,10 +31,12 @@ from .data import build_datasets, eval_batches, train_batches
 from .data.base import DataError, DataInfo, ImageSet, batch_len, to_device
 from .data.shards import stream_batches
 from .evaluate import evaluate
+from .files import atomic_write_text
 from .model import GPTConfig
-from .report import atomic_write_text, save_curves
+from .report import save_curves
 from .rng import RowRNG
 from .tasks import Task, config_from_dict, load, task_class
+from .tokenizers.inputs import resolve_runs
 
 
 class TrainingError(RuntimeError):
@@ -80,8 +82,7 @@ def prepare(cfg: RunConfig) -> tuple[Task, ImageSet, ImageSet, DataInfo]:
             cfg.data.image_size = cfg.data.image_size or st["image_size"][0]
             cfg.data.channels = cfg.data.channels or st["channels"]
             cfg.data.frames = cfg.data.frames or st.get("frames", 0)  # clips: as many frames as pretraining saw
-    if cfg.tokenizer.kind == "vq" and cfg.tokenizer.vq:
-        cfg.tokenizer.vq_config = vq_config_of(cfg.tokenizer.vq)
+    resolve_runs(cfg.tokenizer)
     train_set, val_set, info = build_datasets(cfg.data)
     if init_meta is not None:
         st = init_meta["state"]
@@ -93,14 +94,6 @@ def prepare(cfg: RunConfig) -> tuple[Task, ImageSet, ImageSet, DataInfo]:
         task.init_from(cfg.init)
     task.fit(train_set, seed=cfg.train.seed)
     return task, train_set, val_set, info
-
-
-def vq_config_of(run: str) -> str:
-    """The VQ-VAE configuration (JSON) of a `patchgpt train vq` run, so a generator's checkpoint loads alone."""
-    state = checkpoint.read_meta(checkpoint.resolve(run))["state"]
-    if "vq" not in state:
-        raise ConfigError(f"tokenizer.vq={run}: not a `patchgpt train vq` run")
-    return json.dumps(state["vq"])
 
 
 class _Stop:

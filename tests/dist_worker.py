@@ -27,11 +27,11 @@ def main() -> None:
     for s in sys.argv[4:]:
         set_override(cfg, s)
     captured = {}
-    wrap = T.wrap
+    wrap = dist.wrap
 
-    def capture(task, env, fsdp=False):
+    def capture(task, env, blocks=(), fsdp=False):
         captured["task"] = task
-        model = wrap(task, env, fsdp)
+        model = wrap(task, env, blocks, fsdp)
         if hasattr(model, "register_comm_hook"):  # DDP: count gradient all-reduces (one per bucket)
             from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
@@ -42,7 +42,7 @@ def main() -> None:
             model.register_comm_hook(None, counting)
         return model
 
-    T.wrap = capture
+    dist.wrap = capture
     T.train(cfg, quiet=True, resume=bool(os.environ.get("RESUME")), until=int(os.environ.get("UNTIL", 0)) or None)
     if not cfg.train.fsdp:  # FSDP ranks hold shards; the checkpoint has the gathered weights
         sd = {k: v.detach().contiguous() for k, v in captured["task"].state_dict().items()}

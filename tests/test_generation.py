@@ -2,8 +2,10 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import patchgpt
 import patchgpt.tasks.generate_image as generate_module
@@ -27,7 +29,7 @@ def gen_config(out, condition="class", steps=3, **kw):
 def test_generate_sequence_layout(tmp_path):
     ds = Digits()
     task = Generate(gen_config(tmp_path), ds.info)
-    task.fit_tokenizer(ds.x[:64])
+    task.input.tok.fit(ds.x[:64])
     batch = {"image": ds.x[:2], "label": ds.y[:2]}
     seq = task.sequence(batch)
     # [class] [bos] 64 pixel tokens; labels: the bos and every pixel but the last predict the next pixel.
@@ -111,3 +113,16 @@ def test_vq_tokens_for_generation(tmp_path):
     src = patchgpt.load(vq).vq.state_dict()
     for k, v in task.input.tok.vq.state_dict().items():
         assert torch.equal(v, src[k])
+    # A VQ run trained on other images is a one-line error, as is a run that is not a VQ run.
+    folder = tmp_path / "rgb" / "a"
+    folder.mkdir(parents=True)
+    for i in range(6):
+        Image.fromarray(np.full((8, 8, 3), 40 * i, dtype=np.uint8)).save(folder / f"{i}.png")
+    other = gen_config(tmp_path / "g2", "none", steps=1)
+    other.data.spec, other.data.image_size = f"folder:{tmp_path / 'rgb'}", 8
+    other.tokenizer.kind, other.tokenizer.vq = "vq", str(vq)
+    with pytest.raises(ConfigError, match=r"trained on 1x\[8, 8\] images, this data is 3x\[8, 8\]"):
+        train(other, quiet=True)
+    other.tokenizer.vq = str(out)
+    with pytest.raises(ConfigError, match="not a `patchgpt train vq` run"):
+        train(other, quiet=True)

@@ -7,9 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
+from patchgpt.files import atomic_open, atomic_write_bytes, atomic_write_text
 from patchgpt.report import (
-    atomic_write_bytes,
-    atomic_write_text,
     image_grid,
     save_confusion,
     save_curves,
@@ -104,4 +103,10 @@ def test_atomic_writes(tmp_path):
     assert p.read_text() == "again"
     q = atomic_write_bytes(str(tmp_path / "b.bin"), b"\x00\x01")
     assert q.read_bytes() == b"\x00\x01"
+    _no_tmp(tmp_path)
+    with pytest.raises(RuntimeError):   # a writer that fails half-way leaves the old file and no temp file
+        with atomic_open(p) as f:
+            f.write(b"half")
+            raise RuntimeError("killed")
+    assert p.read_text() == "again"
     _no_tmp(tmp_path)

@@ -22,7 +22,7 @@ def colors_pretrain(tmp_path):
     cfg.tokenizer.kind, cfg.pretrain.target, cfg.tokenizer.n_colors = "colors", "tokens", 8
     batch, info = one_batch()
     task = Pretrain(cfg, info)
-    task.fit_tokenizer(batch["image"])
+    task.input.tok.fit(batch["image"])
     return task, batch
 
 

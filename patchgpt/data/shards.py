@@ -25,12 +25,13 @@ import random
 import re
 import tarfile
 from collections.abc import Iterator
-from itertools import count
+from itertools import count, islice
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from ..files import atomic_open, atomic_write_text
 from .base import DataError, DataInfo, ImageSet, Item, collate, input_key
 from .members import decode, item_members
 
@@ -43,12 +44,6 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     ti = tarfile.TarInfo(name)
     ti.size, ti.mtime, ti.mode = len(data), 0, 0o644
     tar.addfile(ti, io.BytesIO(data))
-
-
-def _atomic_json(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
 
 
 def write_shards(ds: ImageSet, out_dir: str | Path, per_shard: int = 1000, prefix: str = "train") -> list[Path]:
@@ -64,28 +59,17 @@ def write_shards(ds: ImageSet, out_dir: str | Path, per_shard: int = 1000, prefi
     for old in [*out.glob(f"{prefix}-*.tar"), *out.glob(f".{prefix}-*.tar.tmp")]:  # a previous write's
         old.unlink()
     paths, counts = [], {}
-    n, idx, tar, tmp = len(ds), 0, None, None
-    for i in range(n):
-        item = ds[i]
-        if item is None:  # a file skipped as unreadable
-            continue
-        if tar is None:
-            name = f"{prefix}-{len(paths):06d}.tar"
-            tmp = out / f".{name}.tmp"
-            tar = tarfile.open(tmp, "w")
-            paths.append(out / name)
-            counts[name] = 0
-        for name, data in item_members(item, f"{idx:09d}"):
-            _add(tar, name, data)
-        counts[paths[-1].name] += 1
-        idx += 1
-        if counts[paths[-1].name] == per_shard:
-            tar.close()
-            os.replace(tmp, paths[-1])
-            tar = None
-    if tar is not None:
-        tar.close()
-        os.replace(tmp, paths[-1])
+    items = (item for item in (ds[i] for i in range(len(ds))) if item is not None)  # None: a skipped file
+    idx = 0
+    while chunk := list(islice(items, per_shard)):
+        name = f"{prefix}-{len(paths):06d}.tar"
+        with atomic_open(out / name) as f, tarfile.open(fileobj=f, mode="w") as tar:
+            for item in chunk:
+                for member, data in item_members(item, f"{idx:09d}"):
+                    _add(tar, member, data)
+                idx += 1
+        paths.append(out / name)
+        counts[name] = len(chunk)
     meta_path = out / META
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {"shards": {}}
     meta["info"] = {"channels": info.channels, "image_size": list(info.image_size), "classes": info.classes,
@@ -93,7 +77,7 @@ def write_shards(ds: ImageSet, out_dir: str | Path, per_shard: int = 1000, prefi
                     "category_ids": info.category_ids, "max_objects": info.max_objects}
     meta["shards"] = {k: v for k, v in meta.get("shards", {}).items() if not k.startswith(f"{prefix}-")}
     meta["shards"].update(counts)
-    _atomic_json(meta_path, meta)
+    atomic_write_text(meta_path, json.dumps(meta, indent=2))
     return paths
 
 

@@ -1,5 +1,5 @@
 """The task interface: everything about one task lives in a `Task` subclass, so nothing outside `tasks/`
-names one (see DESIGN.md, section 3).
+names one (see docs/design.md).
 
 A task turns a batch (a dict of tensors and lists, keyed by field) into a `Sequence`, owns its head and loss,
 its config section and recipe, its augmentation, inference on the user's files, its metric and the pictures
@@ -150,17 +150,8 @@ class Task(nn.Module, metaclass=ABCMeta):
         """Before training from scratch: fit what the tokenizer learns from data (a colour palette), or load
         the trained VQ-VAE named by ``tokenizer.vq``."""
         inp = getattr(self, "input", None)
-        if inp is None:
-            return
-        t = self.cfg.tokenizer
-        if inp.kind == "vq" and t.vq and not self.cfg.init:
-            st = checkpoint.read_meta(t.vq)["state"]
-            if (st["channels"], tuple(st["image_size"])) != (self.info.channels, tuple(self.info.image_size)):
-                raise ConfigError(f"tokenizer.vq={t.vq} was trained on {st['channels']}x{list(st['image_size'])} "
-                                  f"images, this data is {self.info.channels}x{list(self.info.image_size)}")
-            inp.tok.load_run(checkpoint.read_weights(t.vq, prefix="vq."), t.vq)
-        if not inp.tok.fitted:
-            inp.tok.fit(train_set.images(4096), seed=seed)
+        if inp is not None:
+            inp.fit(lambda: train_set.images(4096), run="" if self.cfg.init else self.cfg.tokenizer.vq, seed=seed)
 
     # ---- training ------------------------------------------------------------------------------------------
 

@@ -19,7 +19,8 @@ from torch import Tensor, nn
 
 from ..config import RunConfig, check_choices
 from ..data.base import DataError, DataInfo, ImageSet
-from ..report import atomic_write_text, save_confusion, save_rows
+from ..files import atomic_write_text
+from ..report import save_confusion, save_rows
 from ..rng import RowRNG
 from ..sequence import Sequence
 from .base import Task, build_backbone
@@ -102,6 +103,10 @@ class Classify(Task):
         nn.init.zeros_(self.head.bias)
         if self.frozen:
             self.backbone.requires_grad_(False)
+
+    def unused_parameters(self) -> list[str]:
+        """The LM head (a classifier reads features); the id table too where every input is a patch."""
+        return ["backbone.lm_head.weight"] + (["backbone.wte.weight"] if self.input.kind == "patches" else [])
 
     @property
     def frozen(self) -> bool:

@@ -34,7 +34,8 @@ from ..config import ConfigError, RunConfig, check_choices
 from ..data.base import DataError, DataInfo, ImageSet, to_device
 from ..data.coco import letterbox, to_pixels
 from ..data.images import load_pil, to_mode, to_tensor
-from ..report import atomic_write_text, draw_boxes, save_boxes, save_detection_grid, tensor_to_pil
+from ..files import atomic_write_text
+from ..report import draw_boxes, save_boxes, save_detection_grid, tensor_to_pil
 from ..rng import RowRNG
 from ..sampling import DecodeHook, SamplingParams, sample
 from ..sequence import IGNORE, Sequence, concat, tokens

@@ -85,6 +85,11 @@ class Pretrain(Task):
         return Sequence(ids=seq.ids, labels=labels, pos=seq.pos, patches=seq.patches, is_patch=seq.is_patch,
                         prefix_len=prefix_len)
 
+    def unused_parameters(self) -> list[str]:
+        """Regressing patches leaves the LM head unused; patch inputs never look up token ids."""
+        names = ["backbone.lm_head.weight"] if self.target == "patches" else []
+        return names + (["backbone.wte.weight"] if self.input.kind == "patches" else [])
+
     def sample_prefix(self, rng: RowRNG | None) -> int:
         """A prefix length uniform in [1, T-1] (1 = plain causal), as in AIM's prefix pretraining; one for
         the whole global batch."""

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -19,7 +20,14 @@ from .base import Tokenizer
 from .colors import ColorClusters
 from .patches import Patches
 from .tubelets import Tubelets
-from .vq import VQVAE, VQCodes, VQConfig
+from .vq import VQVAE, VQCodes, VQConfig, load_vq_run, vq_run_config
+
+
+def resolve_runs(cfg: TokenizerConfig) -> None:
+    """Before training: copy into the tokenizer section what it needs from the runs it names (a trained VQ
+    tokenizer's configuration), so the checkpoint that results loads on its own."""
+    if cfg.kind == "vq" and cfg.vq:
+        cfg.vq_config = vq_run_config(cfg.vq)
 
 
 class PixelInput(nn.Module):
@@ -38,6 +46,7 @@ class PixelInput(nn.Module):
                  frames: int = 0) -> None:
         super().__init__()
         self.kind = cfg.kind
+        self.channels, self.image_size = channels, tuple(image_size)   # the data's pixels
         self.key = "video" if frames else "image"   # the batch entry this input reads
         self.tok: Tokenizer
         if frames:
@@ -56,6 +65,14 @@ class PixelInput(nn.Module):
                 self.tok = ColorClusters(cfg.n_colors, channels, image_size, vocab)
         self.grid = self.tok.grid
         self.slices = getattr(self.tok, "slices", 1)  # time slices of the position grid: 1 for images
+
+    def fit(self, images: Callable[[], Tensor], run: str = "", seed: int = 0) -> None:
+        """Before training from scratch: load the trained tokenizer of `run` (``tokenizer.vq``), or fit the
+        tokenizer to training images (a colour palette; `images` is called only then)."""
+        if self.kind == "vq" and run:
+            load_vq_run(self.tok, run, self.channels, self.image_size)
+        if not self.tok.fitted:
+            self.tok.fit(images(), seed=seed)
 
     @property
     def patch_dim(self) -> int:

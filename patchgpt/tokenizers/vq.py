@@ -11,6 +11,7 @@ tokenizer with the same interface as `ColorClusters`.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import asdict, dataclass
 
@@ -18,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import checkpoint
+from ..config import ConfigError
 from ..sequence import IGNORE, Sequence, Vocab
 from .patches import grid_positions
 
@@ -253,3 +256,21 @@ class VQCodes(nn.Module):
         codes = (ids - self.ids.start).clamp(0, self.codebook_size - 1)
         codes = codes.reshape(codes.shape[0], *self.grid)                      # (B, N) -> (B, h, w)
         return self.vq.decode_codes(codes).clamp(-1.0, 1.0)
+
+
+def vq_run_config(run: str) -> str:
+    """The VQ-VAE configuration (JSON) of a `patchgpt train vq` run, kept in a generator's own config so that
+    its checkpoint loads without the run."""
+    state = checkpoint.read_meta(checkpoint.resolve(run))["state"]
+    if "vq" not in state:
+        raise ConfigError(f"tokenizer.vq={run}: not a `patchgpt train vq` run")
+    return json.dumps(state["vq"])
+
+
+def load_vq_run(tok: VQCodes, run: str, channels: int, image_size: tuple[int, int]) -> None:
+    """Load the trained VQ-VAE of `run` into `tok`; a one-line error if it was trained on other images."""
+    st = checkpoint.read_meta(run)["state"]
+    if (st["channels"], tuple(st["image_size"])) != (channels, tuple(image_size)):
+        raise ConfigError(f"tokenizer.vq={run} was trained on {st['channels']}x{list(st['image_size'])} images, "
+                          f"this data is {channels}x{list(image_size)}")
+    tok.load_run(checkpoint.read_weights(run, prefix="vq."), run)
