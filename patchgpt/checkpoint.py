@@ -13,6 +13,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from .version import __version__
@@ -72,15 +73,20 @@ def step_dir(out: str | Path, step: int) -> Path:
 def save(out: str | Path, task: torch.nn.Module, cfg, step: int,
          optimizer: torch.optim.Optimizer | None = None, trainer: dict | None = None, keep: int = 2,
          full: dict | None = None) -> Path:
-    """Write checkpoint ``out/checkpoints/step_{step}`` atomically and prune to the newest `keep`.
+    """Write checkpoint ``out/checkpoints/step_{step}`` atomically and prune this run's to the newest `keep`.
 
     Stages: a fresh hidden temp dir, the weights, the optimizer, ``trainer.json``, ``config.json``, fsync,
     then one rename; a kill or error before the rename leaves only the temp dir, which readers ignore and
     the next save of a run sweeps away. `full` holds gathered FSDP state dicts (``model``, ``optimizer``)
     to write instead of the module's and the optimizer's own. `task` provides ``state_dict()`` and ``state()``
-    (JSON saved beside the weights); `cfg` provides ``task`` and ``to_dict()``."""
+    (JSON saved beside the weights); `cfg` provides ``task`` and ``to_dict()``. Pruning removes only
+    checkpoints of the same run (``trainer["run"]``), never another run's. A failed write (a full disk)
+    leaves no temp dir behind and is one `CheckpointError`."""
     root = Path(out) / CKPT_DIR
-    root.mkdir(parents=True, exist_ok=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CheckpointError(f"{root}: cannot create ({e.strerror or e})") from None
     final = step_dir(out, step)
     for stale in root.glob(".tmp_step_*"):  # left by a killed or failed save (only rank 0 writes)
         shutil.rmtree(stale, ignore_errors=True)
@@ -90,6 +96,37 @@ def save(out: str | Path, task: torch.nn.Module, cfg, step: int,
         else:
             old.rename(root / _step_name(old))
     tmp = root / f".tmp_step_{step:07d}_{os.getpid()}"
+    try:
+        _write(tmp, task, cfg, step, optimizer, trainer, full)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"could not write checkpoint step {step} in {root} ({e.strerror or e}); "
+                              "the previous checkpoints are intact") from None
+    if final.exists():
+        old = root / f".old_{final.name}_{os.getpid()}"
+        final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(final)
+    _fsync_dir(root)
+    run = (trainer or {}).get("run")
+    mine = [c for c in list_checkpoints(out) if _run_of(c) == run]
+    for stale in mine[:-keep] if keep > 0 else []:
+        shutil.rmtree(stale, ignore_errors=True)
+    return final
+
+
+def _run_of(ckpt: Path) -> str | None:
+    try:
+        return json.loads((ckpt / "trainer.json").read_text()).get("run")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _write(tmp: Path, task: torch.nn.Module, cfg, step: int, optimizer: torch.optim.Optimizer | None,
+           trainer: dict | None, full: dict | None) -> None:
+    """Every file of a checkpoint into the fresh directory `tmp`, fsynced; config.json last."""
     tmp.mkdir()
     sd = full["model"] if full is not None else task.state_dict()
     weights = {k: v.detach().cpu().contiguous() for k, v in sd.items()}
@@ -106,17 +143,6 @@ def save(out: str | Path, task: torch.nn.Module, cfg, step: int,
     for f in tmp.iterdir():
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
-    if final.exists():
-        old = root / f".old_{final.name}_{os.getpid()}"
-        final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(final)
-    _fsync_dir(root)
-    for stale in list_checkpoints(out)[:-keep] if keep > 0 else []:
-        shutil.rmtree(stale, ignore_errors=True)
-    return final
 
 
 def _step_name(old: Path) -> str:
@@ -175,8 +201,14 @@ def read_weights(path: str | Path, prefix: str = "") -> dict[str, torch.Tensor]:
 
 
 def load_weights(task: torch.nn.Module, ckpt: str | Path) -> None:
-    """Load every weight of `task` from `ckpt` (strict) and mark fitted tokenizers as fitted."""
-    task.load_state_dict(read_weights(ckpt), strict=True)
+    """Load every weight of `task` from `ckpt` (strict) and mark fitted tokenizers as fitted; weights that do
+    not fit the model its config.json describes (an edited checkpoint) are one `CheckpointError`."""
+    try:
+        task.load_state_dict(read_weights(ckpt), strict=True)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[-1].strip()[:200]
+        raise CheckpointError(f"{ckpt}: its weights do not fit the model its config.json describes ({first})") \
+            from None
     for m in task.modules():
         if hasattr(m, "fitted"):
             m.fitted = True
@@ -187,8 +219,11 @@ def load_training_state(ckpt: Path, optimizer: torch.optim.Optimizer,
     """Restore the optimizer from `ckpt` and return its trainer.json.
 
     With `fsdp_model` the saved state is a full (gathered) one, scattered to this rank's shards."""
-    tensors = load_file(str(ckpt / "optimizer.safetensors"))
-    meta = json.loads((ckpt / "optimizer.json").read_text())
+    try:
+        tensors = load_file(str(ckpt / "optimizer.safetensors"))
+        meta = json.loads((ckpt / "optimizer.json").read_text())
+    except Exception as e:  # noqa: BLE001 - safetensors and json raise several error types
+        raise CheckpointError(f"{ckpt}: unreadable optimizer state ({e})") from None
     if fsdp_model is not None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
@@ -196,5 +231,33 @@ def load_training_state(ckpt: Path, optimizer: torch.optim.Optimizer,
         set_optimizer_state_dict(fsdp_model, optimizer, _optimizer_state(tensors, meta),
                                  options=StateDictOptions(full_state_dict=True, strict=False))
     else:
-        optimizer.load_state_dict(_optimizer_state(tensors, meta))
-    return json.loads((ckpt / "trainer.json").read_text())
+        try:
+            optimizer.load_state_dict(_optimizer_state(tensors, meta))
+        except (ValueError, KeyError, RuntimeError) as e:
+            raise CheckpointError(f"{ckpt}: optimizer state does not fit the model ({e})") from None
+    return read_trainer(ckpt)
+
+
+def read_trainer(ckpt: Path) -> dict:
+    """The training state of a checkpoint (``trainer.json``: its step, its run id), after checking that the
+    optimizer files are there and readable; a `CheckpointError` otherwise."""
+    try:
+        trainer = json.loads((ckpt / "trainer.json").read_text())
+        json.loads((ckpt / "optimizer.json").read_text())
+        with safe_open(str(ckpt / "optimizer.safetensors"), framework="pt") as f:
+            f.keys()
+    except Exception as e:  # noqa: BLE001 - OSError, JSON and safetensors errors alike
+        raise CheckpointError(f"{ckpt}: unreadable training state ({e})") from None
+    if not isinstance(trainer, dict) or not isinstance(trainer.get("step"), int):
+        raise CheckpointError(f"{ckpt}/trainer.json: no step")
+    return trainer
+
+
+def run_dir(path: str | Path) -> Path:
+    """Where a checkpoint's run writes its files: the run directory for ``RUN/checkpoints/step_N`` (or a run
+    directory given as such), else the checkpoint directory itself (a checkpoint copied on its own)."""
+    p = Path(path).expanduser()
+    ckpt = resolve(p)
+    if ckpt.parent.name == CKPT_DIR and ckpt.parent.parent.is_dir():
+        return ckpt.parent.parent
+    return ckpt

@@ -15,12 +15,13 @@ import sys
 import time
 from pathlib import Path
 
+from . import checkpoint, rundir
 from .config import RunConfig, apply_size
 from .data import build_datasets
 from .files import atomic_write_text
 from .report import save_curves
 from .tasks import default_config
-from .train import train
+from .train import Interrupted, train
 
 
 def recipes(out: Path, smoke: bool = False) -> dict[str, RunConfig]:
@@ -62,6 +63,19 @@ def recipes(out: Path, smoke: bool = False) -> dict[str, RunConfig]:
     return runs
 
 
+def run_stage(cfg: RunConfig, out: Path) -> None:
+    """Train one stage; a stage an earlier quickstart left in `out` is continued (or, if it finished, evaluated
+    again), so rerunning an interrupted quickstart picks up where it stopped. A signal stops the whole
+    quickstart (no figures of a stage that did not finish) with a line saying how to continue."""
+    stage = Path(cfg.out)
+    resume = bool(checkpoint.list_checkpoints(stage))
+    try:
+        train(cfg, quiet=True, resume=resume, overwrite=rundir.holds_run(stage) and not resume)
+    except Interrupted:
+        raise Interrupted(f"quickstart stopped in stage {stage.name}; run `patchgpt quickstart --out {out}` "
+                          "again to continue where it stopped") from None
+
+
 def pixel_baseline(cfg: RunConfig) -> float:
     """Top-1 of multinomial logistic regression on raw pixels, on the same split."""
     from sklearn.linear_model import LogisticRegression
@@ -90,7 +104,7 @@ def quickstart(out: Path, smoke: bool = False) -> dict:
     for name, cfg in runs.items():
         print(f"patchgpt quickstart: {name} ...", file=sys.stderr)
         t = time.time()
-        train(cfg, quiet=True)
+        run_stage(cfg, out)
         results["seconds"][name] = round(time.time() - t, 1)
         m = json.loads((Path(cfg.out) / "metrics.json").read_text())
         if name == "pretrain":

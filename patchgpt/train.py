@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import IterableDataset
 from tqdm import tqdm
 
-from . import checkpoint, dist
+from . import checkpoint, dist, rundir
 from .config import ConfigError, RunConfig, check
 from .data import build_datasets, eval_batches, train_batches
 from .data.base import DataError, DataInfo, ImageSet, batch_len, to_device
@@ -41,6 +41,11 @@ from .tokenizers.inputs import resolve_runs
 
 class TrainingError(RuntimeError):
     """The run cannot go on (a non-finite loss, say); the message is one line."""
+
+
+class Interrupted(TrainingError):
+    """A signal (Ctrl-C, SIGTERM) stopped the run after it wrote a checkpoint; the message says how to resume.
+    Commands that train several models stop as a whole on it."""
 
 
 def lr_at(step: int, cfg: RunConfig) -> float:
@@ -67,12 +72,13 @@ def step_generator(seed: int, step: int, micro: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + step * 97 + micro)
 
 
-def prepare(cfg: RunConfig) -> tuple[Task, ImageSet, ImageSet, DataInfo]:
-    """Datasets and the task, initialised from ``cfg.init`` if set (the backbone and tokenizer only)."""
+def prepare(cfg: RunConfig, fresh: bool = True) -> tuple[Task, ImageSet, ImageSet, DataInfo]:
+    """Datasets and the task; for a fresh run (not a resume, whose checkpoint holds everything) initialised
+    from ``cfg.init`` if set (the backbone and tokenizer only) and with its tokenizer fitted or loaded."""
     check(cfg)
     cls = task_class(cfg.task)
     cls.check(cfg)
-    init_meta = checkpoint.read_meta(cfg.init) if cfg.init else None
+    init_meta = checkpoint.read_meta(cfg.init) if cfg.init and fresh else None
     if init_meta is not None:
         src = config_from_dict(init_meta["config"])
         # The backbone's shape and the input tokenizer come from the checkpoint being fine-tuned.
@@ -82,7 +88,8 @@ def prepare(cfg: RunConfig) -> tuple[Task, ImageSet, ImageSet, DataInfo]:
             cfg.data.image_size = cfg.data.image_size or st["image_size"][0]
             cfg.data.channels = cfg.data.channels or st["channels"]
             cfg.data.frames = cfg.data.frames or st.get("frames", 0)  # clips: as many frames as pretraining saw
-    resolve_runs(cfg.tokenizer)
+    if fresh:
+        resolve_runs(cfg.tokenizer)
     train_set, val_set, info = build_datasets(cfg.data)
     if init_meta is not None:
         st = init_meta["state"]
@@ -90,9 +97,10 @@ def prepare(cfg: RunConfig) -> tuple[Task, ImageSet, ImageSet, DataInfo]:
             raise ConfigError(f"--init {cfg.init} was trained on {st['channels']}x{st['image_size']} images, "
                               f"this data is {info.channels}x{list(info.image_size)}")
     task = cls(cfg, info)
-    if cfg.init:
-        task.init_from(cfg.init)
-    task.fit(train_set, seed=cfg.train.seed)
+    if fresh:
+        if cfg.init:
+            task.init_from(cfg.init)
+        task.fit(train_set, seed=cfg.train.seed)
     return task, train_set, val_set, info
 
 
@@ -147,6 +155,7 @@ class Run:
     train_set: ImageSet
     val_set: ImageSet
     out: Path
+    run_id: str | None = None  # names this run's checkpoints (pruning touches no other run's)
     start: int = 0
     log: IO[str] | None = None  # log.jsonl, open on rank 0
     last_ckpt: int = 0
@@ -158,7 +167,8 @@ class Run:
             self.log.flush()
 
 
-def train(cfg: RunConfig, resume: bool = False, quiet: bool = False, until: int | None = None) -> Path:
+def train(cfg: RunConfig, resume: bool = False, quiet: bool = False, until: int | None = None,
+          overwrite: bool = False) -> Path:
     """Train ``cfg.task`` and return the run directory (its newest checkpoint loads with `patchgpt.load`).
 
     Under torchrun every process calls this: the task is wrapped in DistributedDataParallel (or FSDP2 with
@@ -167,12 +177,15 @@ def train(cfg: RunConfig, resume: bool = False, quiet: bool = False, until: int 
 
     Args:
         cfg: the run's configuration (``cfg.out`` is the run directory).
-        resume: continue from the newest checkpoint in ``cfg.out`` (its saved config wins, except
-            ``train.steps``).
+        resume: continue from the newest readable checkpoint in ``cfg.out``: the saved config wins;
+            ``train.steps`` may be raised; other settings that differ from the saved run are an error.
         quiet: no progress bar or start-up line.
-        until: stop after this step with a checkpoint, exactly as a SIGTERM would (for staged runs).
+        until: stop after this step with a checkpoint (for staged runs); returns normally.
+        overwrite: a fresh run into an ``out`` that holds a run moves that run aside (else an error).
+    Raises:
+        Interrupted: a signal stopped the run; its checkpoint is written and ``--resume`` continues it.
     """
-    run = setup(cfg, resume, quiet)
+    run = setup(cfg, resume, quiet, overwrite)
     cfg, t, env = run.cfg, run.cfg.train, run.env
     batches = _batches(run)
     metrics: dict = {}
@@ -188,7 +201,7 @@ def train(cfg: RunConfig, resume: bool = False, quiet: bool = False, until: int 
                 lr = lr_at(step, cfg)
                 for g in run.opt.param_groups:
                     g["lr"] = lr
-                total, logs, n_img, stopping, gnorm = train_step(run, batches, step, stop.flag)
+                total, logs, n_img, stopping, gnorm = train_step(run, batches, step, stop)
                 step += 1
                 dt = time.perf_counter() - t0
                 bar.update(1)
@@ -196,10 +209,13 @@ def train(cfg: RunConfig, resume: bool = False, quiet: bool = False, until: int 
                 if step % t.log_every == 0 or step == t.steps:
                     row = {"step": step, "loss": total, "lr": lr, "img_s": n_img / dt, **logs}
                     run.write_log(row if gnorm is None else {**row, "grad_norm": _float(gnorm)})
+                signalled = stopping
                 stopping = stopping or (until is not None and until <= step < t.steps)
                 metrics = evaluate_and_save(run, step, stopping) or metrics
+                if signalled:
+                    raise Interrupted(f"stopped at step {step} with a checkpoint; resume with --resume --out "
+                                      f"{run.out}")
                 if stopping:
-                    dist.print0(f"patchgpt: stopped at step {step}; resume with --resume --out {run.out}")
                     break
     finally:
         bar.close()
@@ -214,40 +230,41 @@ def train(cfg: RunConfig, resume: bool = False, quiet: bool = False, until: int 
     return run.out
 
 
-def setup(cfg: RunConfig, resume: bool, quiet: bool) -> Run:
+def setup(cfg: RunConfig, resume: bool, quiet: bool, overwrite: bool = False) -> Run:
     """Processes, data, the task (resumed weights and optimizer state), its wrapping, the log files."""
     out = Path(cfg.out)
-    ckpt = None
+    ckpt, run_id = None, None
     if resume:
-        found = checkpoint.list_checkpoints(out)
-        if not found:
-            raise ConfigError(f"--resume: no checkpoint in {out}")
-        ckpt = found[-1]
-        saved = config_from_dict(checkpoint.read_meta(ckpt)["config"])
-        saved.train.steps = cfg.train.steps  # the one thing a resume may change: run longer
-        cfg = saved
+        ckpt, saved, trainer = rundir.resume_point(out)
+        cfg, run_id = rundir.resume_config(cfg, saved), trainer.get("run")
     t = cfg.train
     if t.threads:
         torch.set_num_threads(t.threads)
     env = dist.init(t.device)
+    if not resume:
+        if rundir.holds_run(out) and not overwrite:
+            rundir.claim(out)  # raises on every rank alike
+        run_id = rundir.claim(out, overwrite) if env.main else None
+        dist.barrier()
     if t.batch_size % (env.world * t.accum):
         raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by {env.world} processes x "
                           f"train.accum={t.accum}")
     if t.fsdp and not env.distributed:
         raise ConfigError("train.fsdp=true shards over processes: start the run with torchrun")
     torch.manual_seed(t.seed)
-    task, train_set, val_set, info = prepare(cfg)
+    task, train_set, val_set, info = prepare(cfg, fresh=not resume)
     task.to(env.device)
     if ckpt is not None:
         checkpoint.load_weights(task, ckpt)  # before wrapping, so every rank starts from the same weights
     blocks = [b for net in task.networks() for b in getattr(net, "blocks", [])]
     model = dist.wrap(task, env, blocks, t.fsdp)
-    run = Run(cfg, env, task, model, make_optimizer(task, cfg, env.device), train_set, val_set, out)
-    out.mkdir(parents=True, exist_ok=True)
+    run = Run(cfg, env, task, model, make_optimizer(task, cfg, env.device), train_set, val_set, out, run_id)
     log_path = out / "log.jsonl"
     if ckpt is not None:
         run.start = run.last_ckpt = checkpoint.load_training_state(ckpt, run.opt,
                                                                    fsdp_model=task if t.fsdp else None)["step"]
+        if run.start > t.steps:
+            raise ConfigError(f"--resume: the run in {out} is at step {run.start}, beyond --steps {t.steps}")
         if env.main:
             atomic_write_text(log_path, "".join(json.dumps(r) + "\n" for r in _read_log(log_path, run.start)))
     elif env.main:
@@ -287,7 +304,7 @@ def _batches(run: Run) -> Iterator[dict]:
                          cfg.data.shuffle, pin)
 
 
-def train_step(run: Run, batches: Iterator[dict], step: int, stop_flag: bool
+def train_step(run: Run, batches: Iterator[dict], step: int, stop: _Stop
                ) -> tuple[float, dict, int, bool, torch.Tensor | None]:
     """One optimizer step over ``train.accum`` micro-batches: (mean loss, mean logs, images, whether any rank
     is stopping, gradient norm as a tensor: read only when logged, so no host sync per step). Losses and logs
@@ -312,18 +329,22 @@ def train_step(run: Run, batches: Iterator[dict], step: int, stop_flag: bool
         (loss / t.accum).backward()
         total += float(loss.detach()) / t.accum
         n_img += n
+    if n_img == 0:
+        raise DataError(f"every file of step {step}'s batch was skipped as unreadable (data.on_error=skip): "
+                        f"{run.cfg.data.spec} has too few readable files")
     logs = {k: float(v) for k, v in logs.items() if k != "loss"}
     # Whether to stop after this step is read once here: a signal landing later in the step
     # counts from the next one, so every rank stops (and checkpoints) at the same step.
-    stopping = stop_flag
+    stopping = stop.flag
     if env.distributed:  # one all-reduce: mean loss and logs, images summed, any rank stopping
         vals = dist.all_reduce([total, *logs.values(), n_img, float(stopping)], device, op="sum")
         total, n_img = vals[0] / env.world, int(vals[-2])
         logs = {k: v / env.world for k, v in zip(logs, vals[1:-2], strict=True)}
         stopping = vals[-1] > 0
     if not math.isfinite(total):
-        raise TrainingError(f"loss became {total} at step {step}; the last good checkpoint is "
-                            f"step {run.last_ckpt} in {run.out}. Lower train.lr or check the data.")
+        last = (f"the last good checkpoint is step {run.last_ckpt} in {run.out}" if run.last_ckpt else
+                "no checkpoint was written yet")
+        raise TrainingError(f"loss became {total} at step {step}; {last}. Lower train.lr or check the data.")
     gnorm = torch.nn.utils.clip_grad_norm_(run.task.parameters(), t.grad_clip) if t.grad_clip > 0 else None
     run.opt.step()
     run.opt.zero_grad(set_to_none=True)
@@ -336,16 +357,20 @@ def evaluate_and_save(run: Run, step: int, stopping: bool) -> dict | None:
     cfg, t, env = run.cfg, run.cfg.train, run.env
     do_eval = step == t.steps or bool(t.eval_every and step % t.eval_every == 0)
     metrics = None
-    if do_eval and not t.fsdp and env.main:
-        metrics, run.files = evaluate(run.task, eval_batches(run.val_set, 256, cfg.data.num_workers), env.device)
+    if not (do_eval or (t.ckpt_every and step % t.ckpt_every == 0) or stopping):
+        return None
+    saved_at = _save(run, step)  # first: an evaluation that fails loses no training
+    run.last_ckpt = step
+    if do_eval and env.main:
+        try:  # FSDP evaluates the gathered weights, unsharded
+            task = load(saved_at, env.device) if t.fsdp else run.task
+            metrics, run.files = evaluate(task, eval_batches(run.val_set, 256, cfg.data.num_workers), env.device)
+        except (DataError, ValueError, RuntimeError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise TrainingError(f"evaluation at step {step} failed ({first}); the checkpoint is saved in "
+                                f"{saved_at}: fix the validation data, then --resume --out {run.out}") from None
         run.task.train()
-    if do_eval or (t.ckpt_every and step % t.ckpt_every == 0) or stopping:
-        saved_at = _save(run, step)
-        run.last_ckpt = step
-        if do_eval and t.fsdp and env.main:  # evaluate the gathered weights, unsharded
-            metrics, run.files = evaluate(load(saved_at, env.device), eval_batches(run.val_set, 256), env.device)
-    if do_eval:
-        run.write_log({"step": step, **_scalars(metrics or {}, "val/")})
+        run.write_log({"step": step, **_scalars(metrics, "val/")})
     return metrics
 
 
@@ -376,10 +401,21 @@ def _save(run: Run, step: int) -> Path:
                 "optimizer": get_optimizer_state_dict(run.task, run.opt, options=opts)}
     path = checkpoint.step_dir(run.out, step)
     if run.env.main:
-        path = checkpoint.save(run.out, run.task, run.cfg, step, run.opt, {"step": step}, keep=run.cfg.train.keep,
-                               full=full)
+        path = checkpoint.save(run.out, run.task, run.cfg, step, run.opt, {"step": step, "run": run.run_id},
+                               keep=run.cfg.train.keep, full=full)
     dist.barrier()
     return path
+
+
+def finite(x: Any) -> Any:
+    """`x` with every non-finite float replaced by None, so its JSON is valid (no bare NaN)."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [finite(v) for v in x]
+    return x
 
 
 def _float(x: torch.Tensor) -> float:
@@ -395,7 +431,7 @@ def finish(task: Task, cfg: RunConfig, out: Path, metrics: dict, val_set: ImageS
     """metrics.json, the metric's files (e.g. detections.json), the loss curve and the task's pictures."""
     for name, content in (files or {}).items():
         atomic_write_text(out / name, json.dumps(content))
-    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
+    atomic_write_text(out / "metrics.json", json.dumps(finite(metrics), indent=2))
     rows = _read_log(out / "log.jsonl", cfg.train.steps)
     series = {"train loss": [(r["step"], r["loss"]) for r in rows if "loss" in r],
               "val loss": [(r["step"], r["val/val_loss"]) for r in rows if "val/val_loss" in r]}
