@@ -2,7 +2,8 @@
 
 Each scene is a pure function of (seed, index): 1 to `max_digits` digits from scikit-learn's bundled set,
 each upscaled to a random size and pasted at a random place (overlaps limited), ink composited by maximum.
-A box is the tight extent of its digit's ink on the canvas. Training and validation scenes draw their digits
+A box is the tight extent of its digit's ink on the canvas; a caption, derived from the exact boxes, names the
+digits and their layout ("a small 3 left of a large 7"). Training and validation scenes draw their digits
 from disjoint halves of the 1,797 handwritten digits (the same fixed split as ``digits``), so validation
 measures detection of handwriting never seen in training.
 """
@@ -27,7 +28,7 @@ def _iou(a: tuple, b: tuple) -> float:
 class DigitScenes(ImageSet):
     """Scenes with boxes; items are {"image": (1, S, S) in [-1, 1], "label": -1, "boxes": (N, 4) normalized
     xyxy, "classes": (N,), "meta": image id, the canvas size, and the ground truth in pixels as COCO annotations
-    for evaluation}.
+    for evaluation, "text": a caption naming the digits and their layout (`describe`)}.
 
     Args:
         digits: the source digits (images in [-1, 1], ink bright) and labels.
@@ -48,7 +49,7 @@ class DigitScenes(ImageSet):
         self.scale = (min(scale[0], size), min(scale[1], size))
         self.max_overlap = max_overlap
         self.info = DataInfo(channels=1, image_size=(size, size), classes=[str(i) for i in range(10)],
-                             boxes=True, category_ids=list(range(1, 11)), max_objects=max_digits)
+                             boxes=True, category_ids=list(range(1, 11)), max_objects=max_digits, captions=True)
 
     def __len__(self) -> int:
         return self.n
@@ -89,7 +90,36 @@ class DigitScenes(ImageSet):
               for b, c in zip(boxes, classes, strict=True)]
         meta = {"image_id": i, "width": S, "height": S, "scale": (1.0, 1.0), "offset": (0.0, 0.0), "gt": gt}
         return {"image": canvas[None] * 2 - 1, "label": -1,                     # (1, S, S) in [-1, 1]
-                "boxes": px / S, "classes": torch.tensor(classes, dtype=torch.long), "meta": meta}
+                "boxes": px / S, "classes": torch.tensor(classes, dtype=torch.long), "meta": meta,
+                "text": describe(boxes, classes, S)}
+
+
+def _size_word(box: list[int], S: int) -> str:
+    """"small" / "" / "large" by the digit's ink height relative to the canvas (thirds of the drawn range)."""
+    h = (box[3] - box[1]) / S
+    return "small " if h < 0.25 else "large " if h > 0.36 else ""
+
+
+def describe(boxes: list[list[int]], classes: list[int], S: int) -> str:
+    """A caption from exact boxes (pixels xyxy) and classes: "a 3", "a small 3 left of a large 7", "a 7 above
+    a 2", or for three or more digits "a 3, a 7 and a 1 from left to right"."""
+    if not classes:
+        return "nothing"
+    named = [f"a {_size_word(b, S)}{c}" for b, c in zip(boxes, classes, strict=True)]
+    if len(classes) == 1:
+        return named[0]
+    cx = [(b[0] + b[2]) / 2 for b in boxes]
+    cy = [(b[1] + b[3]) / 2 for b in boxes]
+    if len(classes) == 2:
+        dx, dy = cx[1] - cx[0], cy[1] - cy[0]
+        if abs(dx) >= abs(dy):
+            first, second = (0, 1) if dx >= 0 else (1, 0)
+            return f"{named[first]} left of {named[second]}"
+        first, second = (0, 1) if dy >= 0 else (1, 0)
+        return f"{named[first]} above {named[second]}"
+    order = sorted(range(len(classes)), key=lambda i: (cx[i], cy[i]))
+    plain = [f"a {classes[i]}" for i in order]
+    return f"{', '.join(plain[:-1])} and {plain[-1]} from left to right"
 
 
 def digit_scenes(size: int = 64, n_train: int = 16000, n_val: int = 500, val_fraction: float = 0.2,

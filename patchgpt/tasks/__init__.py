@@ -14,6 +14,7 @@ from .. import checkpoint
 from ..config import ConfigError, RunConfig, apply_size
 from ..data.base import DataInfo
 from .base import Metric, Task, metric_files, next_token_loss
+from .caption import Caption
 from .classify import Classify
 from .detect import Detect
 from .generate_image import Generate
@@ -29,6 +30,7 @@ TASKS: dict[str, type[Task]] = {
     "detect": Detect,
     "video-classify": VideoClassify,
     "video-pretrain": VideoPretrain,
+    "caption": Caption,
 }
 
 
@@ -81,6 +83,6 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> Task:
     return task.to(device).eval()
 
 
-__all__ = ["TASKS", "Classify", "Detect", "Generate", "Metric", "Pretrain", "Task", "TrainVQ", "VideoClassify",
-           "VideoPretrain", "config_from_dict", "default_config", "info_from_meta", "load", "metric_files",
-           "next_token_loss", "sections", "task_class"]
+__all__ = ["TASKS", "Caption", "Classify", "Detect", "Generate", "Metric", "Pretrain", "Task", "TrainVQ",
+           "VideoClassify", "VideoPretrain", "config_from_dict", "default_config", "info_from_meta", "load",
+           "metric_files", "next_token_loss", "sections", "task_class"]
