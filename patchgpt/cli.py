@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from .checkpoint import CheckpointError
-from .config import ConfigError, RunConfig, apply_size, set_override
+from .config import SEEDS, ConfigError, RunConfig, apply_size, check, check_ranges, set_override
 from .data import DATASETS
 from .data.base import DataError
+from .dist import DeviceError
 from .model import SIZES
-from .tasks import TASKS, default_config
+from .tasks import TASKS, default_config, task_class
 
 COMMON_EXAMPLES = """  patchgpt quickstart --out runs/quickstart
   patchgpt eval RUN --json
@@ -35,9 +38,42 @@ def _task_help() -> str:
                                   for name, cls in TASKS.items())
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line (``patchgpt: error: ...``, exit 2), as every other bad
+    value is, instead of argparse's usage block; ``--help`` still shows the usage."""
+
+    def error(self, message: str):
+        command = self.prog.removeprefix("patchgpt").strip()
+        raise ConfigError(f"{command + ': ' if command else ''}{message} (see {self.prog} --help)")
+
+
+def _ranged(kind: type, interval: str) -> Callable[[str], int | float]:
+    """An argparse ``type=``: `kind` (int or float) parsed from the flag's text, finite and inside `interval`
+    (written as in `check_ranges`: ``"[1, inf)"``, ``"(0, 1]"``)."""
+    def parse(raw: str) -> int | float:
+        try:
+            value = kind(raw)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
+                                             f"got {raw!r}") from None
+        try:
+            check_ranges({"": (value, interval)})
+        except ConfigError as e:
+            raise argparse.ArgumentTypeError(f"{str(e).split(': ', 1)[1]}, got {raw}") from None
+        return value
+    parse.__name__ = kind.__name__
+    return parse
+
+
+POSITIVE = _ranged(int, "[1, inf)")
+NON_NEGATIVE = _ranged(int, "[0, inf)")
+FINITE = _ranged(float, "[-inf, inf]")
+TEMPERATURE = _ranged(float, "[0, inf)")
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="patchgpt", description="One GPT over image patch sequences.",
-                                epilog=_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _Parser(prog="patchgpt", description="One GPT over image patch sequences.", epilog=_epilog(),
+                formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     q = sub.add_parser("quickstart", help="the main job on the bundled digits (baseline, pretraining, probes, "
@@ -51,15 +87,17 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--model", choices=list(SIZES), help="backbone size (default: micro)")
     t.add_argument("--init", help="checkpoint or run directory to start from (backbone and tokenizer)")
     t.add_argument("--out", help="run directory (default: runs/TASK)")
-    t.add_argument("--steps", type=int, help="optimizer steps")
+    t.add_argument("--steps", type=POSITIVE, help="optimizer steps (at least 1)")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.add_argument("--overwrite", action="store_true",
+                   help="--out already holds a run: move it aside into OUT/replaced-N/ and start afresh")
 
     h = sub.add_parser("shard", help="write a data spec as WebDataset-style tar shards (train with shards:DIR)")
     h.add_argument("--data", required=True, help="data spec to write (any spec `train` accepts)")
     h.add_argument("--out", required=True, help="directory for the shards and their meta.json")
-    h.add_argument("--per-shard", type=int, default=1000, help="items per shard (default: 1000)")
+    h.add_argument("--per-shard", type=POSITIVE, default=1000, help="items per shard (default: 1000)")
     h.add_argument("--split", choices=["train", "val"], default="train", help="which split to write (default: train)")
     h.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a data field, e.g. data.image_size=32")
@@ -72,17 +110,18 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--out", help="where to write the evaluation's pictures and files (default: CKPT's run directory)")
     e.add_argument("--judge", help="image generators: a classifier checkpoint (same classes) that judges "
                    "class-conditional samples (train one with `patchgpt train` on the same data)")
-    e.add_argument("--per-class", type=int, default=20, help="image generators: samples per class to judge")
-    e.add_argument("--cfg", type=float, help="image generators: guidance scale for the samples")
-    e.add_argument("--temperature", type=float, help="image generators: temperature for the samples")
+    e.add_argument("--per-class", type=POSITIVE, default=20, help="image generators: samples per class to judge")
+    e.add_argument("--cfg", type=FINITE, help="image generators: guidance scale for the samples")
+    e.add_argument("--temperature", type=TEMPERATURE, help="image generators: temperature for the samples")
 
     r = sub.add_parser("predict", help="run a checkpoint on image (or video) files; prints JSON")
     r.add_argument("ckpt", help="checkpoint or run directory")
     r.add_argument("images", nargs="+", help="image files (video files for a model of clips)")
-    r.add_argument("--top", type=int, default=5, help="classifiers: probabilities to list per input (default: 5)")
+    r.add_argument("--top", type=POSITIVE, default=5, help="classifiers: probabilities to list per input (default: 5)")
     r.add_argument("--out", help="where to also write results: a JSON file for classifiers, a directory of JSON "
                    "and pictures for the other tasks")
-    r.add_argument("--min-score", type=float, default=0.0, help="drop boxes scoring below this")
+    r.add_argument("--min-score", type=_ranged(float, "[0, 1]"), default=0.0,
+                   help="detectors: drop boxes scoring below this (0..1)")
     _sampling_commands(sub)
     return p
 
@@ -92,12 +131,12 @@ def _sampling_commands(sub) -> None:
     def sampling_flags(x: argparse.ArgumentParser) -> None:
         x.add_argument("--class", dest="cls", action="append", help="class name or index (repeatable)")
         x.add_argument("--prompt", action="append", help="caption for a text-conditional model (repeatable)")
-        x.add_argument("--n", type=int, default=8, help="samples per class/prompt (default: 8)")
-        x.add_argument("--temperature", type=float, help="softmax temperature (0 = greedy)")
-        x.add_argument("--top-k", type=int, help="sample among the k most likely tokens (0 = all)")
-        x.add_argument("--top-p", type=float, help="nucleus sampling mass (1 = all)")
-        x.add_argument("--cfg", type=float, help="classifier-free guidance scale (0 = none)")
-        x.add_argument("--seed", type=int, default=0)
+        x.add_argument("--n", type=POSITIVE, default=8, help="samples per class/prompt (default: 8)")
+        x.add_argument("--temperature", type=TEMPERATURE, help="softmax temperature (0 = greedy)")
+        x.add_argument("--top-k", type=NON_NEGATIVE, help="sample among the k most likely tokens (0 = all)")
+        x.add_argument("--top-p", type=_ranged(float, "(0, 1]"), help="nucleus sampling mass in (0, 1] (1 = all)")
+        x.add_argument("--cfg", type=FINITE, help="classifier-free guidance scale (0 = none)")
+        x.add_argument("--seed", type=_ranged(int, SEEDS), default=0, help="sampler seed (default: 0)")
 
     s_ = sub.add_parser("sample", help="sample images from an image generator into a PNG grid")
     s_.add_argument("ckpt")
@@ -108,7 +147,8 @@ def _sampling_commands(sub) -> None:
     c.add_argument("ckpt")
     c.add_argument("image")
     sampling_flags(c)
-    c.add_argument("--keep", type=float, default=0.5, help="fraction of the image tokens kept, in raster order")
+    c.add_argument("--keep", type=_ranged(float, "(0, 1)"), default=0.5,
+                   help="fraction of the image tokens kept, in raster order, in (0, 1) (default: 0.5)")
     c.add_argument("--out", default="completion.png", help="PNG to write (default: completion.png)")
 
 
@@ -124,12 +164,15 @@ def cmd_train(a: argparse.Namespace) -> None:
     if a.init:
         cfg.init = a.init
     cfg.out = a.out or cfg.out
-    if a.steps:
+    if a.steps is not None:
         cfg.train.steps = a.steps
     for s in a.set:
         set_override(cfg, s)
+    # Checked here too, before `train` sets threads and picks the device, so that every bad value is one line.
+    check(cfg)
+    task_class(cfg.task).check(cfg)
     try:
-        out = train(cfg, resume=a.resume, quiet=a.quiet)
+        out = train(cfg, resume=a.resume, quiet=a.quiet, overwrite=a.overwrite)
         main = dist.is_main()
     finally:
         dist.cleanup()
@@ -184,7 +227,7 @@ def cmd_complete(a: argparse.Namespace) -> None:
 
 
 def cmd_eval(a: argparse.Namespace) -> None:
-    from .checkpoint import resolve
+    from .checkpoint import run_dir as checkpoint_run_dir
     from .data import build_datasets, eval_batches
     from .evaluate import evaluate
     from .files import atomic_write_text
@@ -204,7 +247,7 @@ def cmd_eval(a: argparse.Namespace) -> None:
     if info.classes and task.info.classes and info.classes != task.info.classes:
         raise DataError(f"{cfg.data.spec}: classes {info.classes} differ from the checkpoint's {task.info.classes}")
     metrics, files = evaluate(task, eval_batches(val, 256))
-    run_dir = Path(a.out) if a.out else resolve(a.ckpt).parent.parent
+    run_dir = Path(a.out) if a.out else checkpoint_run_dir(a.ckpt)
     for name, content in files.items():
         path = atomic_write_text(run_dir / f"eval_{name}", json.dumps(content))
         metrics[name.replace(".", "_")] = str(path)
@@ -235,23 +278,57 @@ def cmd_quickstart(a: argparse.Namespace) -> None:
     quickstart(Path(a.out), smoke=a.smoke)
 
 
+def _out_of_memory(e: BaseException) -> bool:
+    """Whether `e` is an allocation failure (host or device memory), not another runtime error."""
+    if isinstance(e, MemoryError):
+        return True
+    import torch
+
+    oom = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", ())
+    text = str(e).lower()
+    return isinstance(e, oom) or "out of memory" in text or "can't allocate memory" in text
+
+
+def _memory_message(command: str, e: BaseException) -> str:
+    asked = re.search(r"tried to allocate ([0-9.]+ ?(?:bytes|[kmgtp]i?b))", str(e), re.IGNORECASE)
+    size = asked.group(1) if asked else ""
+    if size.endswith("bytes"):
+        n, units = float(size.split()[0]), ["bytes", "KiB", "MiB", "GiB", "TiB", "PiB"]
+        while n >= 1024 and len(units) > 1:
+            n, units = n / 1024, units[1:]
+        size = f"{n:.1f} {units[0]}"
+    what = f"out of memory{f' (tried to allocate {size})' if size else ''}"
+    if command == "train":
+        return (f"{what}: lower train.batch_size (or raise train.accum), or the model (--model, model.n_embd, "
+                "model.n_layer)")
+    return f"{what}: give fewer inputs at once (--n, fewer files) or use a machine with more memory"
+
+
 def main(argv: list[str] | None = None) -> int:
-    a = _parser().parse_args(argv)
+    command = ""
     try:
+        a = _parser().parse_args(argv)
+        command = a.command
         {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "quickstart": cmd_quickstart,
          "sample": cmd_sample, "complete": cmd_complete, "shard": cmd_shard}[a.command](a)
-    except (ConfigError, DataError, CheckpointError) as e:
+    except (ConfigError, DataError, CheckpointError, DeviceError) as e:
         print(f"patchgpt: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("patchgpt: interrupted", file=sys.stderr)
         return 130
+    except MemoryError as e:
+        print(f"patchgpt: error: {_memory_message(command, e)}", file=sys.stderr)
+        return 2
     except RuntimeError as e:
         from .train import TrainingError
 
         if isinstance(e, TrainingError):
             print(f"patchgpt: error: {e}", file=sys.stderr)
             return 1
+        if _out_of_memory(e):
+            print(f"patchgpt: error: {_memory_message(command, e)}", file=sys.stderr)
+            return 2
         raise
     return 0
 

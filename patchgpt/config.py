@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import os
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -150,12 +152,18 @@ def _convert(raw: str, typ: str, key: str):
         if typ == "int":
             return int(raw)
         if typ == "float":
-            return float(raw)
-        if typ == "str":
+            value = float(raw)
+        elif typ == "str":
             return raw
+        else:
+            raise ConfigError(f"--set {key}: cannot set a field of type {typ}")
+    except ConfigError:
+        raise
     except ValueError:
         raise ConfigError(f"--set {key}={raw}: expected {typ}") from None
-    raise ConfigError(f"--set {key}: cannot set a field of type {typ}")
+    if not math.isfinite(value):  # nan and inf parse as floats, but no setting wants them
+        raise ConfigError(f"--set {key}={raw}: expected a finite number")
+    return value
 
 
 def set_override(cfg: RunConfig, assignment: str) -> None:
@@ -191,26 +199,93 @@ def set_override(cfg: RunConfig, assignment: str) -> None:
                 raise ConfigError(f"--set {key}: {part!r} is not a section")
 
 
-def check(cfg: RunConfig) -> None:
-    """Validate the shared sections' choices that types cannot express; raise a one-line `ConfigError`.
+SEEDS = "[0, 4294967295]"  # seeds as numpy takes them (32 bits), far from torch's 64-bit overflow when combined
 
-    Each task checks its own section (``Task.check``)."""
+
+def check(cfg: RunConfig) -> None:
+    """Validate the shared sections' values that types cannot express; raise a one-line `ConfigError`.
+
+    Each task checks its own section (``Task.check``); what needs the data's size (a patch size that divides
+    the images) is checked where the input tokenizer is built, and ``train.device`` where it is picked."""
     check_choices({
         "data.resize": (cfg.data.resize, ("crop", "stretch", "pad")),
         "data.on_error": (cfg.data.on_error, ("stop", "skip")),
         "tokenizer.kind": (cfg.tokenizer.kind, ("patches", "colors", "vq")),
     })
-    t = cfg.train
-    if t.steps < 1 or t.batch_size < 1 or t.accum < 1:
-        raise ConfigError("train.steps, train.batch_size and train.accum must be positive")
+    m, d, tok, t = cfg.model, cfg.data, cfg.tokenizer, cfg.train
+    check_ranges({
+        "model.n_layer": (m.n_layer, "[1, inf)"), "model.n_head": (m.n_head, "[1, inf)"),
+        "model.n_embd": (m.n_embd, "[1, inf)"), "model.mlp_ratio": (m.mlp_ratio, "(0, inf)"),
+        "model.dropout": (m.dropout, "[0, 1)"), "model.block_size": (m.block_size, "[1, inf)"),
+        "model.max_frames": (m.max_frames, "[1, inf)"), "model.max_rows": (m.max_rows, "[1, inf)"),
+        "model.max_cols": (m.max_cols, "[1, inf)"),
+        "data.image_size": (d.image_size, "[0, inf)"), "data.channels": (d.channels, "[0, inf)"),
+        "data.val_fraction": (d.val_fraction, "[0, 1)"), "data.shift": (d.shift, "[0, inf)"),
+        "data.num_workers": (d.num_workers, "[0, inf)"), "data.frames": (d.frames, "[0, inf)"),
+        "data.frame_stride": (d.frame_stride, "[0, inf)"), "data.shuffle_buffer": (d.shuffle_buffer, "[1, inf)"),
+        "data.split_seed": (d.split_seed, SEEDS),
+        "tokenizer.patch_size": (tok.patch_size, "[1, inf)"), "tokenizer.n_colors": (tok.n_colors, "[2, inf)"),
+        "tokenizer.tubelet": (tok.tubelet, "[1, inf)"),
+        "train.steps": (t.steps, "[1, inf)"), "train.batch_size": (t.batch_size, "[1, inf)"),
+        "train.accum": (t.accum, "[1, inf)"), "train.lr": (t.lr, "(0, inf)"),
+        "train.min_lr_ratio": (t.min_lr_ratio, "[0, 1]"), "train.warmup": (t.warmup, "[0, inf)"),
+        "train.weight_decay": (t.weight_decay, "[0, inf)"), "train.beta1": (t.beta1, "[0, 1)"),
+        "train.beta2": (t.beta2, "[0, 1)"), "train.grad_clip": (t.grad_clip, "[0, inf)"),
+        "train.log_every": (t.log_every, "[1, inf)"), "train.eval_every": (t.eval_every, "[0, inf)"),
+        "train.ckpt_every": (t.ckpt_every, "[0, inf)"), "train.keep": (t.keep, "[1, inf)"),
+        "train.threads": (t.threads, "[0, inf)"), "train.seed": (t.seed, SEEDS),
+    })
     if t.batch_size % t.accum:
         raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by train.accum={t.accum}")
-    if cfg.model.n_embd % cfg.model.n_head:
-        raise ConfigError(f"model.n_embd={cfg.model.n_embd} is not divisible by model.n_head={cfg.model.n_head}")
-    if not 0.0 <= cfg.data.val_fraction < 1.0:
-        raise ConfigError("data.val_fraction must be in [0, 1)")
-    if cfg.tokenizer.kind == "vq" and not (cfg.tokenizer.vq or cfg.tokenizer.vq_config):
+    if m.n_embd % m.n_head:
+        raise ConfigError(f"model.n_embd={m.n_embd} is not divisible by model.n_head={m.n_head}")
+    if tok.kind == "vq" and not (tok.vq or tok.vq_config):
         raise ConfigError("tokenizer.kind=vq needs tokenizer.vq=RUN_DIR of a `patchgpt train vq` run")
+    check_model_fits(m)
+
+
+def check_ranges(ranges: dict[str, tuple[object, str]]) -> None:
+    """``{"section.key": (value, interval)}``, intervals written ``"[1, inf)"``, ``"(0, 1]"``: a one-line
+    `ConfigError` for the first value that is not a finite number inside its interval."""
+    for key, (val, interval) in ranges.items():
+        lo_open, hi_open = interval[0] == "(", interval[-1] == ")"
+        lo, hi = (float(x) for x in interval[1:-1].split(","))
+        number = isinstance(val, (int, float)) and not isinstance(val, bool)
+        if not number or not math.isfinite(val):
+            where = "" if math.isinf(lo) and math.isinf(hi) else f" in {interval}"
+            raise ConfigError(f"{key}={val!r}: must be a finite number{where}")
+        if val < lo or val > hi or (lo_open and val == lo) or (hi_open and val == hi):
+            low = f"{lo:g}"
+            want = (f"must be {'>' if lo_open else '>='} {low}" if math.isinf(hi)
+                    else f"must be in {interval}")
+            raise ConfigError(f"{key}={val!r}: {want}")
+
+
+def backbone_params(m: GPTConfig) -> int:
+    """About how many parameters `m` makes (blocks and position tables; the vocabulary is left out)."""
+    C = m.n_embd
+    per_block = int((4 + 2 * m.mlp_ratio) * C * C)
+    tables = (m.block_size + m.max_frames + m.max_rows + m.max_cols + 3) * C
+    return m.n_layer * per_block + tables
+
+
+def memory_bytes() -> int:
+    """This machine's physical memory in bytes (0 where the OS does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return 0
+
+
+def check_model_fits(m: GPTConfig) -> None:
+    """A one-line `ConfigError` when the backbone's fp32 weights alone exceed this machine's memory (it is built
+    on the CPU first), rather than an allocation failure, or a swap storm, deep inside the model."""
+    need, have = 4 * backbone_params(m), memory_bytes()
+    if have and need > have:
+        raise ConfigError(f"model.n_layer={m.n_layer} x model.n_embd={m.n_embd}: about "
+                          f"{backbone_params(m) / 1e9:.1f}B parameters, {need / 2**30:.0f} GiB of weights, do not "
+                          f"fit in this machine's {have / 2**30:.0f} GiB; lower --model, model.n_embd or "
+                          "model.n_layer")
 
 
 def check_choices(choices: dict[str, tuple[object, tuple]]) -> None:

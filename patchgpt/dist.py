@@ -37,13 +37,38 @@ class Env:
         return self.world > 1
 
 
+class DeviceError(ValueError):
+    """``train.device`` names a device this machine does not have; the message is one line."""
+
+
 def pick_device(name: str, local_rank: int = 0) -> torch.device:
-    """``auto`` -> the local rank's GPU if there is one, else the CPU; anything else as given."""
+    """``auto`` -> the local rank's GPU if there is one, else the CPU; ``cpu``, ``cuda[:N]`` or ``mps`` as given.
+
+    Raises:
+        DeviceError: an unknown device string, or a device this machine (or this torch build) does not have.
+    """
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", local_rank)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError, ValueError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
+        raise DeviceError(f"train.device={name!r}: choose auto, cpu, cuda, cuda:N or mps")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise DeviceError(f"train.device={name}: {why}; use train.device=cpu (or auto)")
+        count = torch.cuda.device_count()
+        if device.index is None:
+            if local_rank >= count:
+                raise DeviceError(f"train.device={name}: local rank {local_rank} has no GPU (this machine has "
+                                  f"{count}); start at most {count} processes per node")
+            device = torch.device("cuda", local_rank)
+        elif device.index >= count:
+            raise DeviceError(f"train.device={name}: GPU {device.index} does not exist (this machine has {count})")
+    if device.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise DeviceError(f"train.device={name}: MPS (Apple GPU) is not available here; use train.device=cpu")
     return device
 
 

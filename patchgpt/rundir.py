@@ -35,7 +35,7 @@ def claim(out: Path, overwrite: bool = False) -> str:
     if holds_run(out):
         if not overwrite:
             raise ConfigError(f"--out {out} already holds a run: continue it with --resume, choose another --out, "
-                              "or pass --overwrite (the old run is moved into {out}/replaced-N/)")
+                              f"or pass --overwrite (the old run is moved into {out}/replaced-N/)")
         n = 1
         while (out / f"replaced-{n}").exists():
             n += 1

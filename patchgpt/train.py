@@ -237,6 +237,8 @@ def setup(cfg: RunConfig, resume: bool, quiet: bool, overwrite: bool = False) ->
     if resume:
         ckpt, saved, trainer = rundir.resume_point(out)
         cfg, run_id = rundir.resume_config(cfg, saved), trainer.get("run")
+    check(cfg)
+    task_class(cfg.task).check(cfg)
     t = cfg.train
     if t.threads:
         torch.set_num_threads(t.threads)

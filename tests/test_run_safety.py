@@ -198,3 +198,14 @@ def test_metrics_json_is_always_valid_json():
     assert json.loads(json.dumps(finite({"AP": float("nan"), "x": [1.0, float("inf")], "n": 3}))) == \
         {"AP": None, "x": [1.0, None], "n": 3}
     assert torch.isfinite(torch.tensor(0.0))
+
+
+def test_eval_of_a_checkpoint_copied_alone_writes_beside_it(tmp_path, capsys):
+    from patchgpt.cli import main
+
+    run = train(tiny_config("classify", tmp_path / "run", steps=1), quiet=True)
+    alone = tmp_path / "copies" / "my_model"
+    shutil.copytree(checkpoint.resolve(run), alone)
+    assert checkpoint.run_dir(alone) == alone and checkpoint.run_dir(run) == run
+    assert main(["eval", str(alone), "--json"]) == 0
+    assert (alone / "eval_confusion.png").exists() and not (tmp_path / "eval_confusion.png").exists()

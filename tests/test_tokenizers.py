@@ -36,7 +36,7 @@ def test_patches_encode_sequence():
 
 
 def test_non_multiple_size_is_an_error():
-    with pytest.raises(ValueError, match="multiple"):
+    with pytest.raises(ValueError, match="does not divide the 8x8 images; choose one of 1, 2, 4, 8"):
         Patches(3, 1, (8, 8))
 
 

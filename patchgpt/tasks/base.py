@@ -47,7 +47,11 @@ def build_backbone(cfg: RunConfig, vocab: Vocab, patch_dim: int, length: int, gr
     m.block_size = max(m.block_size, length)
     m.max_frames = max(m.max_frames, frames)
     m.max_rows, m.max_cols = max(m.max_rows, grid[0]), max(m.max_cols, grid[1])
-    return GPT(m)
+    try:
+        return GPT(m)
+    except (RuntimeError, MemoryError) as e:
+        raise ConfigError(f"out of memory building the backbone ({type(e).__name__}): lower --model, "
+                          "model.n_embd or model.n_layer") from None
 
 
 class Metric(Protocol):
@@ -117,9 +121,10 @@ class Task(nn.Module, metaclass=ABCMeta):
             raise DataError(f"{cfg.data.spec} holds clips: use video-classify or video-pretrain")
         try:
             return PixelInput(cfg.tokenizer, info.channels, tuple(info.image_size), self.vocab, info.frames)
+        except ConfigError:
+            raise
         except ValueError as e:
-            raise ConfigError(f"{e} (set data.frames, data.image_size, tokenizer.tubelet, tokenizer.patch_size)") \
-                from None
+            raise ConfigError(str(e)) from None
 
     def unused_parameters(self) -> list[str]:
         """Trainable parameters the loss does not reach by design (for the contract test and DDP): the
@@ -183,9 +188,10 @@ class Task(nn.Module, metaclass=ABCMeta):
     def metric(self) -> Metric:
         """A fresh accumulator of the task's validation metric."""
 
-    def report(self, out: Path, val_set: ImageSet, metrics: dict, **options: Any) -> dict:
-        """Write the task's pictures (and other files) about a finished run into `out`; returns further
-        results to report (paths, extra scores). `options` come from ``patchgpt eval`` (e.g. a judge)."""
+    def report(self, out: Path, val_set: ImageSet, metrics: dict, prefix: str = "", **options: Any) -> dict:
+        """Write the task's pictures (and other files) about a finished run into `out`, their names starting
+        with `prefix` (``patchgpt eval`` uses ``eval_``); returns further results to report (paths, extra
+        scores). `options` come from ``patchgpt eval`` (e.g. a judge)."""
         return {}
 
     @torch.no_grad()

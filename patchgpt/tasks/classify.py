@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import RunConfig, check_choices
+from .. import dist
+from ..config import ConfigError, RunConfig, check_choices, check_ranges
 from ..data.base import DataError, DataInfo, ImageSet
 from ..files import atomic_write_text
 from ..report import save_confusion, save_rows
@@ -72,8 +73,13 @@ class Classify(Task):
 
     @classmethod
     def check(cls, cfg: RunConfig) -> None:
-        check_choices({"classify.mode": (cfg.classify.mode, ("finetune", "linear", "attentive")),
-                       "classify.attention": (cfg.classify.attention, ("bidirectional", "causal"))})
+        c = cfg.classify
+        check_choices({"classify.mode": (c.mode, ("finetune", "linear", "attentive")),
+                       "classify.attention": (c.attention, ("bidirectional", "causal"))})
+        check_ranges({"classify.label_smoothing": (c.label_smoothing, "[0, 1)"),
+                      "classify.head_dropout": (c.head_dropout, "[0, 1)")})
+        if c.layer != -1 and c.layer < 1:
+            raise ConfigError(f"classify.layer={c.layer}: choose a block 1..model.n_layer, or -1 for the last")
 
     def __init__(self, cfg: RunConfig, info: DataInfo) -> None:
         super().__init__(cfg, info)
@@ -103,6 +109,14 @@ class Classify(Task):
         nn.init.zeros_(self.head.bias)
         if self.frozen:
             self.backbone.requires_grad_(False)
+
+    def fit(self, train_set: ImageSet, seed: int = 0) -> None:
+        """Before training: what the input tokenizer fits, and a warning when the data has a single class
+        (its top-1 is 1.0 whatever the model learns)."""
+        super().fit(train_set, seed)
+        if len(self.info.classes) == 1:
+            dist.print0(f"patchgpt: warning: {self.cfg.data.spec} has one class ({self.info.classes[0]!r}): "
+                        "top-1 is trivially 1.0; give one subfolder per class, two or more")
 
     def unused_parameters(self) -> list[str]:
         """The LM head (a classifier reads features); the id table too where every input is a patch."""
@@ -172,11 +186,11 @@ class Classify(Task):
             atomic_write_text(out, json.dumps(results, indent=2) + "\n")
         return results
 
-    def report(self, out: Path, val_set: ImageSet, metrics: dict, **options: Any) -> dict:
+    def report(self, out: Path, val_set: ImageSet, metrics: dict, prefix: str = "", **options: Any) -> dict:
         """``confusion.png``; for clips also ``clips.png`` (frames of validation clips, "true: predicted")."""
         files = {}
         if "confusion" in metrics:
-            files["confusion_png"] = str(save_confusion(out / "confusion.png", metrics["confusion"],
+            files["confusion_png"] = str(save_confusion(out / f"{prefix}confusion.png", metrics["confusion"],
                                                         self.info.classes,
                                                         title=f"validation top-1 {metrics['top1']:.3f}"))
         if self.reads_clips and len(val_set):
@@ -187,7 +201,8 @@ class Classify(Task):
             names = self.info.classes
             rows = [(f"{names[it['label']]}: {names[p]}", clips[b].cpu())
                     for b, (it, p) in enumerate(zip(items, pred, strict=True))]
-            files["clips_png"] = str(save_rows(out / "clips.png", rows, scale=max(1, 64 // self.info.image_size[0])))
+            scale = max(1, 64 // self.info.image_size[0])
+            files["clips_png"] = str(save_rows(out / f"{prefix}clips.png", rows, scale=scale))
         return files
 
 

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..coco_eval import coco_map, ground_truth
-from ..config import ConfigError, RunConfig, check_choices
+from ..config import ConfigError, RunConfig, check_choices, check_ranges
 from ..data.base import DataError, DataInfo, ImageSet, to_device
 from ..data.coco import letterbox, to_pixels
 from ..data.images import load_pil, to_mode, to_tensor
@@ -108,6 +108,24 @@ def nms(boxes: Tensor, scores: Tensor, classes: Tensor, iou: float) -> Tensor:
     return order[torch.tensor(keep, dtype=torch.long)]
 
 
+def unique_stems(paths: SequenceOf[str | Path]) -> list[str]:
+    """Each path's file stem, made unique in order: a stem seen before becomes ``STEM-1``, ``STEM-2`` ... (never
+    one another path already uses), so per-file outputs of ``a/x.png`` and ``b/x.png`` do not overwrite. Names
+    are compared without case, as macOS and Windows file systems compare them."""
+    stems = [Path(p).stem for p in paths]
+    given = {s.lower() for s in stems}
+    taken: set[str] = set()
+    out = []
+    for stem in stems:
+        name, k = stem, 0
+        while name.lower() in taken or (k and name.lower() in given):
+            k += 1
+            name = f"{stem}-{k}"
+        taken.add(name.lower())
+        out.append(name)
+    return out
+
+
 class Detect(Task):
     """Predict boxes and classes as tokens after the image (``patchgpt train detect``)."""
 
@@ -135,6 +153,14 @@ class Detect(Task):
         check_choices({"detect.order": (d.order, ("random", "area", "raster"))})
         if not 0 <= d.scale_jitter < 1:
             raise ConfigError(f"detect.scale_jitter={d.scale_jitter}: must be in [0, 1) (0.3 zooms by 0.7-1.3)")
+        if d.bins < 2:
+            raise ConfigError(f"detect.bins={d.bins}: must be >= 2 (coordinate bins over [0, 1]; about one per "
+                              "input pixel is plenty)")
+        check_ranges({"detect.max_objects": (d.max_objects, "[0, inf)"), "detect.jitter": (d.jitter, "[0, inf)"),
+                      "detect.noise_weight": (d.noise_weight, "[0, inf)"),
+                      "detect.class_weight": (d.class_weight, "[0, inf)"),
+                      "detect.temperature": (d.temperature, "[0, inf)"), "detect.top_p": (d.top_p, "(0, 1]"),
+                      "detect.nms_iou": (d.nms_iou, "[0, 1]"), "detect.draw_score": (d.draw_score, "[0, 1]")})
 
     def __init__(self, cfg: RunConfig, info: DataInfo) -> None:
         super().__init__(cfg, info)
@@ -360,11 +386,15 @@ class Detect(Task):
                       **options: Any) -> list[dict]:
         """Detect objects in image files: per image ``{"image", "width", "height", "objects": [{"box" (xyxy
         pixels of the original image), "class", "score"}]}``; with `out` (a directory), one JSON and one PNG
-        with the boxes drawn per image."""
+        with the boxes drawn per image, named after the file (``NAME.json``, ``NAME.png``; files of the same
+        name from different folders become ``NAME-1``, ``NAME-2`` ..., in the order given)."""
         S, C = self.info.image_size[0], self.info.channels
         out = Path(out) if out else None
         if out:
+            if out.exists() and not out.is_dir():
+                raise ConfigError(f"--out {out}: is a file; detection writes a directory of JSON and PNG files")
             out.mkdir(parents=True, exist_ok=True)
+        stems = unique_stems(paths)
         names = self.info.classes
         results = []
         for i in range(0, len(paths), 32):
@@ -377,7 +407,7 @@ class Detect(Task):
                 metas.append(meta)
                 inputs.append(to_tensor(boxed))
             dets = self.predict(to_device({"image": torch.stack(inputs)}, self.device))["detections"]
-            for p, im, meta, det in zip(chunk, originals, metas, dets, strict=True):
+            for j, (p, im, meta, det) in enumerate(zip(chunk, originals, metas, dets, strict=True)):
                 keep = det["scores"] >= min_score
                 px = to_pixels(det["boxes"][keep].cpu(), meta, S).tolist()
                 cls, scores = det["classes"][keep].tolist(), det["scores"][keep].tolist()
@@ -386,7 +416,7 @@ class Detect(Task):
                 r = {"image": str(p), "width": meta["width"], "height": meta["height"], "objects": objs}
                 results.append(r)
                 if out:
-                    stem = Path(p).stem
+                    stem = stems[i + j]
                     atomic_write_text(out / f"{stem}.json", json.dumps(r, indent=2) + "\n")
                     shown = [o for o in objs if o["score"] >= self.cfg.detect.draw_score]
                     save_boxes(out / f"{stem}.png", im.convert("RGB"), [o["box"] for o in shown],

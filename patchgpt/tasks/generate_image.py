@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..config import ConfigError, RunConfig, check_choices
+from ..config import ConfigError, RunConfig, check_choices, check_ranges
 from ..data import load_image
 from ..data.base import DataInfo, ImageSet
 from ..report import save_grid, save_rows
@@ -75,7 +75,11 @@ class Generate(Task):
 
     @classmethod
     def check(cls, cfg: RunConfig) -> None:
-        check_choices({"generate.condition": (cfg.generate.condition, ("auto", "none", "class", "text"))})
+        g = cfg.generate
+        check_choices({"generate.condition": (g.condition, ("auto", "none", "class", "text"))})
+        check_ranges({"generate.p_uncond": (g.p_uncond, "[0, 1]"), "generate.text_len": (g.text_len, "[1, inf)"),
+                      "generate.temperature": (g.temperature, "[0, inf)"), "generate.top_k": (g.top_k, "[0, inf)"),
+                      "generate.top_p": (g.top_p, "(0, 1]"), "generate.cfg_scale": (g.cfg_scale, "[-inf, inf]")})
         if cfg.tokenizer.kind == "patches":
             raise ConfigError("generate needs discrete image tokens: tokenizer.kind=colors or vq")
 
@@ -277,9 +281,22 @@ class Generate(Task):
                 raise ConfigError(f"--class {n}: unknown; the classes are {', '.join(known)}")
         return out
 
+    def check_conditions(self, classes: list[str] | None, prompts: list[str] | None, n: int) -> None:
+        """One-line errors for conditions this model cannot read (a caption for a class-conditional model, a
+        class for a text-conditional one) and for a sample count below 1."""
+        if n < 1:
+            raise ConfigError(f"--n {n}: samples per class or prompt must be >= 1")
+        if self.condition == "class" and prompts:
+            raise ConfigError("this model is class-conditional: give --class NAME, not --prompt")
+        if self.condition == "text" and classes:
+            raise ConfigError("this model is text-conditional: give --prompt TEXT, not --class")
+        if self.condition == "none" and (classes or prompts):
+            raise ConfigError("this model is unconditional: drop --class/--prompt")
+
     def sample_png(self, path: str | Path, classes: list[str] | None = None, prompts: list[str] | None = None,
                    n: int = 8, **kw: Any) -> Path:
         """``patchgpt sample``: `n` samples per requested class or prompt (or `n` unconditional) as a PNG grid."""
+        self.check_conditions(classes, prompts, n)
         if self.condition == "text":
             if not prompts:
                 raise ConfigError("this model is text-conditional: give --prompt TEXT")
@@ -289,8 +306,6 @@ class Generate(Task):
             images = self.sample_images(len(ks) * n, classes=torch.tensor(ks).repeat_interleave(n), **kw).cpu()
             rows = [(self.info.classes[k], images[i * n:(i + 1) * n]) for i, k in enumerate(ks)]
             return save_rows(path, rows, scale=self.scale)
-        if classes or prompts:
-            raise ConfigError("this model is unconditional: drop --class/--prompt")
         return save_grid(path, self.sample_images(n, **kw).cpu(), nrow=min(n, 8), scale=self.scale)
 
     def complete_png(self, image_path: str | Path, path: str | Path, keep: float = 0.5,
@@ -298,6 +313,11 @@ class Generate(Task):
                      **kw: Any) -> Path:
         """``patchgpt complete``: keep the first `keep` of an image's tokens (raster order), sample the rest
         `n` times; a PNG of the given part, the completions and the original."""
+        self.check_conditions(classes, prompts, n)
+        if not 0 < keep < 1:
+            raise ConfigError(f"--keep {keep}: the fraction of tokens kept must be in (0, 1)")
+        if len(classes or []) > 1 or len(prompts or []) > 1:
+            raise ConfigError("complete draws every completion under one condition: give one --class or --prompt")
         C, (H, W) = self.info.channels, self.info.image_size
         dev = self.backbone.wte.weight.device
         image = load_image(image_path, C, H, self.cfg.data.resize)[None].to(dev)      # (1, C, H, W)

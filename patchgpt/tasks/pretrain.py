@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..config import ConfigError, RunConfig, check_choices
+from ..config import ConfigError, RunConfig, check_choices, check_ranges
 from ..data.base import DataInfo, ImageSet
 from ..report import save_rows
 from ..rng import RowRNG
@@ -56,6 +56,7 @@ class Pretrain(Task):
     @classmethod
     def check(cls, cfg: RunConfig) -> None:
         check_choices({"pretrain.target": (cfg.pretrain.target, ("patches", "tokens"))})
+        check_ranges({"pretrain.head_hidden": (cfg.pretrain.head_hidden, "[0, inf)")})
         if cfg.pretrain.target == "tokens" and cfg.tokenizer.kind != "colors":
             raise ConfigError("pretrain.target=tokens needs tokenizer.kind=colors (discrete pixels)")
 
@@ -164,7 +165,8 @@ class Pretrain(Task):
             self.report(Path(out), x, {})
         return results
 
-    def report(self, out: Path, val_set: ImageSet | Tensor, metrics: dict, **options: Any) -> dict:
+    def report(self, out: Path, val_set: ImageSet | Tensor, metrics: dict, prefix: str = "",
+               **options: Any) -> dict:
         """``predictions.png``: validation images above the model's causal next-patch (next-pixel) predictions."""
         if isinstance(val_set, Tensor):
             images = val_set[:8]
@@ -176,7 +178,7 @@ class Pretrain(Task):
         self.eval()
         pred = self.reconstruct(images)
         scale = max(1, 96 // images.shape[-1])
-        return {"predictions_png": str(save_rows(out / "predictions.png", [("original", images.cpu()),
+        return {"predictions_png": str(save_rows(out / f"{prefix}predictions.png", [("original", images.cpu()),
                                                                            ("predicted", pred.cpu())], scale=scale))}
 
 

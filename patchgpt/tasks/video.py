@@ -78,6 +78,7 @@ class VideoPretrain(Pretrain):
     def check(cls, cfg: RunConfig) -> None:
         if cfg.pretrain.target != "patches":
             raise ConfigError("video-pretrain regresses tubelets: pretrain.target must be patches")
+        super().check(cfg)
         check_clips(cfg)
 
     def context_slices(self) -> int:
@@ -146,13 +147,14 @@ class VideoPretrain(Pretrain):
             self.next_frames_png(clips[:4], Path(out) / "next_frames.png")
         return results
 
-    def report(self, out: Path, val_set: ImageSet, metrics: dict, **options: Any) -> dict:
+    def report(self, out: Path, val_set: ImageSet, metrics: dict, prefix: str = "", **options: Any) -> dict:
         """``next_frames.png``: validation clips above the model's next-frame roll-outs."""
         if not len(val_set) or self.input.slices < 2:
             return {}
         clips = torch.stack([it["video"] for it in (val_set[i] for i in range(min(4, len(val_set))))
                              if it is not None])
-        return {"next_frames_png": str(self.next_frames_png(clips.to(self.device), out / "next_frames.png"))}
+        path = self.next_frames_png(clips.to(self.device), out / f"{prefix}next_frames.png")
+        return {"next_frames_png": str(path)}
 
     def next_frames_png(self, clips: Tensor, path: Path) -> Path:
         """For each clip (B, F, C, H, W): its real frames above the model's (given frames, then predicted)."""

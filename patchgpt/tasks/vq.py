@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..config import RunConfig
+from ..config import ConfigError, RunConfig, check_choices, check_ranges
 from ..data.base import DataError, DataInfo, ImageSet
 from ..report import save_rows
 from ..rng import RowRNG
@@ -60,11 +60,22 @@ class TrainVQ(Task):
         cfg.train.lr, cfg.train.steps, cfg.train.warmup, cfg.train.weight_decay = 2e-3, 2000, 50, 0.0
         cfg.data.augment = False
 
+    @classmethod
+    def check(cls, cfg: RunConfig) -> None:
+        v = cfg.vq
+        check_choices({"vq.downsample": (v.downsample, (2, 4, 8))})
+        check_ranges({"vq.hidden": (v.hidden, "[1, inf)"), "vq.codebook_size": (v.codebook_size, "[2, inf)"),
+                      "vq.code_dim": (v.code_dim, "[1, inf)"), "vq.beta": (v.beta, "[0, inf)")})
+
     def __init__(self, cfg: RunConfig, info: DataInfo) -> None:
         super().__init__(cfg, info)
         if info.frames:
             raise DataError(f"{cfg.data.spec} holds clips: the VQ tokenizer trains on images")
-        self.vq = VQVAE(vq_config(cfg, info))
+        try:
+            config = vq_config(cfg, info)
+        except ValueError as e:  # the images do not divide into the code grid
+            raise ConfigError(f"vq: {e}; set vq.downsample or data.image_size") from None
+        self.vq = VQVAE(config)
 
     def networks(self) -> list[nn.Module]:
         return [self.vq]
@@ -115,12 +126,13 @@ class TrainVQ(Task):
             self._reconstructions_png(images[:16], Path(out) / "reconstructions.png", float("nan"))
         return results
 
-    def report(self, out: Path, val_set: ImageSet, metrics: dict, **options: Any) -> dict:
+    def report(self, out: Path, val_set: ImageSet, metrics: dict, prefix: str = "", **options: Any) -> dict:
         """``reconstructions.png``: validation images above their reconstructions through the codes."""
         if not len(val_set):
             return {}
         images = torch.stack([val_set[i]["image"] for i in range(min(16, len(val_set)))]).to(self.device)
-        path = self._reconstructions_png(images, out / "reconstructions.png", metrics.get("psnr", float("nan")))
+        psnr = metrics.get("psnr", float("nan"))
+        path = self._reconstructions_png(images, out / f"{prefix}reconstructions.png", psnr)
         return {"reconstructions_png": str(path)}
 
     def _reconstructions_png(self, images: Tensor, path: Path, psnr: float) -> Path:

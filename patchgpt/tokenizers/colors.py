@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ..config import ConfigError
 from ..sequence import IGNORE, Sequence, Vocab
 from .patches import grid_positions
 
@@ -53,6 +54,8 @@ class ColorClusters(nn.Module):
     def __init__(self, n_colors: int, channels: int, image_size: tuple[int, int],
                  vocab: Vocab | None = None, palette: Tensor | None = None) -> None:
         super().__init__()
+        if n_colors < 2:
+            raise ValueError(f"tokenizer.n_colors={n_colors}: a palette needs at least 2 colours")
         self.n_colors, self.channels, self.image_size = n_colors, channels, tuple(image_size)
         self.grid = self.image_size
         self.num_patches = self.image_size[0] * self.image_size[1]
@@ -65,6 +68,9 @@ class ColorClusters(nn.Module):
     def fit(self, images: Tensor, max_pixels: int = 200_000, seed: int = 0) -> ColorClusters:
         """Fit the palette by k-means on (a sample of) the pixels of `images` (N, C, H, W)."""
         px = images.permute(0, 2, 3, 1).reshape(-1, images.shape[1])  # (N*H*W, C)
+        if px.shape[0] < self.n_colors:
+            raise ConfigError(f"tokenizer.n_colors={self.n_colors}: the training images have only {px.shape[0]} "
+                              "pixels to fit the palette to; lower tokenizer.n_colors")
         if px.shape[0] > max_pixels:
             g = torch.Generator().manual_seed(seed)
             px = px[torch.randperm(px.shape[0], generator=g)[:max_pixels]]

@@ -18,6 +18,16 @@ def grid_positions(frames: int, rows: int, cols: int, device: torch.device | str
     return torch.stack([f, r, c], dim=-1).reshape(-1, 3).to(device) + 1  # (F, R, W, 3) -> (N, 3)
 
 
+def check_patch_size(patch_size: int, H: int, W: int, what: str = "image") -> None:
+    """A one-line ValueError unless `patch_size` is positive and divides both sides of an H x W `what`."""
+    if patch_size < 1:
+        raise ValueError(f"tokenizer.patch_size={patch_size}: must be >= 1")
+    if H % patch_size or W % patch_size:
+        fits = [p for p in range(1, min(H, W) + 1) if H % p == 0 and W % p == 0]
+        raise ValueError(f"tokenizer.patch_size={patch_size} does not divide the {H}x{W} {what}s; "
+                         f"choose one of {', '.join(map(str, fits))} or another data.image_size")
+
+
 class Patches:
     """Cut (B, C, H, W) images into flattened P x P patches and back, exactly.
 
@@ -31,8 +41,7 @@ class Patches:
     def __init__(self, patch_size: int, channels: int, image_size: tuple[int, int],
                  vocab: Vocab | None = None) -> None:
         H, W = image_size
-        if H % patch_size or W % patch_size:
-            raise ValueError(f"image size {H}x{W} is not a multiple of patch_size={patch_size}")
+        check_patch_size(patch_size, H, W, "image")
         self.patch_size, self.channels, self.image_size = patch_size, channels, (H, W)
         self.grid = (H // patch_size, W // patch_size)
         self.num_patches = self.grid[0] * self.grid[1]

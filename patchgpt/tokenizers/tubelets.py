@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from ..sequence import IGNORE, Sequence, Vocab
-from .patches import grid_positions
+from .patches import check_patch_size, grid_positions
 
 
 class Tubelets:
@@ -31,8 +31,7 @@ class Tubelets:
         H, W = image_size
         if tubelet < 1 or frames % tubelet:
             raise ValueError(f"{frames} frames are not a multiple of tokenizer.tubelet={tubelet}")
-        if H % patch_size or W % patch_size:
-            raise ValueError(f"frame size {H}x{W} is not a multiple of patch_size={patch_size}")
+        check_patch_size(patch_size, H, W, "frame")
         self.tubelet, self.patch_size, self.channels = tubelet, patch_size, channels
         self.frames, self.image_size = frames, (H, W)
         self.grid = (H // patch_size, W // patch_size)
