@@ -14,7 +14,7 @@ from patchgpt.cli import main
 from patchgpt.config import DataConfig
 from patchgpt.data import build_datasets, collate, train_batches
 from patchgpt.data.base import DataError, DataInfo, ImageSet, Subset
-from patchgpt.data.shards import all_items, expand, stream_batches, write_shards
+from patchgpt.data.shards import all_items, expand, find_shards, stream_batches, write_shards
 from patchgpt.tasks import load
 
 from .test_cli import write_folder
@@ -32,6 +32,18 @@ class Numbered(ImageSet):
 
     def __getitem__(self, i: int) -> dict:
         return {"image": torch.full((1, 4, 4), float(i % 256)) / 127.5 - 1.0, "label": i}
+
+
+def relist(d, counts: dict[str, int], sizes: bool = True) -> None:
+    """Make ``d/meta.json`` list these shards with these item counts (and their sizes now, unless `sizes` is
+    False: the earlier format), as if `patchgpt shard` had written the files as they are."""
+    meta = json.loads((d / "meta.json").read_text())
+    meta["shards"] = counts
+    meta["bytes"] = {n: (d / n).stat().st_size for n in counts}
+    if not sizes:
+        del meta["bytes"]
+        meta.pop("format", None)
+    (d / "meta.json").write_text(json.dumps(meta))
 
 
 def labels(batches, k: int) -> list[list[int]]:
@@ -76,7 +88,7 @@ def test_shard_patterns(tmp_path):
     assert names(f"{tmp_path}/train-{{000000..000001}}.tar") == ["train-000000.tar", "train-000001.tar"]
     with pytest.raises(DataError, match="nothing matches"):
         expand(f"{tmp_path}/val-*.tar")
-    write_shards(Numbered(3), tmp_path, per_shard=2, prefix="val")
+    write_shards(Subset(Numbered(6), [0, 1, 2]), tmp_path, per_shard=2, prefix="val")  # one meta.json: same info
     assert names(f"{tmp_path}/train-*.tar") == names(str(tmp_path)) == [f"train-00000{i}.tar" for i in range(3)]
     assert names(f"{tmp_path}/val-*.tar") == ["val-000000.tar", "val-000001.tar"]
     assert names(f"{tmp_path}/train-000002.tar::{tmp_path}/train-{{000000,000001}}.tar")[0] == "train-000002.tar"
@@ -163,7 +175,8 @@ def test_detection_shards_hold_targets_exactly_and_train(tmp_path, capsys):
                 data = b"{not json"
                 m.size = len(data)
             w.addfile(m, io.BytesIO(data))
-    with pytest.raises(DataError, match=r"000000000: unreadable \.meta\.json member"):
+    relist(bad, {"val-000000.tar": 1})
+    with pytest.raises(DataError, match=r"val-000000.tar: sample 000000000: unreadable \.meta\.json member"):
         next(iter(build_datasets(DataConfig(spec=f"shards:{bad}/val-000000.tar", val_spec="digit-scenes"))[0]))
 
 
@@ -192,7 +205,8 @@ def test_shards_of_the_earlier_format_still_read_exactly(tmp_path):
         out = tmp_path / spec
         write_shards(src, out, per_shard=1000)                           # for its meta.json
         legacy_shard(out / "train-000000.tar", [src[i] for i in range(30)])
-        got = all_items(expand(str(out)), build_datasets(DataConfig(spec=f"shards:{out}", val_spec=spec))[2])
+        relist(out, {"train-000000.tar": 30}, sizes=False)               # a manifest of counts only, as it was
+        got = all_items(*find_shards(str(out)))
         assert len(got) == 30 and all(same(got[i], src[i]) for i in range(30))
     bad = tmp_path / "bad"
     write_shards(Subset(src, [0]), bad)
@@ -201,6 +215,7 @@ def test_shards_of_the_earlier_format_still_read_exactly(tmp_path):
         ti = tarfile.TarInfo("000000001.json")
         ti.size = 9
         tar.addfile(ti, io.BytesIO(b"{not json"))
+    relist(bad, {"train-000000.tar": 2}, sizes=False)
     with pytest.raises(DataError, match="000000001: unreadable detection target"):
         list(build_datasets(DataConfig(spec=f"shards:{bad}", val_spec="digits"))[0])
 
@@ -257,3 +272,161 @@ def test_a_streamed_run_resumes_exactly(tmp_path):
             train(cfg, quiet=True, resume=True)
         runs[name] = load(tmp_path / name).state_dict()
     assert all(torch.equal(runs["full"][k], runs["part"][k]) for k in runs["full"])
+
+
+# ---- one unit: a rewrite replaces only its own shards, and a kill leaves the old set or the new ----------------
+
+class Tagged(ImageSet):
+    """Item i: a 4x4 grey image and label `offset` + i among 100 classes; raises `Killed` at item `kill_at`."""
+
+    def __init__(self, n: int, offset: int = 0, size: int = 4, kill_at: int = -1) -> None:
+        self.n, self.offset, self.kill_at = n, offset, kill_at
+        self.info = DataInfo(channels=1, image_size=(size, size), classes=[f"c{i}" for i in range(100)])
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict:
+        if i == self.kill_at:
+            raise Killed
+        return {"image": torch.full((1, *self.info.image_size), float(i)) / 127.5 - 1.0, "label": self.offset + i}
+
+
+class Killed(BaseException):
+    """Stands for SIGKILL: no ``except Exception`` sees it."""
+
+
+def read_labels(spec: str) -> list[int]:
+    """The labels of every item of ``shards:PATTERN``, in order."""
+    return [item["label"] for item in all_items(*find_shards(spec.removeprefix("shards:")))]
+
+
+def one_line(capsys, argv: list[str], *needles) -> None:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1 and err.startswith("patchgpt: error: "), err
+    assert all(n in err for n in needles), err
+
+
+def test_a_rewrite_replaces_only_the_shards_it_wrote(tmp_path, capsys):
+    d = tmp_path / "s"
+    shard = ["shard", "--data", "digits", "--out", str(d), "--per-shard", "400", "--set", "data.val_fraction=0"]
+    assert main(shard) == 0 and len(read_labels(f"shards:{d}")) == 1797
+    foreign = d / "train-000099.tar"
+    foreign.write_bytes(b"someone else's")
+    before = {p.name: p.read_bytes() for p in d.iterdir()}
+    one_line(capsys, shard, "train-000099.tar: not a shard listed in", "nothing was changed")
+    assert {p.name: p.read_bytes() for p in d.iterdir()} == before            # nothing deleted, nothing written
+    foreign.unlink()
+    with open(d / "train-000001.tar", "ab") as f:                             # a listed shard, changed since
+        f.write(b"\0" * 512)
+    one_line(capsys, shard, "train-000001.tar: changed since `patchgpt shard` wrote it")
+    bare = tmp_path / "bare"                                                  # shard files, and no meta.json
+    bare.mkdir()
+    (bare / "train-000000.tar").write_bytes(b"x")
+    one_line(capsys, ["shard", "--data", "digits", "--out", str(bare)], "train-000000.tar: not a shard listed in")
+    assert (bare / "train-000000.tar").read_bytes() == b"x"
+
+
+def test_one_meta_json_describes_both_splits_so_they_must_agree(tmp_path):
+    d = tmp_path / "s"
+    write_shards(Tagged(6), d, per_shard=4)
+    with pytest.raises(DataError, match=r"its train shards hold other data \(1x4x4, 100 classes\) than these "
+                                         r"\(1x8x8, 100 classes\)"):
+        write_shards(Tagged(3, size=8), d, prefix="val")
+    write_shards(Tagged(3, offset=20), d, per_shard=2, prefix="val")        # the same data: fine
+    with pytest.raises(DataError, match="no items to write"):
+        write_shards(Subset(Tagged(3), []), d, prefix="val")
+    assert read_labels(f"shards:{d}") == list(range(6)) and read_labels(f"shards:{d}/val-*.tar") == [20, 21, 22]
+    assert not list(d.glob(".*"))
+
+
+def test_a_rewrite_killed_at_any_step_leaves_the_old_set_or_the_new(tmp_path, monkeypatch):
+    """Kill (an exception no cleanup sees) at every file operation of a rewrite, and while it writes items: the
+    set then reads as the old one or the new one, whole, by directory or glob; the next write completes."""
+    import os
+    import shutil
+
+    real = {"replace": os.replace, "unlink": os.unlink}
+    old = list(range(10))
+    for new, per in (((50, 7), 2), ((80, 3), 4)):            # more shards than the old set, then fewer
+        want_new = list(range(new[0], new[0] + new[1]))
+        outcomes = set()
+        for k in range(1, 40):
+            d = tmp_path / f"s{new[0]}-{k}"
+            write_shards(Tagged(10), d, per_shard=4)
+            write_shards(Tagged(4, offset=90), d, per_shard=4, prefix="val")   # the other split: untouched
+            ops = [0]
+
+            def op(name, *a, _k=k, _ops=ops, **kw):
+                _ops[0] += 1
+                if _ops[0] == _k:
+                    raise Killed
+                return real[name](*a, **kw)
+
+            monkeypatch.setattr(os, "replace", lambda *a, **kw: op("replace", *a, **kw))
+            monkeypatch.setattr(os, "unlink", lambda *a, **kw: op("unlink", *a, **kw))
+            try:
+                write_shards(Tagged(new[1], offset=new[0], kill_at=k if k < new[1] else -1), d, per_shard=per)
+                done = True
+            except Killed:
+                done = False
+            monkeypatch.setattr(os, "replace", real["replace"])
+            monkeypatch.setattr(os, "unlink", real["unlink"])
+            got = {read_labels(f"shards:{d}") == read_labels(f"shards:{d}/train-*.tar")}
+            labels = read_labels(f"shards:{d}")
+            assert got == {True} and labels in (old, want_new), (k, labels)
+            assert read_labels(f"shards:{d}/val-*.tar") == [90, 91, 92, 93]
+            outcomes.add(tuple(labels))
+            write_shards(Tagged(new[1], offset=new[0]), d, per_shard=per)     # the next write finishes the job
+            assert read_labels(f"shards:{d}") == want_new and not list(d.glob(".*"))
+            shutil.rmtree(d)
+            if done:
+                break
+        assert done and outcomes == {tuple(old), tuple(want_new)}
+
+
+KILL_SCRIPT = """
+import os, signal, sys
+import torch
+from patchgpt.data.base import DataInfo, ImageSet
+from patchgpt.data.shards import write_shards
+
+class Tagged(ImageSet):
+    def __init__(self, n, offset, kill_at):
+        self.n, self.offset, self.kill_at = n, offset, kill_at
+        self.info = DataInfo(channels=1, image_size=(4, 4), classes=[f"c{i}" for i in range(100)])
+    def __len__(self):
+        return self.n
+    def __getitem__(self, i):
+        if i == self.kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return {"image": torch.full((1, 4, 4), float(i)) / 127.5 - 1.0, "label": self.offset + i}
+
+out, where, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+if where == "replace":   # SIGKILL at the n-th rename: 1 is the commit of meta.json, 2 the first shard's rename
+    real, calls = os.replace, [0]
+    def replace(*a, **kw):
+        calls[0] += 1
+        if calls[0] == n:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(*a, **kw)
+    os.replace = replace
+write_shards(Tagged(7, 50, n if where == "item" else -1), out, per_shard=2)
+"""
+
+
+@pytest.mark.parametrize("where,n,outcome", [("item", 5, "old"), ("replace", 3, "new")])
+def test_a_sigkilled_rewrite_leaves_the_old_set_or_the_new(tmp_path, where, n, outcome):
+    import subprocess
+    import sys
+
+    d = tmp_path / "s"
+    write_shards(Tagged(10), d, per_shard=4)
+    r = subprocess.run([sys.executable, "-c", KILL_SCRIPT, str(d), where, str(n)], capture_output=True, text=True)
+    assert r.returncode == -9, r.stderr
+    assert list(d.glob(".train-*.tar.new"))                          # killed mid-write: staged shards left over
+    want = {"old": list(range(10)), "new": list(range(50, 57))}[outcome]
+    assert read_labels(f"shards:{d}") == read_labels(f"shards:{d}/train-*.tar") == want
+    write_shards(Tagged(7, offset=50), d, per_shard=2)
+    assert read_labels(f"shards:{d}") == list(range(50, 57)) and not list(d.glob(".*"))

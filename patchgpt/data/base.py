@@ -11,6 +11,7 @@ so a resumed run sees exactly the batches it would have seen, whatever the numbe
 from __future__ import annotations
 
 import numbers
+import re
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -28,9 +29,58 @@ Item = dict[str, Any]   # one data item, {"image" | "video": Tensor, "label": in
 # Pad value of fields whose tensors differ in length along their first dimension (default 0).
 PAD: dict[str, int | float] = {"classes": -1}
 
+# Most classes a source may have: each is a class name and an output logit, so a stray label of two billion
+# in a label file must not become two billion of them.
+MAX_CLASSES = 100_000
+
+# A batch most of whose items were skipped as unreadable is reported on stderr, at most once per this many
+# batches (per process: each DataLoader worker counts its own).
+SKIP_WARN_EVERY = 100
+
 
 class DataError(ValueError):
-    """Bad input data; the message is one line naming the file or spec at fault."""
+    """Bad input data; the message is one line naming the file or spec at fault (line breaks in it, e.g. from
+    a quoted exception, become spaces)."""
+
+    def __init__(self, message: object = "") -> None:
+        super().__init__(re.sub(r"\s*[\r\n]+\s*", " ", str(message)).strip())
+
+
+def one_line_errors(batches: Iterator[dict]) -> Iterator[dict]:
+    """`batches` (a DataLoader's), with a `DataError` raised in a loader worker process re-raised as its own
+    one line: torch re-raises it in the main process with the worker's whole traceback as the message."""
+    try:
+        yield from batches
+    except DataError as e:
+        msg = str(e)
+        if "Traceback (most recent call last)" not in msg or "DataError: " not in msg:
+            raise
+        raise DataError(msg.rsplit("DataError: ", 1)[1]) from None
+
+
+class SkipMeter:
+    """Counts the items `collate` sees skipped (None) and warns, one line on stderr, when most of a batch was
+    skipped: on the first such batch, then at most once every `SKIP_WARN_EVERY` batches."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.batches = self.items = self.skipped = 0
+        self.since: int | None = None   # batches since the last warning (None: none yet)
+
+    def add(self, n: int, skipped: int) -> None:
+        self.batches, self.items, self.skipped = self.batches + 1, self.items + n, self.skipped + skipped
+        if self.since is not None:
+            self.since += 1
+        if n and 2 * skipped > n and (self.since is None or self.since >= SKIP_WARN_EVERY):
+            print(f"patchgpt: warning: {skipped} of the {n} items of a batch were skipped as unreadable "
+                  f"(data.on_error=skip; {self.skipped} of {self.items} in {self.batches} batches so far; "
+                  f"repeated at most every {SKIP_WARN_EVERY} batches)", file=sys.stderr)
+            self.since = 0
+
+
+SKIPS = SkipMeter()
 
 
 @dataclass
@@ -53,12 +103,12 @@ class DataInfo:
 
 
 def skip_or_raise(info: DataInfo, on_error: str, e: DataError) -> None:
-    """An item failed to decode: re-raise (``on_error="stop"``), or print one line and count it in
-    ``info.skipped`` (``"skip"``; the caller then returns None for the item)."""
+    """An item failed to decode: re-raise (``on_error="stop"``), or count it in ``info.skipped`` and print one
+    line the first time this process meets it (``"skip"``; the caller then returns None for the item)."""
     if on_error == "stop":
         raise e
-    print(f"patchgpt: skipping {e}", file=sys.stderr)
     if str(e) not in info.skipped:
+        print(f"patchgpt: skipping {e}", file=sys.stderr)
         info.skipped.append(str(e))
 
 
@@ -75,7 +125,10 @@ class ImageSet(Dataset):
         """The first `n` images (N, C, H, W) or clips (N, F, C, H, W) stacked — for fitting palettes and
         probes' baselines. Items that come back as None (files skipped at decode time) are left out."""
         n = len(self) if n is None else min(n, len(self))
-        return torch.stack([item[input_key(item)] for item in (self[i] for i in range(n)) if item is not None])
+        got = [item[input_key(item)] for item in (self[i] for i in range(n)) if item is not None]
+        if not got:
+            raise DataError(f"none of the first {n} items could be read (every one was skipped or the set is empty)")
+        return torch.stack(got)
 
     def labels(self) -> Tensor:
         """Every item's label (N,)."""
@@ -134,9 +187,12 @@ def collate(items: list[Item | None]) -> dict:
     - Python numbers become a tensor (B,) (``label``: long);
     - anything else (captions, detection ``meta``) becomes a list.
 
-    A batch whose every item was skipped is ``{}`` (`batch_len` 0).
+    A batch whose every item was skipped is ``{}`` (`batch_len` 0); a batch most of whose items were skipped
+    is reported on stderr (`SkipMeter`).
     """
+    n = len(items)
     items = [it for it in items if it is not None]
+    SKIPS.add(n, n - len(items))
     if not items:
         return {}
     keys = items[0].keys()
@@ -232,14 +288,14 @@ def train_batches(ds: ImageSet, batch_size: int, seed: int, start: int, steps: i
 
     `batch_size` is the global micro-batch; this rank gets its ``batch_size // world`` slice of each."""
     sampler = StepSampler(len(ds), batch_size, seed, start, steps, shuffle=shuffle, rank=rank, world=world)
-    return iter(DataLoader(ds, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers,
-                           persistent_workers=False, pin_memory=pin_memory))
+    return one_line_errors(iter(DataLoader(ds, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers,
+                                           persistent_workers=False, pin_memory=pin_memory)))
 
 
 def eval_batches(ds: ImageSet, batch_size: int, num_workers: int = 0) -> Iterator[dict]:
     """One ordered pass over `ds`."""
-    return iter(DataLoader(ds, batch_size=batch_size, shuffle=False, collate_fn=collate,
-                           num_workers=num_workers))
+    return one_line_errors(iter(DataLoader(ds, batch_size=batch_size, shuffle=False, collate_fn=collate,
+                                           num_workers=num_workers)))
 
 
 def augment(images: Tensor, rng: RowRNG | None, shift: int = 1, flip: bool = False) -> Tensor:

@@ -7,14 +7,19 @@ stretched to S x S, and their boxes go through the same transform; each item rem
 predictions map back to the original pixels. Crowd annotations are not training targets; they stay in the
 ground truth for evaluation, where COCO's evaluator treats them as regions to ignore.
 
-Every malformed entry (missing keys, a bbox that is not 4 numbers, zero area, a box outside its image, an
-unknown image or category id) gets one line naming the file, the annotation and the fault; with
-``data.on_error=stop`` (the default) the first one stops the run, with ``skip`` they are dropped and counted.
+Every malformed entry (missing keys, a value of the wrong JSON type, an id that is not an integer, a bbox
+that is not 4 finite numbers, zero area, a box outside its image, an unknown image or category id, a
+duplicate image id) gets one line naming the file, the annotation and the fault; with ``data.on_error=stop``
+(the default) the first one stops the run, with ``skip`` they are dropped and counted. Categories (they fix
+the class order) must be well formed and unique in id and name. Where an image file's size differs from the
+``width``/``height`` its entry gives, the file wins: one warning per file, and its boxes are checked
+against, and clipped to, the file's size (a box outside the file is an error as above).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -22,9 +27,44 @@ import torch
 from PIL import Image
 
 from .base import DataError, DataInfo, ImageSet, Item, skip_or_raise
-from .images import load_pil, to_mode, to_tensor
+from .images import load_converted, to_tensor
 
 _TOLERANCE = 1.0  # pixels a box may stick out of its image (rounding in exporters) before it is an error
+
+
+def _is_num(v) -> bool:
+    """A finite JSON number (not a boolean, NaN or infinity)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _is_id(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _clip(bbox: list, W: float, H: float) -> tuple[float, float, float, float] | str:
+    """A COCO [x, y, width, height] as xyxy clipped to a W x H image, or why it cannot be: it sticks out by
+    more than `_TOLERANCE` pixels, or nothing of it is left inside."""
+    x, y, w, h = bbox
+    if x < -_TOLERANCE or y < -_TOLERANCE or x + w > W + _TOLERANCE or y + h > H + _TOLERANCE:
+        return f"bbox {bbox} lies outside its {W}x{H} image"
+    x0, y0, x1, y1 = max(0.0, x), max(0.0, y), min(float(W), x + w), min(float(H), y + h)
+    if x1 <= x0 or y1 <= y0:
+        return f"bbox {bbox} has no area inside its {W}x{H} image"
+    return x0, y0, x1, y1
+
+
+def _check_image(im) -> str | None:
+    """Why image entry `im` is malformed, or None."""
+    if not isinstance(im, dict) or "id" not in im or "file_name" not in im:
+        return "needs 'id' and 'file_name'"
+    if not _is_id(im["id"]):
+        return f"id {im['id']!r} is not an integer"
+    if not isinstance(im["file_name"], str) or not im["file_name"]:
+        return f"file_name {im['file_name']!r} is not a file name"
+    for k in ("width", "height"):
+        if k in im and im[k] is not None and not (_is_num(im[k]) and im[k] > 0):
+            return f"{k} {im[k]!r} is not a positive number"
+    return None
 
 
 def _check_annotation(a: dict, images: dict, cats: dict) -> str | None:
@@ -32,9 +72,16 @@ def _check_annotation(a: dict, images: dict, cats: dict) -> str | None:
     for key in ("image_id", "category_id", "bbox"):
         if key not in a:
             return f"missing key {key!r}"
+    for key in ("image_id", "category_id"):
+        if not _is_id(a[key]):
+            return f"{key} {a[key]!r} is not an integer"
     bbox = a["bbox"]
-    if not isinstance(bbox, list) or len(bbox) != 4 or not all(isinstance(v, (int, float)) for v in bbox):
-        return f"bbox {bbox!r} is not [x, y, width, height]"
+    if not isinstance(bbox, list) or len(bbox) != 4 or not all(_is_num(v) for v in bbox):
+        return f"bbox {bbox!r} is not [x, y, width, height] of 4 finite numbers"
+    if a.get("iscrowd", 0) not in (0, 1) or isinstance(a.get("iscrowd", 0), float):
+        return f"iscrowd {a['iscrowd']!r} is not 0 or 1"
+    if "area" in a and not (_is_num(a["area"]) and a["area"] >= 0):
+        return f"area {a['area']!r} is not a non-negative number"
     if a["image_id"] not in images:
         return f"unknown image_id {a['image_id']!r}"
     if a["category_id"] not in cats:
@@ -44,9 +91,15 @@ def _check_annotation(a: dict, images: dict, cats: dict) -> str | None:
         return f"zero or negative area (bbox {bbox})"
     im = images[a["image_id"]]
     W, H = im.get("width"), im.get("height")
-    if W and H and (x < -_TOLERANCE or y < -_TOLERANCE or x + w > W + _TOLERANCE or y + h > H + _TOLERANCE):
-        return f"bbox {bbox} lies outside its {W}x{H} image"
+    if W and H:
+        clipped = _clip(bbox, W, H)
+        if isinstance(clipped, str):
+            return clipped
     return None
+
+
+def _name(n: int, a) -> str:
+    return f"annotation #{n} (id {a.get('id', '?') if isinstance(a, dict) else '?'})"
 
 
 class CocoDetection(ImageSet):
@@ -73,8 +126,8 @@ class CocoDetection(ImageSet):
                             "every box inside the image")
         try:
             d = json.loads(self.ann_file.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise DataError(f"{ann_file}: not valid JSON ({e})") from None
+        except (ValueError, RecursionError) as e:   # bad JSON or UTF-8, or nesting too deep
+            raise DataError(f"{ann_file}: not valid JSON ({type(e).__name__}: {e})") from None
         if not isinstance(d, dict) or not all(isinstance(d.get(k), list) for k in
                                               ("images", "annotations", "categories")):
             raise DataError(f"{ann_file}: not a COCO instances file (needs lists 'images', 'annotations' and "
@@ -86,8 +139,12 @@ class CocoDetection(ImageSet):
         cats = {}
         for c in d["categories"]:
             if not isinstance(c, dict) or "id" not in c or "name" not in c:
-                raise DataError(f"{ann_file}: category {c!r} needs 'id' and 'name'")
-            cats[c["id"]] = str(c["name"])
+                raise DataError(f"{ann_file}: category {str(c)[:80]} needs 'id' and 'name'")
+            if not _is_id(c["id"]) or not isinstance(c["name"], str):
+                raise DataError(f"{ann_file}: category {str(c)[:80]}: 'id' must be an integer and 'name' a string")
+            if c["id"] in cats or c["name"] in cats.values():
+                raise DataError(f"{ann_file}: category {str(c)[:80]}: a second category with this id or name")
+            cats[c["id"]] = c["name"]
         if not cats:
             raise DataError(f"{ann_file}: no categories")
         cat_order = sorted(cats)
@@ -101,28 +158,38 @@ class CocoDetection(ImageSet):
 
         images = {}
         for im in d["images"]:
-            if not isinstance(im, dict) or "id" not in im or "file_name" not in im:
-                self._bad(f"image entry {str(im)[:80]}: needs 'id' and 'file_name'")
+            why = _check_image(im)
+            if why is None and im["id"] in images:
+                why = f"a second image with id {im['id']}"
+            if why is not None:
+                self._bad(f"image entry {str(im)[:80]}: {why}")
                 continue
             images[im["id"]] = im
-        self.anns: dict = {i: [] for i in images}
+        self.anns: dict = {i: [] for i in images}   # image id -> [(annotation index, annotation)]
+        other = 0
         for n, a in enumerate(d["annotations"]):
             why = _check_annotation(a, images, cats) if isinstance(a, dict) else "not an object"
             if why is not None:
-                self._bad(f"annotation #{n} (id {a.get('id', '?') if isinstance(a, dict) else '?'}): {why}")
+                self._bad(f"{_name(n, a)}: {why}")
                 continue
             if a["category_id"] in self.cat_to_class:
-                self.anns[a["image_id"]].append(a)
+                self.anns[a["image_id"]].append((n, a))
+            else:
+                other += 1
         self.records = [images[i] for i in sorted(images)]
         if not self.records:
             raise DataError(f"{ann_file}: no images")
-        most = max([sum(1 for a in anns if not a.get("iscrowd", 0)) for anns in self.anns.values()] + [0])
+        most = max([sum(1 for _, a in anns if not a.get("iscrowd", 0)) for anns in self.anns.values()] + [0])
         self.info = DataInfo(channels=channels, image_size=(size, size),
                              classes=[cats[c] for c in cat_order], boxes=True, category_ids=cat_order,
                              skipped=self.skipped, max_objects=most)
+        self._warned: set[str] = set()   # image files whose size differs from their entry's (warned once)
         if self.skipped:
             print(f"patchgpt: skipped {len(self.skipped)} malformed entries of {ann_file} "
                   f"(first: {self.skipped[0]})", file=sys.stderr)
+        if other:
+            print(f"patchgpt: warning: {ann_file}: ignoring {other} annotation(s) of categories outside the "
+                  f"checkpoint's {len(classes or [])} classes", file=sys.stderr)
 
     def _bad(self, msg: str) -> None:
         line = f"{self.ann_file}: {msg}"
@@ -144,20 +211,29 @@ class CocoDetection(ImageSet):
         rec = self.records[i]
         path = self._path(rec["file_name"])
         try:
-            im = to_mode(load_pil(path), self.channels)
+            im = load_converted(path, self.channels)
         except DataError as e:
             skip_or_raise(self.info, self.on_error, e)
             return None
         W, H = im.size
+        jw, jh = rec.get("width"), rec.get("height")
+        if jw and jh and (jw, jh) != (W, H) and str(path) not in self._warned:
+            self._warned.add(str(path))
+            print(f"patchgpt: warning: {path} is {W}x{H}, but image id {rec['id']} of {self.ann_file} says "
+                  f"{jw}x{jh}; its boxes are checked against and clipped to the file's size", file=sys.stderr)
         S = self.size
         out, tf = letterbox(im, S, self.resize)
         (sx, sy), (ox, oy) = tf["scale"], tf["offset"]
         image = to_tensor(out)                              # (C, S, S)
         boxes, classes, gt = [], [], []
-        for a in self.anns[rec["id"]]:
-            x, y, w, h = a["bbox"]
-            x0, y0 = max(0.0, x), max(0.0, y)
-            x1, y1 = min(float(W), x + w), min(float(H), y + h)
+        for n, a in self.anns[rec["id"]]:
+            clipped = _clip(a["bbox"], W, H)
+            if isinstance(clipped, str):
+                e = DataError(f"{self.ann_file}: {_name(n, a)}: {clipped} (the file {path})"
+                              + (" (set data.on_error=skip to drop such entries)" if self.on_error == "stop" else ""))
+                skip_or_raise(self.info, self.on_error, e)
+                continue
+            x0, y0, x1, y1 = clipped
             crowd = int(a.get("iscrowd", 0))
             gt.append({"bbox": [x0, y0, x1 - x0, y1 - y0], "category_id": a["category_id"], "iscrowd": crowd,
                        "area": float(a.get("area", (x1 - x0) * (y1 - y0)))})

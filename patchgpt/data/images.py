@@ -10,11 +10,14 @@ policy: ``crop`` (shorter side to S, then centre crop), ``stretch`` (to S x S, a
 from __future__ import annotations
 
 import sys
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from .base import DataError, DataInfo, ImageSet, Item, skip_or_raise
 
@@ -22,12 +25,24 @@ IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp",
 
 
 def to_mode(im: Image.Image, channels: int) -> Image.Image:
-    """Convert any Pillow image to 1 (L), 3 (RGB) or 4 (RGBA) channels; transparency goes onto white."""
+    """Convert any Pillow image to 1 (L), 3 (RGB) or 4 (RGBA) channels; transparency goes onto white.
+
+    16- and 32-bit integer grayscale is scaled to 8 bits (by 257 when it goes past 255); 32-bit float
+    grayscale (mode F) is read as [0, 1] when it lies there (else as 0..255, clipped). A mode Pillow cannot
+    convert, or non-finite float pixels, raise `DataError` (callers name the file: `load_converted`)."""
     if im.mode.startswith("I;16") or im.mode == "I":
         # 16-bit (or 32-bit int) grayscale: Pillow's convert("L") clips at 255, so scale to 8 bits first.
         a = np.asarray(im, dtype=np.float64)
         if im.mode != "I" or a.max() > 255:
             a = a / 257.0
+        im = Image.fromarray(np.clip(np.round(a), 0, 255).astype(np.uint8))
+    elif im.mode == "F":
+        # Float grayscale: Pillow's convert("L") truncates, which turns a [0, 1] image black.
+        a = np.asarray(im, dtype=np.float64)
+        if not np.isfinite(a).all():
+            raise DataError("a float image with NaN or infinite pixels")
+        if a.size and a.min() >= 0 and a.max() <= 1:
+            a = a * 255.0
         im = Image.fromarray(np.clip(np.round(a), 0, 255).astype(np.uint8))
     if channels == 4:
         return im.convert("RGBA")
@@ -73,21 +88,49 @@ def to_tensor(im: Image.Image) -> torch.Tensor:
     return torch.from_numpy(a).permute(2, 0, 1) / 127.5 - 1.0   # (H, W, C) -> (C, H, W)
 
 
+@contextmanager
+def bomb_is_error() -> Iterator[None]:
+    """Within the block Pillow's `DecompressionBombWarning` (an image over ``Image.MAX_IMAGE_PIXELS``, 89M
+    pixels by default) is raised like its `DecompressionBombError` (over twice that): the limit is Pillow's."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        yield
+
+
 def load_pil(path: str | Path) -> Image.Image:
-    """Open and decode one image file with Pillow; a `DataError` names the file if it cannot."""
+    """Open and decode one image file with Pillow; a `DataError` names the file if it cannot.
+
+    An image over Pillow's decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``) is refused before its
+    pixels are decoded."""
     try:
-        with Image.open(path) as im:
+        with bomb_is_error(), Image.open(path) as im:
             im.load()
             return im.copy() if im.mode not in ("P", "PA") else im.convert("RGBA")
     except FileNotFoundError:
         raise DataError(f"{path}: no such file") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise DataError(f"{path}: refused as a possible decompression bomb ({type(e).__name__}: {e}); Pillow's "
+                        "limit is PIL.Image.MAX_IMAGE_PIXELS") from None
+    except Exception as e:  # noqa: BLE001 - Pillow raises many types for bad files (OSError, SyntaxError, ...)
         raise DataError(f"{path}: cannot read image ({type(e).__name__}: {e})") from None
+
+
+def load_converted(path: str | Path, channels: int) -> Image.Image:
+    """`load_pil` then `to_mode`; a mode that cannot be converted is a `DataError` naming the file."""
+    im = load_pil(path)
+    try:
+        return to_mode(im, channels)
+    except DataError as e:
+        if "data.channels" in str(e):
+            raise
+        raise DataError(f"{path}: cannot convert the {im.mode} image ({e})") from None
+    except (ValueError, OSError) as e:
+        raise DataError(f"{path}: cannot convert the {im.mode} image ({type(e).__name__}: {e})") from None
 
 
 def load_image(path: str | Path, channels: int, size: int, policy: str = "crop") -> torch.Tensor:
     """Read one image file as (C, size, size) in [-1, 1]; a `DataError` names the file if it cannot."""
-    return to_tensor(resize(to_mode(load_pil(path), channels), size, policy))
+    return to_tensor(resize(load_converted(path, channels), size, policy))
 
 
 def list_images(root: Path, exts: set[str] = IMAGE_EXTS) -> list[Path]:
@@ -104,11 +147,20 @@ def scan_class_folder(root: Path, exts: set[str], spec: str, what: str) -> tuple
     if not root.is_dir():
         raise DataError(f"{spec}:{root}: no such directory")
     subdirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-    labelled = bool(subdirs) and not any(p.is_file() and p.suffix.lower() in exts for p in root.iterdir())
+    top = [p for p in root.iterdir() if p.is_file() and p.suffix.lower() in exts]
+    labelled = bool(subdirs) and not top
     if labelled:
-        files = [(p, ci) for ci, d in enumerate(subdirs) for p in list_images(d, exts)]
+        per_class = [list_images(d, exts) for d in subdirs]
+        files = [(p, ci) for ci, found in enumerate(per_class) for p in found]
+        empty = [d.name for d, found in zip(subdirs, per_class, strict=True) if not found]
+        if files and empty:
+            print(f"patchgpt: warning: {spec}:{root}: class folder(s) {', '.join(empty)} hold no {what}; they "
+                  "stay classes with no examples", file=sys.stderr)
     else:
         files = [(p, -1) for p in list_images(root, exts)]
+        if top and any(list_images(d, exts) for d in subdirs):
+            print(f"patchgpt: warning: {spec}:{root}: {len(top)} {what} at the top level beside subfolders, so "
+                  f"the subfolders are not classes: all {len(files)} {what} are read as unlabeled", file=sys.stderr)
     if not files:
         raise DataError(f"{spec}:{root}: no {what} found (extensions: {', '.join(sorted(exts))})")
     return ([d.name for d in subdirs] if labelled else None), files
@@ -148,10 +200,10 @@ class ImageFolder(ImageSet):
     def _check(path: Path) -> str | None:
         """None if Pillow can identify and verify `path`, else the reason (the pixels are not kept)."""
         try:
-            with Image.open(path) as im:
+            with bomb_is_error(), Image.open(path) as im:
                 im.verify()
             return None
-        except Exception as e:  # noqa: BLE001 - Pillow raises many types for bad files
+        except Exception as e:  # noqa: BLE001 - Pillow raises many types for bad files (and bombs)
             return f"{type(e).__name__}: {e}"
 
     def __len__(self) -> int:

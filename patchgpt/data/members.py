@@ -7,12 +7,21 @@ Each field of an item is one member named ``{key}.{field}.{format}``, the format
 ``{key}.npy`` the image or clip, ``{key}.cls`` the label, ``{key}.txt`` the caption. The ``{key}.json``
 detection target (boxes, classes, meta) of shards written before fields were generic still reads. Members
 of other formats are ignored. Decoding gives back the written item bit for bit.
+
+Decoding trusts nothing in the bytes: a ``.npy`` header must describe exactly the bytes that follow (checked
+before anything is allocated), a PNG's header must give the size the manifest says before its pixels are
+decoded (Pillow's decompression-bomb limit holds for any other PNG field), and the item must fit the
+manifest's `DataInfo`: the image or clip of its shape, float32, finite, in [-1, 1]; the label -1 or a class
+index; detection boxes (N, 4) in [0, 1] with N class indices. Anything else is a one-line `DataError` naming
+the shard and the sample.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import math
+import warnings
 
 import numpy as np
 import torch
@@ -74,16 +83,54 @@ def _encode(v) -> tuple[str, bytes]:
     return "json", json.dumps(_tag_tuples(v)).encode()
 
 
-def _decode(fmt: str, raw: bytes):
-    """The inverse of `_encode` for one member's format and bytes."""
+def load_npy(raw: bytes) -> np.ndarray:
+    """A ``.npy`` file's array, its header checked against the bytes that follow before anything is
+    allocated (a header may claim terabytes); object arrays are refused. `ValueError` says what is wrong."""
+    f = io.BytesIO(raw)
+    version = np.lib.format.read_magic(f)
+    if version == (1, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+    elif version == (2, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+    else:
+        raise ValueError(f"npy format version {version} is not supported")
+    if dtype.hasobject:
+        raise ValueError("an object array (pickled data) is not allowed")
+    n = math.prod(shape)
+    need, have = n * dtype.itemsize, len(raw) - f.tell()
+    if need != have:
+        raise ValueError(f"its header claims shape {shape} of {dtype} ({need:,} bytes) but {have:,} bytes follow")
+    a = np.frombuffer(raw, dtype=dtype, count=n, offset=f.tell())
+    return a.reshape(shape, order="F" if fortran else "C").copy()
+
+
+def _png(raw: bytes, size: tuple[int, int] | None):
+    """A PNG member as (C, H, W) in [-1, 1]; with `size` (H, W) its header must say so before decoding."""
+    from PIL import Image
+
+    from .images import to_tensor
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            im = Image.open(io.BytesIO(raw))
+            if im.format != "PNG":
+                raise ValueError(f"a {im.format} image, not a PNG")
+            if size is not None and im.size != (size[1], size[0]):
+                raise ValueError(f"a {im.size[0]}x{im.size[1]} image where the shards are {size[1]}x{size[0]}")
+            if im.mode not in ("L", "RGB", "RGBA"):
+                raise ValueError(f"mode {im.mode}, not the L, RGB or RGBA `patchgpt shard` writes")
+            return to_tensor(im)
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            raise ValueError(f"{e}") from None
+
+
+def _decode(fmt: str, raw: bytes, size: tuple[int, int] | None = None):
+    """The inverse of `_encode` for one member's format and bytes (`size`: what a PNG must be, if known)."""
     if fmt == "png":
-        from PIL import Image
-
-        from .images import to_tensor
-
-        return to_tensor(Image.open(io.BytesIO(raw)))
+        return _png(raw, size)
     if fmt == "npy":
-        return torch.from_numpy(np.load(io.BytesIO(raw), allow_pickle=False))
+        return torch.from_numpy(load_npy(raw))
     if fmt == "txt":
         return raw.decode("utf-8")
     if fmt == "cls":
@@ -104,30 +151,65 @@ def item_members(item: Item, key: str) -> list[tuple[str, bytes]]:
 
 
 def decode(sample: dict, info: DataInfo) -> Item:
-    """A raw sample {"__key__": key, suffix: bytes, ...} -> an item (see the module docstring)."""
+    """A raw sample {"__key__": key, "__url__": shard, suffix: bytes, ...} -> an item (see the module
+    docstring); a `DataError` names the shard, the sample and what is wrong."""
     key, item = sample["__key__"], {}
+    where = f"{sample['__url__']}: sample {key}" if "__url__" in sample else f"shard sample {key}"
+    pixels = "video" if info.frames else "image"
     for suffix, raw in sample.items():
         field, _, fmt = suffix.rpartition(".")
-        if fmt not in FORMATS:   # "__key__", and members of other formats
+        if fmt not in FORMATS:   # "__key__", "__url__", and members of other formats
             continue
         if not field and fmt == "json":   # a detection target of shards written before fields were generic
-            item.update(_target(raw, key))
+            item.update(_target(raw, where))
             continue
         if not field:
             field = FROM_BARE[fmt]
-            field = ("video" if info.frames else "image") if field == "pixels" else field
+            field = pixels if field == "pixels" else field
         try:
-            item[field] = _decode(fmt, raw)
-        except (ValueError, TypeError, OSError, EOFError, SyntaxError) as e:
-            raise DataError(f"shard sample {key}: unreadable .{suffix} member ({e})") from None
+            item[field] = _decode(fmt, raw, tuple(info.image_size) if field == pixels else None)
+        except (ValueError, TypeError, OSError, EOFError, SyntaxError, RecursionError, OverflowError) as e:
+            raise DataError(f"{where}: unreadable .{suffix} member ({type(e).__name__}: {e})") from None
     if input_key(item) not in item:
-        raise DataError(f"shard sample {key}: no .png or .npy member")
+        raise DataError(f"{where}: no .png or .npy member")
     item.setdefault("label", -1)
     if info.captions:
         item.setdefault("text", "")
     if info.boxes and "boxes" not in item:
-        raise DataError(f"shard sample {key}: no detection target")
+        raise DataError(f"{where}: no detection target")
+    why = _misfit(item, info)
+    if why:
+        raise DataError(f"{where}: {why}")
     return item
+
+
+def _misfit(item: Item, info: DataInfo) -> str | None:
+    """Why a decoded item does not fit the manifest's `info`, or None."""
+    key = input_key(item)
+    x = item[key]
+    want = (info.frames, info.channels, *info.image_size) if info.frames else (info.channels, *info.image_size)
+    if not torch.is_tensor(x) or tuple(x.shape) != want or x.dtype != torch.float32:
+        got = f"{x.dtype} {tuple(x.shape)}" if torch.is_tensor(x) else type(x).__name__
+        return f"the {key} is {got}, the meta.json says float32 {want}"
+    if x.numel() and not (torch.isfinite(x).all() and x.abs().max() <= 1 + 1e-5):
+        return f"the {key} has values outside [-1, 1] (or NaN)"
+    label, n = item["label"], info.num_classes
+    if not isinstance(label, int) or isinstance(label, bool) or not -1 <= label < n:
+        return f"label {label!r} is not -1 or a class index 0..{n - 1}" if n else f"label {label!r} where the " \
+            "shards have no classes (it must be -1)"
+    if info.captions and not isinstance(item["text"], str):
+        return "the caption is not text"
+    if info.boxes:
+        b, c = item["boxes"], item.get("classes")
+        if not (torch.is_tensor(b) and b.dim() == 2 and b.shape[1] == 4 and b.is_floating_point()):
+            return f"boxes are not (N, 4) floats ({tuple(b.shape) if torch.is_tensor(b) else type(b).__name__})"
+        if b.numel() and not (torch.isfinite(b).all() and b.min() >= 0 and b.max() <= 1):
+            return "boxes lie outside [0, 1] (or hold NaN)"
+        if not (torch.is_tensor(c) and c.shape == (len(b),) and c.dtype == torch.long):
+            return f"classes are not {len(b)} integers, one per box"
+        if c.numel() and not (c.min() >= 0 and c.max() < n):
+            return f"box classes {sorted(set(c.tolist()))} are not class indices 0..{n - 1}"
+    return None
 
 
 def _target(raw: bytes, key: str) -> dict:
@@ -140,5 +222,5 @@ def _target(raw: bytes, key: str) -> dict:
                 meta[k] = tuple(meta[k])
         return {"boxes": torch.tensor(t["boxes"], dtype=torch.float32).reshape(-1, 4),
                 "classes": torch.tensor(t["classes"], dtype=torch.long), "meta": meta}
-    except (ValueError, KeyError, TypeError, RuntimeError) as e:
-        raise DataError(f"shard sample {key}: unreadable detection target ({e})") from None
+    except (ValueError, KeyError, TypeError, AttributeError, RuntimeError, OverflowError) as e:
+        raise DataError(f"{key}: unreadable detection target ({type(e).__name__}: {e})") from None

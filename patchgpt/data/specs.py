@@ -58,7 +58,7 @@ def _idx(cfg: DataConfig, arg: str, classes: list[str] | None) -> Built:
     kw = dict(channels=cfg.channels, size=cfg.image_size, resize=cfg.resize)
     train = IdxImages(*found["train"], **kw)
     if "test" in found:
-        return train, IdxImages(*found["test"], classes=train.info.classes, **kw), train.info
+        return train, IdxImages(*found["test"], classes=train.info.classes, like=train, **kw), train.info
     return _split(cfg, train)
 
 
@@ -144,17 +144,25 @@ def build_datasets(cfg: DataConfig, classes: list[str] | None = None) -> tuple[I
         if val_full.info.classes != info.classes:
             raise DataError(f"data.val_spec={cfg.val_spec}: classes {val_full.info.classes} differ from "
                             f"{cfg.spec}'s {info.classes}")
+        v = val_full.info
+        if (v.channels, tuple(v.image_size), v.frames) != (info.channels, tuple(info.image_size), info.frames):
+            raise DataError(f"data.val_spec={cfg.val_spec}: its items are {_shape(v)}, {cfg.spec}'s are "
+                            f"{_shape(info)}")
         return train, val_full, info
     return _build(cfg, cfg.spec, classes)
+
+
+def _shape(info: DataInfo) -> str:
+    frames = f"{info.frames} frames of " if info.frames else ""
+    return f"{frames}{info.channels}x{info.image_size[0]}x{info.image_size[1]}"
 
 
 def whole_dataset(cfg: DataConfig, spec: str, classes: list[str] | None = None) -> ImageSet:
     """Every item of `spec` (no train/validation split): for evaluating on a separate file or folder."""
     if spec.strip().startswith("shards:"):
-        from .shards import all_items, expand, read_meta
+        from .shards import all_items, find_shards
 
-        paths = expand(spec.strip()[len("shards:"):])
-        return all_items(paths, read_meta(paths)[0])
+        return all_items(*find_shards(spec.strip()[len("shards:"):]))
     train, val, _ = _build(cfg, spec, classes, val_fraction=0.0)
     if spec.strip() == "digit-scenes":
         return val

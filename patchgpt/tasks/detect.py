@@ -33,7 +33,7 @@ from ..coco_eval import coco_map, ground_truth
 from ..config import ConfigError, RunConfig, check_choices, check_ranges
 from ..data.base import DataError, DataInfo, ImageSet, to_device
 from ..data.coco import letterbox, to_pixels
-from ..data.images import load_pil, to_mode, to_tensor
+from ..data.images import load_converted, to_tensor
 from ..files import atomic_write_text
 from ..report import draw_boxes, save_boxes, save_detection_grid, tensor_to_pil
 from ..rng import RowRNG
@@ -401,7 +401,7 @@ class Detect(Task):
             chunk = list(paths[i:i + 32])
             originals, metas, inputs = [], [], []
             for p in chunk:
-                im = to_mode(load_pil(p), C)
+                im = load_converted(p, C)
                 boxed, meta = letterbox(im, S, self.cfg.data.resize)
                 originals.append(im)
                 metas.append(meta)
