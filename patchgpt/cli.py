@@ -233,8 +233,10 @@ def cmd_eval(a: argparse.Namespace) -> None:
 
     task = load(a.ckpt)
     cfg: RunConfig = task.cfg
-    if a.data:
-        cfg.data.spec = a.data
+    if a.data:  # decode the other data as the checkpoint's own: its size, channels and frames
+        cfg.data.spec, cfg.data.val_spec = a.data, ""
+        cfg.data.image_size, cfg.data.channels = task.info.image_size[0], task.info.channels
+        cfg.data.frames = task.info.frames
     if a.all:
         from .data.specs import whole_dataset
 
@@ -242,6 +244,9 @@ def cmd_eval(a: argparse.Namespace) -> None:
         info = val.info
     else:
         _, val, info = build_datasets(cfg.data, classes=task.info.classes)
+    if (info.channels, tuple(info.image_size)) != (task.info.channels, tuple(task.info.image_size)):
+        raise DataError(f"{cfg.data.spec}: {info.channels}x{list(info.image_size)} images, the checkpoint reads "
+                        f"{task.info.channels}x{list(task.info.image_size)}")
     if info.classes and task.info.classes and info.classes != task.info.classes:
         raise DataError(f"{cfg.data.spec}: classes {info.classes} differ from the checkpoint's {task.info.classes}")
     metrics, files = evaluate(task, eval_batches(val, 256))

@@ -209,3 +209,37 @@ def test_eval_of_a_checkpoint_copied_alone_writes_beside_it(tmp_path, capsys):
     assert checkpoint.run_dir(alone) == alone and checkpoint.run_dir(run) == run
     assert main(["eval", str(alone), "--json"]) == 0
     assert (alone / "eval_confusion.png").exists() and not (tmp_path / "eval_confusion.png").exists()
+
+
+def test_edited_checkpoints_are_one_line(tmp_path, capsys):
+    from patchgpt.cli import main
+
+    run = train(tiny_config("classify", tmp_path / "run", steps=1), quiet=True)
+    ckpt = checkpoint.resolve(run)
+    meta = json.loads((ckpt / "config.json").read_text())
+    img = tmp_path / "x.png"
+    Image.fromarray(np.zeros((8, 8), dtype=np.uint8)).save(img)
+    for edit, needle in [(lambda m: m.pop("state"), "incomplete or edited"),
+                         (lambda m: m["config"]["model"].update(n_embd=48), "do not fit"),
+                         (lambda m: m.update(task="segment-everything"), "unknown task")]:
+        bad = json.loads(json.dumps(meta))
+        edit(bad)
+        (ckpt / "config.json").write_text(json.dumps(bad))
+        assert main(["predict", str(run), str(img)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and needle in err[0] and "Traceback" not in err[0], err
+    (ckpt / "config.json").write_text(json.dumps(meta))
+    (ckpt / "model.safetensors").write_bytes(b"garbage")
+    assert main(["predict", str(run), str(img)]) == 2
+    assert "unreadable" in capsys.readouterr().err
+
+
+def test_eval_on_other_data_decodes_it_at_the_checkpoints_size(tmp_path, capsys):
+    from patchgpt.cli import main
+
+    for k in range(10):                                   # 20x20 RGB files, one per digit class
+        (tmp_path / "mine" / str(k)).mkdir(parents=True)
+        Image.fromarray(np.full((20, 20, 3), 25 * k, dtype=np.uint8)).save(tmp_path / "mine" / str(k) / "a.png")
+    train(tiny_config("classify", tmp_path / "run", steps=1), quiet=True)       # on the 8x8 grey digits
+    assert main(["eval", str(tmp_path / "run"), "--data", f"folder:{tmp_path / 'mine'}", "--all", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["n"] == 10

@@ -75,10 +75,15 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> Task:
     backbone, heads and tokenizer state — in eval mode on `device`. Nothing is downloaded."""
     ckpt = checkpoint.resolve(path)
     meta = checkpoint.read_meta(ckpt)
-    if meta.get("task") not in TASKS:
-        raise checkpoint.CheckpointError(f"{ckpt}: unknown task {meta.get('task')!r} (written by patchgpt "
-                                         f"{meta.get('patchgpt', '?')})")
-    task = TASKS[meta["task"]](config_from_dict(meta["config"]), info_from_meta(meta))
+    if not isinstance(meta, dict) or meta.get("task") not in TASKS:
+        task = meta.get("task") if isinstance(meta, dict) else None
+        raise checkpoint.CheckpointError(f"{ckpt}: unknown task {task!r} (written by patchgpt "
+                                         f"{meta.get('patchgpt', '?') if isinstance(meta, dict) else '?'})")
+    try:
+        task = TASKS[meta["task"]](config_from_dict(meta["config"]), info_from_meta(meta))
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise checkpoint.CheckpointError(f"{ckpt}/config.json: incomplete or edited ({type(e).__name__}: {e}); "
+                                         f"it was written by patchgpt {meta.get('patchgpt', '?')}") from None
     checkpoint.load_weights(task, ckpt)
     return task.to(device).eval()
 
