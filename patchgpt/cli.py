@@ -88,6 +88,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--init", help="checkpoint or run directory to start from (backbone and tokenizer)")
     t.add_argument("--out", help="run directory (default: runs/TASK)")
     t.add_argument("--steps", type=POSITIVE, help="optimizer steps (at least 1)")
+    t.add_argument("--time", help="a wall-clock budget (300, 90s, 10m, 1.5h): the step count is set from the "
+                   "throughput of the first steps, so the schedule ends on time (instead of --steps)")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -166,6 +168,10 @@ def cmd_train(a: argparse.Namespace) -> None:
     cfg.out = a.out or cfg.out
     if a.steps is not None:
         cfg.train.steps = a.steps
+    if a.time is not None:
+        from .budget import parse_duration
+
+        cfg.train.time = parse_duration(a.time)
     for s in a.set:
         set_override(cfg, s)
     # Checked here too, before `train` sets threads and picks the device, so that every bad value is one line.

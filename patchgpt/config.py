@@ -73,6 +73,7 @@ class TrainConfig:
     compile: bool = False
     threads: int = 0             # torch threads on CPU; 0 = torch's default
     fsdp: bool = False           # torchrun: shard parameters, gradients and optimizer state (FSDP2) instead of DDP
+    time: float = 0.0            # a wall-clock budget in seconds (0 = none): steps follow the measured throughput
 
 
 @dataclass
@@ -233,6 +234,7 @@ def check(cfg: RunConfig) -> None:
         "train.beta2": (t.beta2, "[0, 1)"), "train.grad_clip": (t.grad_clip, "[0, inf)"),
         "train.log_every": (t.log_every, "[1, inf)"), "train.eval_every": (t.eval_every, "[0, inf)"),
         "train.ckpt_every": (t.ckpt_every, "[0, inf)"), "train.keep": (t.keep, "[1, inf)"),
+        "train.time": (t.time, "[0, inf)"),
         "train.threads": (t.threads, "[0, inf)"), "train.seed": (t.seed, SEEDS),
     })
     if t.batch_size % t.accum:

@@ -26,6 +26,7 @@ from torch.utils.data import IterableDataset
 from tqdm import tqdm
 
 from . import checkpoint, dist, rundir
+from .budget import TimeBudget
 from .config import ConfigError, RunConfig, check
 from .data import build_datasets, eval_batches, train_batches
 from .data.base import DataError, DataInfo, ImageSet, batch_len, to_device
@@ -187,7 +188,8 @@ def train(cfg: RunConfig, resume: bool = False, quiet: bool = False, until: int 
     """
     run = setup(cfg, resume, quiet, overwrite)
     cfg, t, env = run.cfg, run.cfg.train, run.env
-    batches = _batches(run)
+    budget = TimeBudget(t, run.start)
+    batches = _batches(run, endless=budget.active)
     metrics: dict = {}
     quiet = quiet or not env.main
     bar = tqdm(total=t.steps, initial=run.start, disable=quiet, desc=cfg.task, file=sys.stderr,
@@ -197,6 +199,7 @@ def train(cfg: RunConfig, resume: bool = False, quiet: bool = False, until: int 
         with _Stop() as stop:
             run.task.train()
             while step < t.steps:
+                budget.step_started()
                 t0 = time.perf_counter()
                 lr = lr_at(step, cfg)
                 for g in run.opt.param_groups:
@@ -204,6 +207,14 @@ def train(cfg: RunConfig, resume: bool = False, quiet: bool = False, until: int 
                 total, logs, n_img, stopping, gnorm = train_step(run, batches, step, stop)
                 step += 1
                 dt = time.perf_counter() - t0
+                decided = budget.decide(step)
+                if decided is not None:
+                    if env.distributed:  # every rank takes rank 0's decision
+                        decided = int(dist.all_reduce([float(decided if env.main else 0)], env.device, op="sum")[0])
+                    budget.apply(decided, announce=env.main)
+                    bar.total = t.steps
+                    if env.main:
+                        atomic_write_text(run.out / "config.json", cfg.dumps())
                 bar.update(1)
                 bar.set_postfix(loss=f"{total:.4f}", img_s=f"{n_img / dt:.0f}")
                 if step % t.log_every == 0 or step == t.steps:
@@ -293,8 +304,9 @@ def _print_start(run: Run, info: DataInfo) -> None:
           f"micro-batch, {t.steps} steps on {env.device}{wrapper}", file=sys.stderr)
 
 
-def _batches(run: Run) -> Iterator[dict]:
-    """This rank's micro-batches from the run's start step on, in the (seed, step) order."""
+def _batches(run: Run, endless: bool = False) -> Iterator[dict]:
+    """This rank's micro-batches from the run's start step on, in the (seed, step) order (``endless``: not
+    bounded by ``train.steps``, which a time budget sets later)."""
     cfg, t, env = run.cfg, run.cfg.train, run.env
     micro_bs = t.batch_size // (env.world * t.accum)
     pin = env.device.type == "cuda"
@@ -302,8 +314,8 @@ def _batches(run: Run) -> Iterator[dict]:
         return stream_batches(run.train_set, micro_bs, t.seed, run.start * t.accum, cfg.data.num_workers,
                               env.rank, env.world, cfg.data.shuffle, cfg.data.shuffle_buffer, pin)
     return train_batches(run.train_set, micro_bs * env.world, t.seed, run.start * t.accum,
-                         (t.steps - run.start) * t.accum, cfg.data.num_workers, env.rank, env.world,
-                         cfg.data.shuffle, pin)
+                         None if endless else (t.steps - run.start) * t.accum, cfg.data.num_workers, env.rank,
+                         env.world, cfg.data.shuffle, pin)
 
 
 def train_step(run: Run, batches: Iterator[dict], step: int, stop: _Stop
