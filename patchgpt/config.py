@@ -45,7 +45,7 @@ class DataConfig:
 @dataclass
 class TokenizerConfig:
     kind: str = "patches"        # patches (continuous, AIM/ViT) | colors (iGPT discrete pixels)
-    patch_size: int = 2
+    patch_size: int = 0          # 0 = chosen from the image size (`tokenizers.patches.auto_patch_size`)
     n_colors: int = 16
     vq: str = ""                 # kind=vq: the `patchgpt train vq` run whose codes are the image tokens
     vq_config: str = ""          # filled in from that run (JSON), so checkpoints load without it
@@ -225,7 +225,7 @@ def check(cfg: RunConfig) -> None:
         "data.num_workers": (d.num_workers, "[0, inf)"), "data.frames": (d.frames, "[0, inf)"),
         "data.frame_stride": (d.frame_stride, "[0, inf)"), "data.shuffle_buffer": (d.shuffle_buffer, "[1, inf)"),
         "data.split_seed": (d.split_seed, SEEDS),
-        "tokenizer.patch_size": (tok.patch_size, "[1, inf)"), "tokenizer.n_colors": (tok.n_colors, "[2, inf)"),
+        "tokenizer.patch_size": (tok.patch_size, "[0, inf)"), "tokenizer.n_colors": (tok.n_colors, "[2, inf)"),
         "tokenizer.tubelet": (tok.tubelet, "[1, inf)"),
         "train.steps": (t.steps, "[1, inf)"), "train.batch_size": (t.batch_size, "[1, inf)"),
         "train.accum": (t.accum, "[1, inf)"), "train.lr": (t.lr, "(0, inf)"),

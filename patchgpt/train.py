@@ -302,6 +302,9 @@ def _print_start(run: Run, info: DataInfo) -> None:
           f"{run.task.describe()} ({run.task.num_params() / 1e6:.2f}M params), {run.task.tokens_per_item} "
           f"tokens/image, global batch {t.batch_size} = {env.world} processes x {t.accum} accum x {micro_bs} per "
           f"micro-batch, {t.steps} steps on {env.device}{wrapper}", file=sys.stderr)
+    note = getattr(getattr(run.task, "input", None), "note", "")
+    if note:
+        print(f"patchgpt: {note}", file=sys.stderr)
 
 
 def _batches(run: Run, endless: bool = False) -> Iterator[dict]:

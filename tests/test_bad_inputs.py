@@ -38,7 +38,7 @@ def assert_one_error(code: int, err: str, needle: str) -> None:
 # ---- 1. config values that cannot work (train, through `--set`) --------------------------------------------
 
 SETTINGS = [  # (task, --set values, what the one line must say)
-    ("pretrain", ["tokenizer.patch_size=0"], "tokenizer.patch_size=0: must be >= 1"),
+    ("pretrain", ["tokenizer.patch_size=-1"], "tokenizer.patch_size=-1: must be >= 0"),
     ("pretrain", ["tokenizer.patch_size=3"], "tokenizer.patch_size=3 does not divide the 8x8 images"),
     ("classify", ["model.n_head=0"], "model.n_head=0"),
     ("pretrain", ["model.n_layer=0"], "model.n_layer=0"),

@@ -18,7 +18,7 @@ from ..config import TokenizerConfig
 from ..sequence import Sequence, Vocab, concat, tokens
 from .base import Tokenizer
 from .colors import ColorClusters
-from .patches import Patches
+from .patches import Patches, auto_patch_size
 from .tubelets import Tubelets
 from .vq import VQVAE, VQCodes, VQConfig, load_vq_run, vq_run_config
 
@@ -48,6 +48,9 @@ class PixelInput(nn.Module):
         self.kind = cfg.kind
         self.channels, self.image_size = channels, tuple(image_size)   # the data's pixels
         self.key = "video" if frames else "image"   # the batch entry this input reads
+        self.note = ""                               # how the input was chosen, for the start-up line
+        if cfg.kind == "patches" and cfg.patch_size == 0:
+            cfg.patch_size, self.note = auto_patch_size(*image_size)   # saved in the run's config
         self.tok: Tokenizer
         if frames:
             if cfg.kind != "patches":
