@@ -207,14 +207,8 @@ def train(cfg: RunConfig, resume: bool = False, quiet: bool = False, until: int 
                 total, logs, n_img, stopping, gnorm = train_step(run, batches, step, stop)
                 step += 1
                 dt = time.perf_counter() - t0
-                decided = budget.decide(step)
-                if decided is not None:
-                    if env.distributed:  # every rank takes rank 0's decision
-                        decided = int(dist.all_reduce([float(decided if env.main else 0)], env.device, op="sum")[0])
-                    budget.apply(decided, announce=env.main)
+                if _decide_steps(run, budget, step):
                     bar.total = t.steps
-                    if env.main:
-                        atomic_write_text(run.out / "config.json", cfg.dumps())
                 bar.update(1)
                 bar.set_postfix(loss=f"{total:.4f}", img_s=f"{n_img / dt:.0f}")
                 if step % t.log_every == 0 or step == t.steps:
@@ -239,6 +233,20 @@ def train(cfg: RunConfig, resume: bool = False, quiet: bool = False, until: int 
         finish(final, cfg, run.out, metrics, run.val_set, run.files)
     dist.barrier()
     return run.out
+
+
+def _decide_steps(run: Run, budget: TimeBudget, step: int) -> bool:
+    """At the time budget's probe step, fix ``train.steps`` (rank 0's decision on every rank); True if so."""
+    decided = budget.decide(step)
+    if decided is None:
+        return False
+    env = run.env
+    if env.distributed:
+        decided = int(dist.all_reduce([float(decided if env.main else 0)], env.device, op="sum")[0])
+    budget.apply(decided, announce=env.main)
+    if env.main:
+        atomic_write_text(run.out / "config.json", run.cfg.dumps())
+    return True
 
 
 def setup(cfg: RunConfig, resume: bool, quiet: bool, overwrite: bool = False) -> Run:

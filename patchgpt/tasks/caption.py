@@ -4,7 +4,7 @@ The image's tokens and the task token form a bidirectional prefix (AIM's prefix 
 task prompt); the caption follows as UTF-8 bytes (ByT5-style, no vocabulary file, any language) and an end
 token, trained by next-token cross-entropy. Decoding runs on the KV cache (`patchgpt.sampling.sample`),
 greedy by default, constrained to bytes and the end token, and stops once every caption has ended.
-Metrics: BLEU-4 (sacrebleu, corpus level), CIDEr-D (Vedantam et al. 2015) and exact match.
+Metrics: BLEU-4 (sacrebleu, corpus level), CIDEr-D (Vedantam et al. 2015), exact match and same words.
 
 References: Pix2Seq v2 (Chen et al. 2022, "A Unified Sequence Interface for Vision Tasks"); ByT5 (Xue et al.
 2022); CIDEr (Vedantam et al. 2015; the coco-caption evaluation code).
@@ -195,7 +195,8 @@ class Caption(Task):
 
 
 class CaptionMetric:
-    """Validation loss, BLEU-4 (sacrebleu), CIDEr-D and exact match of greedy captions."""
+    """Validation loss, BLEU-4 (sacrebleu), CIDEr-D, exact match and same words (the caption's words in any
+    order: on digit-scenes, the right digits named, whatever the layout) of greedy captions."""
 
     def __init__(self, task: Caption) -> None:
         self.task, self.loss_sum, self.n = task, 0.0, 0
@@ -214,6 +215,8 @@ class CaptionMetric:
         pred, ref = self.predicted, self.references
         m = {"val_loss": self.loss_sum / max(self.n, 1), "n": self.n,
              "exact_match": sum(p == r for p, r in zip(pred, ref, strict=True)) / max(len(ref), 1),
+             "same_words": sum(Counter(p.split()) == Counter(r.split()) for p, r in zip(pred, ref, strict=True))
+             / max(len(ref), 1),
              "cider": cider(pred, [[r] for r in ref])}
         try:
             import sacrebleu
