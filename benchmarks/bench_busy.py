@@ -26,6 +26,8 @@ PEER = "torch default (2 threads)"
 SETTINGS = {  # name -> environment and train.threads (0 = patchgpt's choice)
     PEER: ({"PATCHGPT_THREADING": "torch"}, 0),
     "2 threads, OpenMP passive wait": ({"PATCHGPT_THREADING": "torch", "OMP_WAIT_POLICY": "PASSIVE"}, 2),
+    "2 threads, GOMP_SPINCOUNT=10000": ({"PATCHGPT_THREADING": "torch", "GOMP_SPINCOUNT": "10000"}, 2),
+    "2 threads, GOMP_SPINCOUNT=1000": ({"PATCHGPT_THREADING": "torch", "GOMP_SPINCOUNT": "1000"}, 2),
     "1 thread": ({"PATCHGPT_THREADING": "torch"}, 1),
     "patchgpt default": ({}, 0),
 }
@@ -54,7 +56,8 @@ def measure(env: dict, threads: int, steps: int, neighbour: bool) -> float:
     try:
         time.sleep(0.5 if neighbour else 0)
         with tempfile.TemporaryDirectory() as d:
-            keep = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "PATCHGPT_THREADING")}
+            keep = {k: v for k, v in os.environ.items()
+                    if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "PATCHGPT_THREADING")}
             full = {**keep, **env}
             r = subprocess.run([sys.executable, __file__, "--worker", str(Path(d) / "run"), "--steps", str(steps),
                                 "--threads", str(threads)], env=full, capture_output=True, text=True, check=True)

@@ -5,6 +5,7 @@ Public names: `GPT`, `GPTConfig`, `SIZES`, `Sequence`, `Vocab`, `load`, `train`,
 `DATASETS`.
 """
 
+from . import threading_env  # noqa: F401 - first: OpenMP reads its environment when torch loads it
 from .config import RunConfig
 from .data import DATASETS
 from .model import GPT, SIZES, GPTConfig, KVCache

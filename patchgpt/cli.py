@@ -172,6 +172,8 @@ def cmd_train(a: argparse.Namespace) -> None:
         from .budget import parse_duration
 
         cfg.train.time = parse_duration(a.time)
+        if not any(x.strip().startswith("train.eval_every=") for x in a.set):
+            cfg.train.eval_every = 0  # the budget is for training: evaluate at the end only, unless asked
     for s in a.set:
         set_override(cfg, s)
     # Checked here too, before `train` sets threads and picks the device, so that every bad value is one line.

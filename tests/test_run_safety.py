@@ -243,3 +243,19 @@ def test_eval_on_other_data_decodes_it_at_the_checkpoints_size(tmp_path, capsys)
     train(tiny_config("classify", tmp_path / "run", steps=1), quiet=True)       # on the 8x8 grey digits
     assert main(["eval", str(tmp_path / "run"), "--data", f"folder:{tmp_path / 'mine'}", "--all", "--json"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["n"] == 10
+
+
+def test_a_kill_during_evaluation_loses_no_training(tmp_path, monkeypatch):
+    from patchgpt.tasks.classify import ClassifyMetric
+
+    def killed(self, batch):
+        raise KeyboardInterrupt   # a second Ctrl-C (or the process dying) in the middle of the evaluation
+
+    monkeypatch.setattr(ClassifyMetric, "update", killed)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_config("classify", tmp_path / "run", steps=3), quiet=True)
+    assert [p.name for p in checkpoint.list_checkpoints(tmp_path / "run")] == ["step_0000003"]
+    assert not (tmp_path / "run" / "metrics.json").exists()
+    monkeypatch.undo()
+    train(same_run("classify", tmp_path / "run"), resume=True, quiet=True)   # evaluates the saved step 3
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["n"] == 359

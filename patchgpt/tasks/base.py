@@ -24,7 +24,7 @@ from ..data import load_image
 from ..data.base import DataError, DataInfo, ImageSet, augment, input_key, to_device
 from ..model import GPT
 from ..rng import RowRNG
-from ..sequence import IGNORE, Sequence, Vocab
+from ..sequence import IGNORE, Sequence, Vocab, concat, tokens
 from ..tokenizers import PixelInput
 
 
@@ -157,6 +157,14 @@ class Task(nn.Module, metaclass=ABCMeta):
         inp = getattr(self, "input", None)
         if inp is not None:
             inp.fit(lambda: train_set.images(4096), run="" if self.cfg.init else self.cfg.tokenizer.vq, seed=seed)
+
+    def task_prompt(self, images: Tensor, task_id: int) -> Sequence:
+        """The image's tokens and one task token, all a bidirectional prefix (Pix2Seq v2's task prompt): what
+        tasks that write tokens after an image decode from."""
+        B, dev = images.shape[0], images.device
+        img = self.input.encode(images)
+        return concat(img, tokens(torch.full((B, 1), task_id, dtype=torch.long, device=dev)),
+                      prefix_len=img.ids.shape[1] + 1)
 
     # ---- training ------------------------------------------------------------------------------------------
 

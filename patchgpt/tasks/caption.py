@@ -121,10 +121,8 @@ class Caption(Task):
         ``caption.temperature`` > 0."""
         c = self.cfg.caption
         images = batch["image"]
-        B, dev = images.shape[0], images.device
-        img = self.input.encode(images)
-        prompt = concat(img, tokens(torch.full((B, 1), self.task_id, dtype=torch.long, device=dev)),
-                        prefix_len=img.ids.shape[1] + 1)
+        dev = images.device
+        prompt = self.task_prompt(images, self.task_id)
         stop = DecodeHook()
         stop.stop_token = self.end
         params = SamplingParams(temperature=c.temperature, top_p=c.top_p)

@@ -38,7 +38,7 @@ from ..files import atomic_write_text
 from ..report import draw_boxes, save_boxes, save_detection_grid, tensor_to_pil
 from ..rng import RowRNG
 from ..sampling import DecodeHook, SamplingParams, sample
-from ..sequence import IGNORE, Sequence, concat, tokens
+from ..sequence import IGNORE, Sequence, concat
 from ..tokenizers.boxes import TOKENS_PER_OBJECT, Boxes
 from .base import Task, build_backbone, next_token_loss
 
@@ -352,9 +352,7 @@ class Detect(Task):
         d = self.cfg.detect
         images = batch["image"]
         B, dev = images.shape[0], images.device
-        img = self.input.encode(images)
-        prompt = concat(img, tokens(torch.full((B, 1), self.task_id, dtype=torch.long, device=dev)),
-                        prefix_len=img.ids.shape[1] + 1)
+        prompt = self.task_prompt(images, self.task_id)
         n_obj = min(max_objects or self.max_objects, self.max_objects)
         gen = torch.Generator(device=dev).manual_seed(seed)
         params = SamplingParams(temperature=d.temperature if temperature is None else temperature,
