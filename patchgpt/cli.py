@@ -124,6 +124,7 @@ def _parser() -> argparse.ArgumentParser:
                    "and pictures for the other tasks")
     r.add_argument("--min-score", type=_ranged(float, "[0, 1]"), default=0.0,
                    help="detectors: drop boxes scoring below this (0..1)")
+    r.add_argument("--question", help="question answering: the question to ask of every image")
     _sampling_commands(sub)
     return p
 
@@ -279,7 +280,7 @@ def cmd_predict(a: argparse.Namespace) -> None:
     from .tasks import load
 
     task = load(a.ckpt)
-    results = task.predict_files(a.images, out=a.out, top=a.top, min_score=a.min_score)
+    results = task.predict_files(a.images, out=a.out, top=a.top, min_score=a.min_score, question=a.question)
     print(json.dumps(results, indent=2))
 
 

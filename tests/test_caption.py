@@ -77,3 +77,20 @@ def test_a_caption_checkpoint_loads_alone(tmp_path):
     assert main(["train", "caption", "--out", str(run), *COMMON, "--set", "train.steps=1"]) == 0
     task = load(run)
     assert task.name == "caption" and task.cfg.caption.max_len == 24
+
+
+def test_images_with_several_captions_draw_one_per_step(tmp_path):
+    from patchgpt.rng import RowRNG
+
+    cfg = tiny_config("caption", tmp_path / "c")
+    cfg.data.image_size = 32
+    _, val, info = build_datasets(cfg.data)
+    task = Caption(cfg, info)
+    batch = collate([val[i] for i in range(4)])
+    batch["captions"] = [["one", "two", "three"]] * 4
+    drawn = set()
+    for s in range(12):
+        seq = task.sequence(batch, RowRNG(torch.Generator().manual_seed(s)))
+        drawn |= {task.decode(row[task.input.length + 1:].tolist()) for row in seq.ids}
+    assert drawn == {"one", "two", "three"}
+    assert task.decode(task.sequence(batch).ids[0, task.input.length + 1:].tolist()) == batch["text"][0]

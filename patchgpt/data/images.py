@@ -5,15 +5,22 @@ an unlabeled set (for pretraining). Every image is converted to the requested ch
 RGBA; palette and transparent images are composited on white) and resized to a square by a documented
 policy: ``crop`` (shorter side to S, then centre crop), ``stretch`` (to S x S, aspect ignored) or ``pad``
 (longer side to S, then letterboxed on the edge colour of the padding, black).
+
+With a ``metadata.jsonl`` in PATH (the Hugging Face imagefolder convention), each line
+``{"file_name": "relative/path.png", "text": "a caption"}`` (optionally also ``"question"`` and ``"answer"``,
+for visual question answering) makes one item that carries its ``"text"`` (and ``"question"``/``"answer"``);
+labels stay those of the folder layout. Images the metadata does not list are left out (one warning line).
 """
 
 from __future__ import annotations
 
+import json
+import os
 import sys
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 
 import numpy as np
 import torch
@@ -166,8 +173,103 @@ def scan_class_folder(root: Path, exts: set[str], spec: str, what: str) -> tuple
     return ([d.name for d in subdirs] if labelled else None), files
 
 
+METADATA = "metadata.jsonl"
+TEXT_FIELDS = ("text", "question", "answer")   # metadata.jsonl fields an item carries (strings)
+
+
+def _inside(file_name: str) -> str | None:
+    """`file_name` as a normalized relative POSIX path, or None if it is absolute or leaves its folder."""
+    fn = file_name.replace("\\", "/")
+    if fn.startswith("/") or PureWindowsPath(file_name).drive or Path(file_name).is_absolute():
+        return None
+    norm = os.path.normpath(fn).replace(os.sep, "/")
+    if norm in (".", "..") or norm.startswith("../"):
+        return None
+    return norm
+
+
+def read_metadata(path: Path) -> list[tuple[int, str, dict[str, str]]]:
+    """``metadata.jsonl`` -> [(line number, normalized file_name, {"text", ["question", "answer"]})].
+
+    Blank lines are skipped. A line that is not a JSON object, a missing or non-string ``file_name``, one
+    outside the folder, a missing or empty ``text``, a ``question`` without an ``answer`` (or the reverse),
+    a field that is not a non-empty string, or lines that disagree on carrying questions: a one-line
+    `DataError` naming the file and line."""
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({type(e).__name__}: {e})") from None
+    rows: list[tuple[int, str, dict[str, str]]] = []
+    for n, line in enumerate(raw.split(b"\n"), start=1):
+        where = f"{path}: line {n}"
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(f"{where}: not UTF-8 ({e})") from None
+        if n == 1:
+            text = text.removeprefix("\ufeff")
+        if not text.strip():
+            continue
+        try:
+            d = json.loads(text)
+        except (ValueError, RecursionError) as e:
+            raise DataError(f"{where}: not valid JSON ({type(e).__name__}: {e})") from None
+        if not isinstance(d, dict):
+            raise DataError(f"{where}: not a JSON object (a {type(d).__name__})")
+        fn = d.get("file_name")
+        if not isinstance(fn, str) or not fn:
+            raise DataError(f"{where}: needs 'file_name', a non-empty string (got {str(fn)[:60]!r})")
+        rel = _inside(fn)
+        if rel is None:
+            raise DataError(f"{where}: file_name {fn!r} is outside the folder (absolute, or through '..')")
+        if "text" not in d:
+            raise DataError(f"{where}: no 'text' (the caption)")
+        if ("question" in d) != ("answer" in d):
+            raise DataError(f"{where}: 'question' and 'answer' go together; this line has only "
+                            f"{'question' if 'question' in d else 'answer'!r}")
+        fields = {}
+        for k in TEXT_FIELDS:
+            if k in d:
+                v = d[k]
+                if not isinstance(v, str):
+                    raise DataError(f"{where}: {k!r} must be a string (got {type(v).__name__} {str(v)[:40]!r})")
+                if not v.strip():
+                    raise DataError(f"{where}: empty {k!r}")
+                fields[k] = v
+        if rows and ("question" in fields) != ("question" in rows[0][2]):
+            raise DataError(f"{where}: {'has' if 'question' in fields else 'lacks'} 'question'/'answer' but line "
+                            f"{rows[0][0]} {'lacks' if 'question' in fields else 'has'} them: all lines or none")
+        rows.append((n, rel, fields))
+    if not rows:
+        raise DataError(f"{path}: no entries")
+    return rows
+
+
+def _with_metadata(root: Path, files: list[tuple[Path, int]]) -> tuple[list[tuple[Path, int]], list[dict]]:
+    """The items ``PATH/metadata.jsonl`` lists, in its order: ([(path, label)], [text fields]); an entry
+    whose file is not one of the folder's images is a `DataError` naming the line; images it does not list
+    are left out with one warning."""
+    meta = root / METADATA
+    by_rel = {p.relative_to(root).as_posix(): (p, c) for p, c in files}
+    out: list[tuple[Path, int]] = []
+    texts: list[dict] = []
+    for n, rel, fields in read_metadata(meta):
+        if rel not in by_rel:
+            why = "no such file" if not (root / rel).is_file() else \
+                f"not an image of the folder (extensions: {', '.join(sorted(IMAGE_EXTS))})"
+            raise DataError(f"{meta}: line {n}: {rel}: {why}")
+        out.append(by_rel[rel])
+        texts.append(fields)
+    unlisted = len(set(by_rel) - {p.relative_to(root).as_posix() for p, _ in out})
+    if unlisted:
+        print(f"patchgpt: warning: folder:{root}: {unlisted} image(s) not in {METADATA} are left out",
+              file=sys.stderr)
+    return out, texts
+
+
 class ImageFolder(ImageSet):
-    """Images under `root`, decoded on access: items {"image": (C, S, S) in [-1, 1], "label"}.
+    """Images under `root`, decoded on access: items {"image": (C, S, S) in [-1, 1], "label"}, plus "text"
+    (and "question", "answer") from ``root/metadata.jsonl`` when it exists (`read_metadata`).
 
     Unreadable files found while scanning (Pillow cannot identify or verify them) stop the run with one
     line naming the file (``on_error="stop"``) or are skipped and counted in ``info.skipped``
@@ -178,13 +280,24 @@ class ImageFolder(ImageSet):
                  on_error: str = "stop") -> None:
         root = Path(root).expanduser()
         classes, files = scan_class_folder(root, IMAGE_EXTS, "folder", "images")
+        texts: list[dict] | None = None
+        if (root / METADATA).is_file():
+            files, texts = _with_metadata(root, files)
         self.channels, self.size, self.policy, self.on_error = channels, size, resize, on_error
         skipped: list[str] = []
         self.files: list[tuple[Path, int]] = []
-        for p, c in files:
-            why = self._check(p)
+        self.texts: list[dict] | None = None if texts is None else []
+        checked: dict[Path, str | None] = {}   # a file metadata.jsonl lists twice is checked once
+        for k, (p, c) in enumerate(files):
+            if p not in checked:
+                checked[p] = self._check(p)
+            elif checked[p] is not None:
+                continue
+            why = checked[p]
             if why is None:
                 self.files.append((p, c))
+                if self.texts is not None and texts is not None:
+                    self.texts.append(texts[k])
             elif on_error == "stop":
                 raise DataError(f"{p}: cannot read image ({why}); set data.on_error=skip to skip such files")
             else:
@@ -194,7 +307,8 @@ class ImageFolder(ImageSet):
                   file=sys.stderr)
         if not self.files:
             raise DataError(f"folder:{root}: every image was unreadable ({len(skipped)} skipped)")
-        self.info = DataInfo(channels=channels, image_size=(size, size), classes=classes, skipped=skipped)
+        self.info = DataInfo(channels=channels, image_size=(size, size), classes=classes, skipped=skipped,
+                             captions=self.texts is not None)
 
     @staticmethod
     def _check(path: Path) -> str | None:
@@ -212,10 +326,13 @@ class ImageFolder(ImageSet):
     def __getitem__(self, i: int) -> Item | None:
         path, label = self.files[i]
         try:
-            return {"image": load_image(path, self.channels, self.size, self.policy), "label": label}
+            item = {"image": load_image(path, self.channels, self.size, self.policy), "label": label}
         except DataError as e:
             skip_or_raise(self.info, self.on_error, e)
             return None
+        if self.texts is not None:
+            item.update(self.texts[i])
+        return item
 
     def labels(self) -> torch.Tensor:
         return torch.tensor([c for _, c in self.files])

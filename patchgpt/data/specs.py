@@ -1,5 +1,6 @@
 """Parse data specs (``digits``, ``folder:PATH``, ``idx:PATH``, ``emoji``, ``coco:ANN.json[:DIR]``,
-``digit-scenes``, ``videos:PATH``, ``moving-digits``, ``shards:PATTERN``) into train and validation sets.
+``coco-captions:CAPTIONS.json[:DIR]``, ``digit-scenes``, ``videos:PATH``, ``moving-digits``,
+``shards:PATTERN``) into train and validation sets.
 
 `DATASETS` maps each spec's name (the part before ``:``) to a `Source`: its builder and one line of help.
 """
@@ -10,7 +11,7 @@ import dataclasses
 from collections.abc import Callable
 
 from ..config import DataConfig
-from .base import ConcatSet, DataError, DataInfo, ImageSet, split
+from .base import ConcatSet, DataError, DataInfo, ImageSet, Subset, split
 from .digits import Digits
 from .idx import IdxImages, find_idx
 from .images import ImageFolder
@@ -82,6 +83,25 @@ def _coco(cfg: DataConfig, arg: str, classes: list[str] | None) -> Built:
                                      resize=cfg.resize, on_error=cfg.on_error, classes=classes))
 
 
+def _coco_captions(cfg: DataConfig, arg: str, classes: list[str] | None) -> Built:
+    from .captions import CocoCaptions
+
+    ann, images_dir = _coco_args(arg)
+    ds = CocoCaptions(ann, images_dir, channels=cfg.channels or 3, size=cfg.image_size or 64, resize=cfg.resize,
+                      on_error=cfg.on_error, pick="cycle")
+    train, val = split(ds, cfg.val_fraction, cfg.split_seed)   # Subsets; validation reads first captions
+    return train, Subset(ds.with_pick("first"), val.indices), ds.info
+
+
+def _first_captions(ds: ImageSet) -> ImageSet:
+    """`ds`, with a coco-captions set's ``"text"`` the first caption of each image (for evaluation)."""
+    from .captions import CocoCaptions
+
+    if isinstance(ds, Subset) and isinstance(ds.base, CocoCaptions):
+        return Subset(ds.base.with_pick("first"), ds.indices)
+    return ds
+
+
 def _digit_scenes(cfg: DataConfig, arg: str, classes: list[str] | None) -> Built:
     from .scenes import digit_scenes
 
@@ -115,12 +135,16 @@ def _shards(cfg: DataConfig, arg: str, classes: list[str] | None) -> Built:
 
 DATASETS: dict[str, Source] = {
     "digits": Source(_digits, "scikit-learn's bundled 8x8 handwritten digits (1,797 images, 10 classes)"),
-    "folder": Source(_folder, "your images: one subfolder per class, or a flat folder of unlabeled images", "PATH"),
+    "folder": Source(_folder, "your images: one subfolder per class, or a flat folder of unlabeled images; a "
+                              "metadata.jsonl adds captions (text, question, answer)", "PATH"),
     "idx": Source(_idx, "a folder of MNIST-format IDX files (train-images-idx3-ubyte[.gz], ...)", "PATH"),
     "emoji": Source(_emoji, "colour emoji rendered from the Noto Color Emoji font, captioned with their Unicode "
                             "names"),
     "coco": Source(_coco, "COCO instance annotations (detection); images next to the JSON by default",
                    "ANN.json[:IMAGES_DIR]"),
+    "coco-captions": Source(_coco_captions, "COCO caption annotations (captioning): each image with one of its "
+                                            "captions; images next to the JSON by default",
+                            "CAPTIONS.json[:IMAGES_DIR]"),
     "digit-scenes": Source(_digit_scenes, "detection scenes: 1-4 real handwritten digits pasted on 64x64 "
                                           "canvases, exact boxes"),
     "videos": Source(_videos, "your video clips (mp4, avi, webm, mkv, gif): one subfolder per class, or a flat "
@@ -166,6 +190,7 @@ def whole_dataset(cfg: DataConfig, spec: str, classes: list[str] | None = None) 
     train, val, _ = _build(cfg, spec, classes, val_fraction=0.0)
     if spec.strip() == "digit-scenes":
         return val
+    train = _first_captions(train)
     return ConcatSet(train, val) if len(val) else train
 
 

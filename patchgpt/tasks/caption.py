@@ -101,7 +101,12 @@ class Caption(Task):
         """Image prefix + task token + caption bytes + end; labels on the caption and its end."""
         images = batch["image"]
         img = self.input.encode(images)
-        ids, labels = self.encode_text(list(batch["text"]))
+        texts = list(batch["text"])
+        if rng is not None and "captions" in batch:   # several captions per image (COCO): one drawn per step
+            draws = rng.rand(len(texts)).tolist()
+            texts = [caps[int(u * len(caps))] if caps else t for t, caps, u in zip(texts, batch["captions"], draws,
+                                                                                 strict=True)]
+        ids, labels = self.encode_text(texts)
         text = tokens(ids.to(images.device), labels.to(images.device))
         return concat(img, text, prefix_len=img.ids.shape[1] + 1)
 
