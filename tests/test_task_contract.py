@@ -98,7 +98,7 @@ def test_task_contract(name, tmp_path):
         assert repr(a[k]) == repr(b[k]), k
 
     # the user's own files
-    results = task.predict_files(write_files(task, tmp_path), out=tmp_path / "predicted")
+    results = task.predict_files(write_files(task, tmp_path), out=tmp_path / "predicted", **cls.demo_options)
     assert results and all(isinstance(r, dict) for r in results)
     json.dumps(results)
     report = task.report(tmp_path / "report", val_set, metrics)

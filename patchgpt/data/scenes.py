@@ -3,12 +3,15 @@
 Each scene is a pure function of (seed, index): 1 to `max_digits` digits from scikit-learn's bundled set,
 each upscaled to a random size and pasted at a random place (overlaps limited), ink composited by maximum.
 A box is the tight extent of its digit's ink on the canvas; a caption, derived from the exact boxes, names the
-digits and their layout ("a small 3 left of a large 7"). Training and validation scenes draw their digits
-from disjoint halves of the 1,797 handwritten digits (the same fixed split as ``digits``), so validation
-measures detection of handwriting never seen in training.
+digits and their layout ("a small 3 left of a large 7"), and one question-answer pair per scene, also derived
+from the exact boxes (`ask`), makes it a VQA set whose answers are always right. Training and validation scenes
+draw their digits from disjoint halves of the 1,797 handwritten digits (the same fixed split as ``digits``), so
+validation measures detection of handwriting never seen in training.
 """
 
 from __future__ import annotations
+
+import random
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +31,8 @@ def _iou(a: tuple, b: tuple) -> float:
 class DigitScenes(ImageSet):
     """Scenes with boxes; items are {"image": (1, S, S) in [-1, 1], "label": -1, "boxes": (N, 4) normalized
     xyxy, "classes": (N,), "meta": image id, the canvas size, and the ground truth in pixels as COCO annotations
-    for evaluation, "text": a caption naming the digits and their layout (`describe`)}.
+    for evaluation, "text": a caption naming the digits and their layout (`describe`), "question", "answer" and
+    "qtype": one question about the scene, its answer and its type (`ask`)}.
 
     Args:
         digits: the source digits (images in [-1, 1], ink bright) and labels.
@@ -91,7 +95,12 @@ class DigitScenes(ImageSet):
         meta = {"image_id": i, "width": S, "height": S, "scale": (1.0, 1.0), "offset": (0.0, 0.0), "gt": gt}
         return {"image": canvas[None] * 2 - 1, "label": -1,                     # (1, S, S) in [-1, 1]
                 "boxes": px / S, "classes": torch.tensor(classes, dtype=torch.long), "meta": meta,
-                "text": describe(boxes, classes, S)}
+                "text": describe(boxes, classes, S), **ask(boxes, classes, S, self.question_rng(i))}
+
+    def question_rng(self, i: int) -> random.Random:
+        """The generator of scene `i`'s question: its own stream, a pure function of (seed, index), so the
+        question's draws leave the scene's generator (and every other field) as it was."""
+        return random.Random(f"digit-scenes-qa:{self.seed}:{i}")
 
 
 def _size_word(box: list[int], S: int) -> str:
@@ -120,6 +129,59 @@ def describe(boxes: list[list[int]], classes: list[int], S: int) -> str:
     order = sorted(range(len(classes)), key=lambda i: (cx[i], cy[i]))
     plain = [f"a {classes[i]}" for i in order]
     return f"{', '.join(plain[:-1])} and {plain[-1]} from left to right"
+
+
+QTYPES = ("count", "presence", "leftmost", "largest", "left_of")
+
+
+def _apart(values: list[float], k: int, others: list[int], margin: float) -> bool:
+    """Whether ``values[k]`` differs from ``values[j]`` by at least `margin` for every j in `others`."""
+    return all(abs(values[k] - values[j]) >= margin for j in others)
+
+
+def ask(boxes: list[list[int]], classes: list[int], S: int, r: random.Random) -> dict[str, str]:
+    """One question about a scene, with its answer, from exact boxes (pixels xyxy) and classes:
+    ``{"qtype", "question", "answer"}``. The type is drawn uniformly among those whose answer is unambiguous:
+
+    - count: "how many digits?" -> "3";
+    - presence: "is there a 5?" -> "yes" / "no" (each half the time);
+    - leftmost: "which digit is leftmost?" -> "7" (by box centre; asked when no digit of another class is
+      within S/16 of it);
+    - largest: "which digit is largest?" -> "2" (by box area; two or more digits, asked when the runner-up's
+      area is under 90% of the largest);
+    - left_of: "what is left of the 4?" -> the digit whose centre is nearest on the left, or "nothing" (asked
+      when the 4 is the only one, no other centre is within S/16 of its own, and every digit on its left within
+      S/16 of the nearest names the same digit).
+    """
+    n = len(classes)
+    cx = [(b[0] + b[2]) / 2 for b in boxes]
+    area = [(b[2] - b[0]) * (b[3] - b[1]) for b in boxes]
+    margin = S / 16
+    options: dict[str, tuple[str, str]] = {"count": ("how many digits?", str(n))}
+    if r.random() < 0.5 and n:
+        d = classes[r.randrange(n)]
+        options["presence"] = (f"is there a {d}?", "yes")
+    else:
+        d = r.choice([c for c in range(10) if c not in classes])
+        options["presence"] = (f"is there a {d}?", "no")
+    if n:
+        k = min(range(n), key=lambda j: cx[j])
+        if _apart(cx, k, [j for j in range(n) if classes[j] != classes[k]], margin):
+            options["leftmost"] = ("which digit is leftmost?", str(classes[k]))
+    if n >= 2:
+        by_area = sorted(range(n), key=lambda j: -area[j])
+        if area[by_area[1]] < 0.9 * area[by_area[0]]:
+            options["largest"] = ("which digit is largest?", str(classes[by_area[0]]))
+    unique = [j for j in range(n) if classes.count(classes[j]) == 1]
+    if unique:
+        k = unique[r.randrange(len(unique))]
+        left = sorted((j for j in range(n) if cx[j] < cx[k]), key=lambda j: -cx[j])
+        clear = _apart(cx, k, [j for j in range(n) if j != k], margin)
+        if clear and (not left or _apart(cx, left[0], [j for j in left if classes[j] != classes[left[0]]], margin)):
+            options["left_of"] = (f"what is left of the {classes[k]}?", str(classes[left[0]]) if left else "nothing")
+    qtype = r.choice([t for t in QTYPES if t in options])
+    question, answer = options[qtype]
+    return {"question": question, "answer": answer, "qtype": qtype}
 
 
 def digit_scenes(size: int = 64, n_train: int = 16000, n_val: int = 500, val_fraction: float = 0.2,

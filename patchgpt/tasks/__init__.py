@@ -21,6 +21,7 @@ from .generate_image import Generate
 from .pretrain import Pretrain
 from .video import VideoClassify, VideoPretrain
 from .vq import TrainVQ
+from .vqa import AnswerQuestions
 
 TASKS: dict[str, type[Task]] = {
     "pretrain": Pretrain,
@@ -31,6 +32,7 @@ TASKS: dict[str, type[Task]] = {
     "video-classify": VideoClassify,
     "video-pretrain": VideoPretrain,
     "caption": Caption,
+    "vqa": AnswerQuestions,
 }
 
 
@@ -88,6 +90,6 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> Task:
     return task.to(device).eval()
 
 
-__all__ = ["TASKS", "Caption", "Classify", "Detect", "Generate", "Metric", "Pretrain", "Task", "TrainVQ",
-           "VideoClassify", "VideoPretrain", "config_from_dict", "default_config", "info_from_meta", "load",
-           "metric_files", "next_token_loss", "sections", "task_class"]
+__all__ = ["TASKS", "AnswerQuestions", "Caption", "Classify", "Detect", "Generate", "Metric", "Pretrain", "Task",
+           "TrainVQ", "VideoClassify", "VideoPretrain", "config_from_dict", "default_config", "info_from_meta",
+           "load", "metric_files", "next_token_loss", "sections", "task_class"]

@@ -94,6 +94,7 @@ class Task(nn.Module, metaclass=ABCMeta):
     output_keys: ClassVar[tuple[str, ...]] = ()   # what `predict` returns, at least
     metric_keys: ClassVar[tuple[str, ...]] = ()   # what ``metric().compute()`` returns besides ``val_loss``
     demo_data: ClassVar[str] = "digits"          # a bundled data spec the task trains on (tests, examples)
+    demo_options: ClassVar[dict] = {}            # `predict_files` options a demo call needs (a question)
 
     def __init__(self, cfg: RunConfig, info: DataInfo) -> None:
         super().__init__()

@@ -1,0 +1,281 @@
+"""Visual question answering as a token sequence: the image, a task token and the question, then the answer.
+
+The image's tokens, the task token and the question's UTF-8 bytes (padded to ``vqa.question_len``) form one
+bidirectional prefix (Pix2Seq v2's task prompt, with the question in it); the answer follows as bytes and an
+end token, trained by next-token cross-entropy on the answer only. Decoding is greedy on the KV cache
+(`patchgpt.sampling.sample`), constrained to bytes and the end token. Metrics: exact-match accuracy, overall
+and per question type, or VQA's soft accuracy where a batch carries several human answers per question.
+``vqa.blind=true`` trains and answers from a constant image: the question-only baseline, which shows how much
+the image adds.
+
+References: Pix2Seq v2 (Chen et al. 2022); ByT5 (Xue et al. 2022); VQA (Antol et al. 2015) and its accuracy.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Sequence as SequenceOf
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image, ImageDraw, ImageFont
+from torch import Tensor
+
+from ..config import ConfigError, RunConfig
+from ..data.base import DataError, DataInfo, ImageSet
+from ..files import atomic_open
+from ..report import tensor_to_pil
+from ..rng import RowRNG
+from ..sampling import DecodeHook, SamplingParams, sample
+from ..sequence import IGNORE, Sequence, concat, tokens
+from ..tokenizers import Bytes
+from .base import Task, build_backbone, next_token_loss
+
+NO_QUESTIONS = ("vqa needs items with a question and an answer; {} has none (use digit-scenes, or a folder whose "
+                "metadata.jsonl gives each image a question and an answer)")
+
+
+@dataclass
+class VQAConfig:
+    question_len: int = 32       # question bytes read (longer questions are cut)
+    answer_len: int = 8          # answer bytes written (longer answers are cut for training)
+    blind: bool = False          # the question-only baseline: every image replaced by a constant one
+
+
+def soft_accuracy(predicted: str, humans: SequenceOf[str]) -> float:
+    """VQA's accuracy of one answer against the human answers to its question: min(1, #humans who gave it / 3)
+    (answers compared stripped and lower-cased)."""
+    p = predicted.strip().lower()
+    return min(1.0, sum(h.strip().lower() == p for h in humans) / 3)
+
+
+def _cut(text: str, n: int) -> bytes:
+    """`text`'s UTF-8 bytes, cut to at most `n` on a character boundary."""
+    return text.encode("utf-8")[:n].decode("utf-8", errors="ignore").encode("utf-8")
+
+
+class AnswerQuestions(Task):
+    """Answer a question about an image: image tokens, a task token and the question's bytes, then the answer's
+    bytes and an end token."""
+
+    name = "vqa"
+    section = "vqa"
+    Config = VQAConfig
+    output_keys = ("answers",)
+    metric_keys = ("accuracy", "per_type")
+    demo_data = "digit-scenes"
+    demo_options = {"question": "how many digits?"}
+    examples = ["patchgpt train vqa --data digit-scenes --out runs/vqa",
+                "patchgpt train vqa --data digit-scenes --out runs/vqa-blind --set vqa.blind=true"]
+
+    @classmethod
+    def defaults(cls, cfg: RunConfig) -> None:
+        cfg.data.spec = "digit-scenes"
+        cfg.tokenizer.patch_size = 8
+        cfg.train.lr, cfg.train.steps, cfg.train.warmup, cfg.train.batch_size = 1e-3, 2000, 100, 32
+        cfg.train.eval_every = 500
+
+    @classmethod
+    def check(cls, cfg: RunConfig) -> None:
+        v = cfg.vqa
+        if v.question_len < 1 or v.answer_len < 1:
+            raise ConfigError(f"vqa.question_len={v.question_len}, vqa.answer_len={v.answer_len}: must be positive")
+
+    def __init__(self, cfg: RunConfig, info: DataInfo) -> None:
+        super().__init__(cfg, info)
+        self.input = self.make_input()
+        self.task_id = self.vocab.add("task_vqa", 1).start
+        v = cfg.vqa
+        self.text = Bytes(self.vocab, v.question_len)     # UTF-8 bytes; its pad id pads the question
+        self.bytes, self.pad = self.text.ids, self.text.pad
+        self.end = self.vocab.add("answer_end", 1).start
+        self.question_len, self.answer_len, self.blind = v.question_len, v.answer_len, v.blind
+        length = self.input.length + 1 + self.question_len + self.answer_len + 1
+        self.backbone = build_backbone(cfg, self.vocab, self.input.patch_dim, length, self.input.grid)
+
+    def fit(self, train_set: ImageSet, seed: int = 0) -> None:
+        """Checks that the data asks questions (its first readable item has "question" and "answer"), then fits
+        the input tokenizer as every task does."""
+        first = next((it for it in (train_set[i] for i in range(min(len(train_set), 8))) if it is not None), None)
+        if first is not None and not {"question", "answer"} <= set(first):
+            raise DataError(NO_QUESTIONS.format(self.cfg.data.spec))
+        super().fit(train_set, seed)
+
+    # ---- sequences ------------------------------------------------------------------------------------
+
+    def pixels(self, images: Tensor) -> Tensor:
+        """The images the model sees: themselves, or a constant (all -1) image for the blind baseline."""
+        return torch.full_like(images, -1.0) if self.blind else images
+
+    def encode_qa(self, questions: list[str], answers: list[str] | None = None) -> tuple[Tensor, Tensor]:
+        """Questions (and answers) -> (ids, labels), each (B, 1 + question_len [+ L]): the task token, the
+        question's bytes padded with the pad token to question_len, then the answer's bytes and the end token,
+        padded with end tokens that carry no loss. Labels are the next token, on the answer and its end only
+        (from the last question position on)."""
+        Q = self.question_len
+        rows = []
+        for k, q in enumerate(questions):
+            qb = [self.bytes.start + b for b in _cut(q, Q)]
+            row = [self.task_id] + qb + [self.pad] * (Q - len(qb))
+            if answers is not None:
+                row += [self.bytes.start + b for b in _cut(answers[k], self.answer_len)] + [self.end]
+            rows.append(row)
+        L = max(len(r) for r in rows)
+        ids = torch.full((len(rows), L), self.end, dtype=torch.long)
+        labels = torch.full((len(rows), L), IGNORE, dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, :len(r)] = torch.tensor(r)
+            if answers is not None:
+                labels[i, Q:len(r) - 1] = torch.tensor(r[Q + 1:])
+        return ids, labels
+
+    def sequence(self, batch: dict, rng: RowRNG | None = None) -> Sequence:
+        """Image prefix + task token + question bytes (all bidirectional) + answer bytes + end; labels on the
+        answer and its end."""
+        if "question" not in batch or "answer" not in batch:
+            raise DataError(NO_QUESTIONS.format(self.cfg.data.spec))
+        images = self.pixels(batch["image"])
+        img = self.input.encode(images)
+        ids, labels = self.encode_qa(list(batch["question"]), list(batch["answer"]))
+        qa = tokens(ids.to(images.device), labels.to(images.device))
+        return concat(img, qa, prefix_len=img.ids.shape[1] + 1 + self.question_len)
+
+    def forward(self, batch: dict, rng: RowRNG | None = None) -> tuple[Tensor, dict]:
+        seq = self.sequence(batch, rng)
+        P = seq.prefix_len - 1
+        h = self.backbone(seq)[:, P:]                                      # (B, L, C) from the last question token
+        tail = Sequence(ids=seq.ids[:, P:], labels=seq.labels[:, P:], pos=seq.pos[:, P:])
+        loss = next_token_loss(self.backbone.logits(h), tail)
+        return loss, {"loss": loss.detach()}
+
+    # ---- inference ------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def predict(self, batch: dict) -> dict:
+        """``{"answers": [str, ...], "ids": (B, answer_len + 1)}``: greedy answers to ``batch["question"]``
+        (one string per image) about ``batch["image"]`` (B, C, H, W)."""
+        images = self.pixels(batch["image"])
+        dev = images.device
+        img = self.input.encode(images)
+        ids, _ = self.encode_qa(list(batch["question"]))
+        prompt = concat(img, tokens(ids.to(dev)), prefix_len=img.ids.shape[1] + ids.shape[1])
+        stop = DecodeHook()
+        stop.stop_token = self.end
+        out = sample(self.backbone, prompt, self.answer_len + 1, SamplingParams(),
+                     generator=torch.Generator(device=dev).manual_seed(0),
+                     allowed=[self.bytes, range(self.end, self.end + 1)], hook=stop)   # (B, answer_len + 1)
+        return {"answers": [self.decode(row) for row in out.tolist()], "ids": out}
+
+    def decode(self, ids: list[int]) -> str:
+        """Generated ids -> the answer: bytes up to the first end token, as UTF-8."""
+        out = bytearray()
+        for i in ids:
+            if i == self.end:
+                break
+            if i in self.bytes:
+                out.append(i - self.bytes.start)
+        return out.decode("utf-8", errors="replace")
+
+    def metric(self) -> VQAMetric:
+        return VQAMetric(self)
+
+    @torch.no_grad()
+    def predict_files(self, paths: SequenceOf[str | Path], out: str | Path | None = None,
+                      **options: Any) -> list[dict]:
+        """Answer ``options["question"]`` (one string for every file, or a list of one per file) about each
+        image file: ``[{"image": path, "question": str, "answer": str}]``; with `out` (a directory),
+        ``answers.png``. Without a question, asks "how many digits?" (and says so on stderr)."""
+        question = options.get("question")
+        if question is None:
+            raise ConfigError("vqa needs a question: patchgpt predict CKPT IMAGE... --question 'how many digits?'")
+        questions = [question] * len(paths) if isinstance(question, str) else list(question)
+        if len(questions) != len(paths) or not all(isinstance(q, str) and q.strip() for q in questions):
+            raise ConfigError(f"vqa needs a question: one non-empty string, or one per file ({len(paths)}); "
+                              f"got {question!r}")
+        self.eval()
+        results: list[dict] = []
+        for i in range(0, len(paths), 64):
+            chunk, qs = list(paths[i:i + 64]), questions[i:i + 64]
+            batch = self.read_files(chunk)
+            answers = self.predict({**batch, "question": qs})["answers"]
+            results += [{"image": str(p), "question": q, "answer": a} for p, q, a in zip(chunk, qs, answers,
+                                                                                       strict=True)]
+            if out and i == 0:
+                Path(out).mkdir(parents=True, exist_ok=True)
+                self.answers_png(batch["image"][:16], qs[:16], answers[:16], None, Path(out) / "answers.png")
+        return results
+
+    def report(self, out: Path, val_set: ImageSet, metrics: dict, prefix: str = "", **options: Any) -> dict:
+        """``{prefix}answers.png``: validation images with the question, the predicted answer (black) and the
+        true one (grey)."""
+        if not len(val_set):
+            return {}
+        items = [it for it in (val_set[i] for i in range(min(12, len(val_set)))) if it is not None]
+        images = torch.stack([it["image"] for it in items]).to(self.device)
+        questions = [it["question"] for it in items]
+        self.eval()
+        answers = self.predict({"image": images, "question": questions})["answers"]
+        path = self.answers_png(images, questions, answers, [it["answer"] for it in items],
+                                out / f"{prefix}answers.png")
+        return {"answers_png": str(path)}
+
+    def answers_png(self, images: Tensor, questions: list[str], predicted: list[str], true: list[str] | None,
+                    path: Path) -> Path:
+        """A grid of images, each above its question, the predicted answer and (in grey, where known) the true one."""
+        scale = max(1, 128 // self.info.image_size[0])
+        pics = [tensor_to_pil(im.cpu(), scale).convert("RGB") for im in images]
+        font = ImageFont.load_default()
+        w, h = pics[0].size
+        cell_w, cell_h, ncol = max(w, 200), h + 50, 4
+        sheet = Image.new("RGB", (ncol * cell_w, math.ceil(len(pics) / ncol) * cell_h), "white")
+        draw = ImageDraw.Draw(sheet)
+        for k, pic in enumerate(pics):
+            x, y = (k % ncol) * cell_w, (k // ncol) * cell_h
+            sheet.paste(pic, (x + (cell_w - w) // 2, y))
+            draw.text((x + 2, y + h + 2), questions[k][:40], fill="#1f4e9c", font=font)
+            draw.text((x + 2, y + h + 17), f"-> {predicted[k][:36]}", fill="black", font=font)
+            if true is not None:
+                draw.text((x + 2, y + h + 32), f"true: {true[k][:34]}", fill="#888888", font=font)
+        with atomic_open(path) as f:
+            sheet.save(f, format="PNG")
+        return path
+
+
+class VQAMetric:
+    """Validation loss and the accuracy of greedy answers: exact match against ``batch["answer"]``, or VQA's soft
+    accuracy (`soft_accuracy`) where the batch has a list of human answers per question under ``"answers"``;
+    overall and per question type (``batch["qtype"]``, where present)."""
+
+    def __init__(self, task: AnswerQuestions) -> None:
+        self.task, self.loss_sum, self.n = task, 0.0, 0
+        self.rows: list[dict] = []
+
+    def update(self, batch: dict) -> None:
+        loss, _ = self.task(batch)
+        B = batch["image"].shape[0]
+        self.loss_sum += float(loss) * B
+        self.n += B
+        predicted = self.task.predict(batch)["answers"]
+        humans = batch.get("answers")
+        qtypes = batch.get("qtype")
+        for k, p in enumerate(predicted):
+            true = batch["answer"][k]
+            score = soft_accuracy(p, humans[k]) if humans is not None else float(p == true)
+            self.rows.append({"question": batch["question"][k], "predicted": p, "true": true, "score": score,
+                              **({"qtype": qtypes[k]} if qtypes is not None else {})})
+
+    def compute(self) -> dict:
+        by_type: dict[str, list[float]] = defaultdict(list)
+        for r in self.rows:
+            if "qtype" in r:
+                by_type[r["qtype"]].append(r["score"])
+        return {"val_loss": self.loss_sum / max(self.n, 1), "n": self.n,
+                "accuracy": sum(r["score"] for r in self.rows) / max(len(self.rows), 1),
+                "per_type": {t: sum(s) / len(s) for t, s in sorted(by_type.items())}}
+
+    def files(self) -> dict[str, Any]:
+        """Every validation question with its predicted and true answer (``answers.json``)."""
+        return {"answers.json": self.rows}
