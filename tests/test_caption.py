@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-import patchgpt.tasks.caption as caption_module
+import patchgpt.tasks.text as text_module
 from patchgpt.cli import main
 from patchgpt.data import build_datasets, collate
 from patchgpt.data.scenes import describe
@@ -43,7 +43,7 @@ def test_cached_caption_decoding_equals_uncached_and_bytes_round_trip(tmp_path):
     task = Caption(cfg, info).eval()
     batch = collate([val[i] for i in range(4)])
     a = task.predict(batch)
-    with uncached(caption_module):
+    with uncached(text_module):
         b = task.predict(batch)
     assert torch.equal(a["ids"], b["ids"]) and a["captions"] == b["captions"]
     for text in ("a 3 left of a 7", "ein Würfel über 🙂", ""):

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-import patchgpt.tasks.vqa as vqa_module
+import patchgpt.tasks.text as text_module
 from patchgpt.config import ConfigError
 from patchgpt.data import build_datasets, collate
 from patchgpt.data.base import DataError
@@ -116,7 +116,7 @@ def test_cached_decoding_equals_uncached_and_the_sequence(tmp_path):
     task = AnswerQuestions(cfg, info).eval()
     batch = collate([val[i] for i in range(4)])
     a = task.predict(batch)
-    with uncached(vqa_module):
+    with uncached(text_module):
         b = task.predict(batch)
     assert torch.equal(a["ids"], b["ids"]) and a["answers"] == b["answers"]
     seq = task.sequence(batch)

@@ -29,10 +29,11 @@ from ..data.base import DataError, DataInfo, ImageSet
 from ..files import atomic_open
 from ..report import tensor_to_pil
 from ..rng import RowRNG
-from ..sampling import DecodeHook, SamplingParams, sample
+from ..sampling import SamplingParams
 from ..sequence import IGNORE, Sequence, concat, tokens
 from ..tokenizers import Bytes
 from .base import Task, build_backbone, next_token_loss
+from .text import read_bytes, write_bytes
 
 
 @dataclass
@@ -126,25 +127,14 @@ class Caption(Task):
         ``caption.temperature`` > 0."""
         c = self.cfg.caption
         images = batch["image"]
-        dev = images.device
         prompt = self.task_prompt(images, self.task_id)
-        stop = DecodeHook()
-        stop.stop_token = self.end
         params = SamplingParams(temperature=c.temperature, top_p=c.top_p)
-        ids = sample(self.backbone, prompt, self.max_len + 1, params,
-                     generator=torch.Generator(device=dev).manual_seed(seed),
-                     allowed=[self.bytes, range(self.end, self.end + 1)], hook=stop)      # (B, max_len + 1)
-        return {"captions": [self.decode(row) for row in ids.tolist()], "ids": ids}
+        ids = write_bytes(self.backbone, prompt, self.max_len + 1, self.bytes, self.end, params, seed)
+        return {"captions": [self.decode(row) for row in ids.tolist()], "ids": ids}          # ids (B, max_len + 1)
 
     def decode(self, ids: list[int]) -> str:
         """Generated ids -> the caption: bytes up to the first end token, as UTF-8."""
-        out = bytearray()
-        for i in ids:
-            if i == self.end:
-                break
-            if i in self.bytes:
-                out.append(i - self.bytes.start)
-        return out.decode("utf-8", errors="replace")
+        return read_bytes(ids, self.bytes, self.end)
 
     def metric(self) -> CaptionMetric:
         return CaptionMetric(self)

@@ -29,10 +29,10 @@ from ..data.base import DataError, DataInfo, ImageSet
 from ..files import atomic_open
 from ..report import tensor_to_pil
 from ..rng import RowRNG
-from ..sampling import DecodeHook, SamplingParams, sample
 from ..sequence import IGNORE, Sequence, concat, tokens
 from ..tokenizers import Bytes
 from .base import Task, build_backbone, next_token_loss
+from .text import read_bytes, write_bytes
 
 NO_QUESTIONS = ("vqa needs items with a question and an answer; {} has none (use digit-scenes, or a folder whose "
                 "metadata.jsonl gives each image a question and an answer)")
@@ -162,22 +162,12 @@ class AnswerQuestions(Task):
         img = self.input.encode(images)
         ids, _ = self.encode_qa(list(batch["question"]))
         prompt = concat(img, tokens(ids.to(dev)), prefix_len=img.ids.shape[1] + ids.shape[1])
-        stop = DecodeHook()
-        stop.stop_token = self.end
-        out = sample(self.backbone, prompt, self.answer_len + 1, SamplingParams(),
-                     generator=torch.Generator(device=dev).manual_seed(0),
-                     allowed=[self.bytes, range(self.end, self.end + 1)], hook=stop)   # (B, answer_len + 1)
+        out = write_bytes(self.backbone, prompt, self.answer_len + 1, self.bytes, self.end)  # (B, answer_len + 1)
         return {"answers": [self.decode(row) for row in out.tolist()], "ids": out}
 
     def decode(self, ids: list[int]) -> str:
         """Generated ids -> the answer: bytes up to the first end token, as UTF-8."""
-        out = bytearray()
-        for i in ids:
-            if i == self.end:
-                break
-            if i in self.bytes:
-                out.append(i - self.bytes.start)
-        return out.decode("utf-8", errors="replace")
+        return read_bytes(ids, self.bytes, self.end)
 
     def metric(self) -> VQAMetric:
         return VQAMetric(self)
@@ -187,7 +177,7 @@ class AnswerQuestions(Task):
                       **options: Any) -> list[dict]:
         """Answer ``options["question"]`` (one string for every file, or a list of one per file) about each
         image file: ``[{"image": path, "question": str, "answer": str}]``; with `out` (a directory),
-        ``answers.png``. Without a question, asks "how many digits?" (and says so on stderr)."""
+        ``answers.png``. Without a question: a one-line `ConfigError`."""
         question = options.get("question")
         if question is None:
             raise ConfigError("vqa needs a question: patchgpt predict CKPT IMAGE... --question 'how many digits?'")
