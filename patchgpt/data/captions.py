@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 from .base import DataError, DataInfo, ImageSet, Item, skip_or_raise
-from .coco import _check_image, _is_id
+from .coco import AnnotationFile, _check_image, _is_id
 from .images import load_image
 
 PICKS = ("cycle", "first")   # how an item's "text" is chosen among its image's captions
@@ -46,7 +46,7 @@ def _check_caption(a, images: dict) -> str | None:
     return None
 
 
-class CocoCaptions(ImageSet):
+class CocoCaptions(AnnotationFile, ImageSet):
     """Images of a COCO captions file, each with its captions: items {"image", "label": -1, "text",
     "captions"}.
 
@@ -115,18 +115,6 @@ class CocoCaptions(ImageSet):
             raise DataError(f"{ann_file}: no captioned images")
         self.info = DataInfo(channels=channels, image_size=(size, size), captions=True, skipped=self.skipped)
 
-    def _bad(self, msg: str) -> None:
-        line = f"{self.ann_file}: {msg}"
-        if self.on_error == "stop":
-            raise DataError(line + " (set data.on_error=skip to drop such entries)")
-        self.skipped.append(line)
-
-    def _path(self, file_name: str) -> Path:
-        roots = [self.images_dir] if self.images_dir else [self.ann_file.parent, self.ann_file.parent / "images"]
-        for r in roots:
-            if (r / file_name).is_file():
-                return r / file_name
-        return roots[0] / file_name
 
     def with_pick(self, pick: str) -> CocoCaptions:
         """The same images (and `info`) with ``"text"`` chosen by `pick` (``cycle`` | ``first``)."""

@@ -102,7 +102,31 @@ def _name(n: int, a) -> str:
     return f"annotation #{n} (id {a.get('id', '?') if isinstance(a, dict) else '?'})"
 
 
-class CocoDetection(ImageSet):
+class AnnotationFile:
+    """What COCO-style sources share: a malformed entry stops or is dropped and counted (``data.on_error``),
+    and image files are found in IMAGES_DIR, next to the JSON, or in its ``images/`` folder. Subclasses set
+    ``ann_file``, ``images_dir``, ``on_error`` and ``skipped``."""
+
+    ann_file: Path
+    images_dir: Path | None
+    on_error: str
+    skipped: list[str]
+
+    def _bad(self, msg: str) -> None:
+        line = f"{self.ann_file}: {msg}"
+        if self.on_error == "stop":
+            raise DataError(line + " (set data.on_error=skip to drop such entries)")
+        self.skipped.append(line)
+
+    def _path(self, file_name: str) -> Path:
+        roots = [self.images_dir] if self.images_dir else [self.ann_file.parent, self.ann_file.parent / "images"]
+        for r in roots:
+            if (r / file_name).is_file():
+                return r / file_name
+        return roots[0] / file_name
+
+
+class CocoDetection(AnnotationFile, ImageSet):
     """Images of a COCO annotation file with their boxes; items are {"image", "label": -1, "boxes", "classes",
     "meta"} like `DigitScenes`.
 
@@ -191,18 +215,6 @@ class CocoDetection(ImageSet):
             print(f"patchgpt: warning: {ann_file}: ignoring {other} annotation(s) of categories outside the "
                   f"checkpoint's {len(classes or [])} classes", file=sys.stderr)
 
-    def _bad(self, msg: str) -> None:
-        line = f"{self.ann_file}: {msg}"
-        if self.on_error == "stop":
-            raise DataError(line + " (set data.on_error=skip to drop such entries)")
-        self.skipped.append(line)
-
-    def _path(self, file_name: str) -> Path:
-        roots = [self.images_dir] if self.images_dir else [self.ann_file.parent, self.ann_file.parent / "images"]
-        for r in roots:
-            if (r / file_name).is_file():
-                return r / file_name
-        return roots[0] / file_name
 
     def __len__(self) -> int:
         return len(self.records)

@@ -33,7 +33,7 @@ from ..sampling import SamplingParams
 from ..sequence import IGNORE, Sequence, concat, tokens
 from ..tokenizers import Bytes
 from .base import Task, build_backbone, next_token_loss
-from .text import read_bytes, write_bytes
+from .text import read_bytes, text_recipe, write_bytes
 
 
 @dataclass
@@ -57,10 +57,7 @@ class Caption(Task):
 
     @classmethod
     def defaults(cls, cfg: RunConfig) -> None:
-        cfg.data.spec = "digit-scenes"
-        cfg.tokenizer.patch_size = 8
-        cfg.train.lr, cfg.train.steps, cfg.train.warmup, cfg.train.batch_size = 1e-3, 2000, 100, 32
-        cfg.train.eval_every = 500
+        text_recipe(cfg)
 
     @classmethod
     def check(cls, cfg: RunConfig) -> None:
