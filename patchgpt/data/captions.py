@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 from .base import DataError, DataInfo, ImageSet, Item, skip_or_raise
-from .coco import AnnotationFile, _check_image, _is_id
+from .coco import AnnotationFile, _is_id
 from .images import load_image
 
 PICKS = ("cycle", "first")   # how an item's "text" is chosen among its image's captions
@@ -78,15 +78,7 @@ class CocoCaptions(AnnotationFile, ImageSet):
         self.images_dir = Path(images_dir).expanduser() if images_dir else None
         self.skipped: list[str] = []
 
-        images: dict[int, dict] = {}
-        for im in d["images"]:
-            why = _check_image(im)
-            if why is None and im["id"] in images:
-                why = f"a second image with id {im['id']}"
-            if why is not None:
-                self._bad(f"image entry {str(im)[:80]}: {why}")
-                continue
-            images[im["id"]] = im
+        images = self._index_images(d["images"])
         caps: dict[int, list[str]] = {i: [] for i in images}
         for n, a in enumerate(d["annotations"]):
             why = _check_caption(a, images)

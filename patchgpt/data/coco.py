@@ -126,6 +126,20 @@ class AnnotationFile:
         return roots[0] / file_name
 
 
+    def _index_images(self, entries: list) -> dict[int, dict]:
+        """The valid ``images`` entries by id; a malformed or duplicate entry stops or is dropped (`_bad`)."""
+        images: dict[int, dict] = {}
+        for im in entries:
+            why = _check_image(im)
+            if why is None and im["id"] in images:
+                why = f"a second image with id {im['id']}"
+            if why is not None:
+                self._bad(f"image entry {str(im)[:80]}: {why}")
+                continue
+            images[im["id"]] = im
+        return images
+
+
 class CocoDetection(AnnotationFile, ImageSet):
     """Images of a COCO annotation file with their boxes; items are {"image", "label": -1, "boxes", "classes",
     "meta"} like `DigitScenes`.
@@ -180,15 +194,7 @@ class CocoDetection(AnnotationFile, ImageSet):
             cat_order = [by_name[n] for n in classes]
         self.cat_to_class = {cid: k for k, cid in enumerate(cat_order)}
 
-        images = {}
-        for im in d["images"]:
-            why = _check_image(im)
-            if why is None and im["id"] in images:
-                why = f"a second image with id {im['id']}"
-            if why is not None:
-                self._bad(f"image entry {str(im)[:80]}: {why}")
-                continue
-            images[im["id"]] = im
+        images = self._index_images(d["images"])
         self.anns: dict = {i: [] for i in images}   # image id -> [(annotation index, annotation)]
         other = 0
         for n, a in enumerate(d["annotations"]):

@@ -27,6 +27,8 @@ class Source:
     build: Callable[[DataConfig, str, list[str] | None], Built]
     help: str
     arg: str = ""
+    whole: Callable[[ImageSet, ImageSet], ImageSet] | None = None   # (train, val) of a build with no held-out
+    # fraction -> every item for evaluation; None = train then val. Sources whose items differ by split say how.
 
     @property
     def takes_arg(self) -> bool:
@@ -93,13 +95,10 @@ def _coco_captions(cfg: DataConfig, arg: str, classes: list[str] | None) -> Buil
     return train, Subset(ds.with_pick("first"), val.indices), ds.info
 
 
-def _first_captions(ds: ImageSet) -> ImageSet:
-    """`ds`, with a coco-captions set's ``"text"`` the first caption of each image (for evaluation)."""
-    from .captions import CocoCaptions
-
-    if isinstance(ds, Subset) and isinstance(ds.base, CocoCaptions):
-        return Subset(ds.base.with_pick("first"), ds.indices)
-    return ds
+def _coco_captions_whole(train: ImageSet, val: ImageSet) -> ImageSet:
+    """Every image for evaluation, each with its first caption as ``"text"`` (the reference)."""
+    first = Subset(train.base.with_pick("first"), train.indices)   # train: a Subset of the CocoCaptions set
+    return ConcatSet(first, val) if len(val) else first
 
 
 def _digit_scenes(cfg: DataConfig, arg: str, classes: list[str] | None) -> Built:
@@ -144,9 +143,10 @@ DATASETS: dict[str, Source] = {
                    "ANN.json[:IMAGES_DIR]"),
     "coco-captions": Source(_coco_captions, "COCO caption annotations (captioning): each image with one of its "
                                             "captions; images next to the JSON by default",
-                            "CAPTIONS.json[:IMAGES_DIR]"),
+                            "CAPTIONS.json[:IMAGES_DIR]", whole=_coco_captions_whole),
     "digit-scenes": Source(_digit_scenes, "detection scenes: 1-4 real handwritten digits pasted on 64x64 "
-                                          "canvases, exact boxes"),
+                                          "canvases, exact boxes", whole=lambda train, val: val),  # generated:
+    # the validation scenes (disjoint handwriting) are the evaluation set
     "videos": Source(_videos, "your video clips (mp4, avi, webm, mkv, gif): one subfolder per class, or a flat "
                               "folder", "PATH"),
     "moving-digits": Source(_moving_digits, "bundled digits moving and bouncing on a canvas, labelled by direction "
@@ -188,9 +188,9 @@ def whole_dataset(cfg: DataConfig, spec: str, classes: list[str] | None = None) 
 
         return all_items(*find_shards(spec.strip()[len("shards:"):]))
     train, val, _ = _build(cfg, spec, classes, val_fraction=0.0)
-    if spec.strip() == "digit-scenes":
-        return val
-    train = _first_captions(train)
+    src = DATASETS.get(spec.strip().partition(":")[0])
+    if src is not None and src.whole is not None:
+        return src.whole(train, val)
     return ConcatSet(train, val) if len(val) else train
 
 

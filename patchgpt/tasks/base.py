@@ -167,6 +167,16 @@ class Task(nn.Module, metaclass=ABCMeta):
         return concat(img, tokens(torch.full((B, 1), task_id, dtype=torch.long, device=dev)),
                       prefix_len=img.ids.shape[1] + 1)
 
+    def prefix_loss(self, seq: Sequence) -> tuple[Tensor, Tensor, Tensor]:
+        """Next-token loss of what tasks write after a bidirectional prefix (labels sit only there): the LM
+        head runs on the prefix's last position onwards alone. Returns (loss, logits (B, L, V), labels (B, L))."""
+        P = seq.prefix_len - 1
+        h = self.backbone(seq)[:, P:]                                      # (B, L, C) the prefix's last on
+        tail = Sequence(ids=seq.ids[:, P:], labels=seq.labels[:, P:], pos=seq.pos[:, P:],
+                        weights=None if seq.weights is None else seq.weights[:, P:])
+        logits = self.backbone.logits(h)                                   # (B, L, V)
+        return next_token_loss(logits, tail), logits, tail.labels
+
     # ---- training ------------------------------------------------------------------------------------------
 
     @abstractmethod

@@ -32,7 +32,7 @@ from ..rng import RowRNG
 from ..sampling import SamplingParams
 from ..sequence import IGNORE, Sequence, concat, tokens
 from ..tokenizers import Bytes
-from .base import Task, build_backbone, next_token_loss
+from .base import Task, build_backbone
 from .text import read_bytes, text_recipe, write_bytes
 
 
@@ -109,11 +109,7 @@ class Caption(Task):
         return concat(img, text, prefix_len=img.ids.shape[1] + 1)
 
     def forward(self, batch: dict, rng: RowRNG | None = None) -> tuple[Tensor, dict]:
-        seq = self.sequence(batch, rng)
-        P = seq.prefix_len - 1
-        h = self.backbone(seq)[:, P:]                                      # (B, L, C) from the task token on
-        tail = Sequence(ids=seq.ids[:, P:], labels=seq.labels[:, P:], pos=seq.pos[:, P:])
-        loss = next_token_loss(self.backbone.logits(h), tail)
+        loss, _, _ = self.prefix_loss(self.sequence(batch, rng))
         return loss, {"loss": loss.detach()}
 
     # ---- inference ------------------------------------------------------------------------------------

@@ -40,7 +40,7 @@ from ..rng import RowRNG
 from ..sampling import DecodeHook, SamplingParams, sample
 from ..sequence import IGNORE, Sequence, concat
 from ..tokenizers.boxes import TOKENS_PER_OBJECT, Boxes
-from .base import Task, build_backbone, next_token_loss
+from .base import Task, build_backbone
 
 
 @dataclass
@@ -321,17 +321,10 @@ class Detect(Task):
         return {**batch, "image": zoomed, "boxes": clipped.to(b.dtype), "classes": classes}
 
     def forward(self, batch: dict, rng: RowRNG | None = None) -> tuple[Tensor, dict]:
-        seq = self.sequence(batch, rng)
-        P = seq.prefix_len - 1
-        h = self.backbone(seq)[:, P:]                                      # (B, L, C) task token onwards
-        tail = Sequence(ids=seq.ids[:, P:], labels=seq.labels[:, P:], pos=seq.pos[:, P:],
-                        weights=seq.weights[:, P:])
-        logits = self.backbone.logits(h)                                   # (B, L, V)
-        loss = next_token_loss(logits, tail)
+        loss, logits, lab = self.prefix_loss(self.sequence(batch, rng))    # from the task token on
         with torch.no_grad():   # the two halves of the loss, for the log: where boxes go, and what they are
-            nll = F.cross_entropy(logits.float().transpose(1, 2), tail.labels, ignore_index=IGNORE,
+            nll = F.cross_entropy(logits.float().transpose(1, 2), lab, ignore_index=IGNORE,
                                   reduction="none")                        # (B, L)
-            lab = tail.labels
             is_cls = (lab >= self.boxes.classes.start) & (lab < self.boxes.noise)
             is_coord = (lab >= self.boxes.coords.start) & (lab < self.boxes.coords.stop)
             logs = {"loss": loss.detach(), "loss_class": nll[is_cls].mean() if is_cls.any() else nll.sum() * 0,

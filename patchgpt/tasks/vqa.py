@@ -31,7 +31,7 @@ from ..report import tensor_to_pil
 from ..rng import RowRNG
 from ..sequence import IGNORE, Sequence, concat, tokens
 from ..tokenizers import Bytes
-from .base import Task, build_backbone, next_token_loss
+from .base import Task, build_backbone
 from .text import read_bytes, text_recipe, write_bytes
 
 NO_QUESTIONS = ("vqa needs items with a question and an answer; {} has none (use digit-scenes, or a folder whose "
@@ -141,11 +141,7 @@ class AnswerQuestions(Task):
         return concat(img, qa, prefix_len=img.ids.shape[1] + 1 + self.question_len)
 
     def forward(self, batch: dict, rng: RowRNG | None = None) -> tuple[Tensor, dict]:
-        seq = self.sequence(batch, rng)
-        P = seq.prefix_len - 1
-        h = self.backbone(seq)[:, P:]                                      # (B, L, C) from the last question token
-        tail = Sequence(ids=seq.ids[:, P:], labels=seq.labels[:, P:], pos=seq.pos[:, P:])
-        loss = next_token_loss(self.backbone.logits(h), tail)
+        loss, _, _ = self.prefix_loss(self.sequence(batch, rng))
         return loss, {"loss": loss.detach()}
 
     # ---- inference ------------------------------------------------------------------------------------
