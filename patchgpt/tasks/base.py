@@ -128,7 +128,7 @@ class Task(nn.Module, metaclass=ABCMeta):
             raise ConfigError(str(e)) from None
 
     def unused_parameters(self) -> list[str]:
-        """Trainable parameters the loss does not reach by design (for the contract test and DDP): the
+        """Trainable parameters the loss does not reach by design (the contract test allows them): the
         embeddings of token ids this task never feeds, e.g. the id table when every input is a patch."""
         return []
 
