@@ -126,3 +126,59 @@ def test_vq_tokens_for_generation(tmp_path):
     other.tokenizer.vq = str(out)
     with pytest.raises(ConfigError, match="not a `patchgpt train vq` run"):
         train(other, quiet=True)
+
+
+def test_text_to_image_on_the_users_own_captions(tmp_path, capsys):
+    """folder:X with a metadata.jsonl trains a generator conditioned on those captions (even where class folders
+    exist too), and `patchgpt sample --prompt` draws from new captions; the caption's bytes are the prefix."""
+    from patchgpt.data import collate
+    from patchgpt.data.specs import whole_dataset
+
+    data, colours = tmp_path / "mine", {"red": (220, 30, 30), "blue": (30, 30, 220)}
+    rows = []
+    for k in range(8):
+        name = list(colours)[k % 2]
+        (data / name).mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (12, 12), colours[name]).save(data / name / f"{k}.png")
+        rows.append({"file_name": f"{name}/{k}.png", "text": f"a {name} square, número {k}"})
+    (data / "metadata.jsonl").write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n",
+                                         encoding="utf-8")
+    run = tmp_path / "run"
+    assert main(["train", "generate", "--data", f"folder:{data}", "--model", "nano", "--steps", "2", "--quiet",
+                 "--out", str(run), "--set", "train.batch_size=4", "--set", "data.image_size=8",
+                 "--set", "tokenizer.n_colors=4", "--set", "generate.text_len=20"]) == 0
+    assert "exceed generate.text_len=20 bytes" in capsys.readouterr().err     # 23 and 24 bytes
+    task = patchgpt.load(run)
+    assert task.condition == "text" and task.info.classes == ["blue", "red"]   # captions win over classes
+    assert (run / "samples.png").exists()                                          # rows of validation captions
+
+    # The training sequence starts with the item's caption: its UTF-8 bytes, padded (cut) to text_len.
+    items = [whole_dataset(task.cfg.data, f"folder:{data}")[i] for i in range(2)]
+    batch = collate(items)
+    seq = task.sequence(batch)
+    assert seq.prefix_len == 20
+    for i, t in enumerate(batch["text"]):
+        b = t.encode("utf-8")[:20]
+        want = [task.text.ids.start + x for x in b] + [task.text.pad] * (20 - len(b))
+        assert seq.ids[i, :20].tolist() == want
+
+    # Two different new captions are two different prefixes, and the model's first-token distribution follows them.
+    prompt = task.prompt(3, texts=["a green square", "a blue circle", ""])
+    assert [bytes(x - task.text.ids.start for x in row if x in task.text.ids).decode() for row in
+            prompt.ids[:, :20].tolist()] == ["a green square", "a blue circle", ""]
+    with torch.no_grad():
+        first = task.backbone.logits(task.backbone(prompt))[:, -1]              # (3, V) after bos
+    assert not torch.allclose(first[0], first[1]) and not torch.allclose(first[0], first[2])
+
+    # Sampling from a caption the data never had: the API (seeded) and the CLI.
+    a = task.sample_images(2, texts=["a green square"] * 2, seed=3)
+    assert a.shape == (2, 3, 8, 8) and torch.equal(a, task.sample_images(2, texts=["a green square"] * 2, seed=3))
+    one, two = tmp_path / "one.png", tmp_path / "two.png"
+    assert main(["sample", str(run), "--prompt", "a green square", "--n", "3", "--out", str(one)]) == 0
+    capsys.readouterr()
+    assert main(["sample", str(run), "--prompt", "a green square", "--prompt", "un carré rouge et très grand",
+                 "--n", "3", "--cfg", "1.5", "--out", str(two)]) == 0
+    assert Image.open(two).size[1] > Image.open(one).size[1]                  # a row per caption
+    assert "1 of 2 --prompt captions exceed generate.text_len=20" in capsys.readouterr().err
+    assert main(["sample", str(run), "--class", "red", "--out", str(one)]) == 2
+    assert "text-conditional: give --prompt" in capsys.readouterr().err

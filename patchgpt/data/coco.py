@@ -112,14 +112,19 @@ class AnnotationFile:
     on_error: str
     skipped: list[str]
 
-    def _bad(self, msg: str) -> None:
-        line = f"{self.ann_file}: {msg}"
+    def _bad(self, msg: str, file: Path | None = None) -> None:
+        """A malformed entry of `file` (default: ``ann_file``): stop with one line, or drop and count it."""
+        line = f"{file or self.ann_file}: {msg}"
         if self.on_error == "stop":
             raise DataError(line + " (set data.on_error=skip to drop such entries)")
         self.skipped.append(line)
 
+    def _roots(self) -> list[Path]:
+        """Where image files are looked for, in order: IMAGES_DIR, or the JSON's folder then its ``images/``."""
+        return [self.images_dir] if self.images_dir else [self.ann_file.parent, self.ann_file.parent / "images"]
+
     def _path(self, file_name: str) -> Path:
-        roots = [self.images_dir] if self.images_dir else [self.ann_file.parent, self.ann_file.parent / "images"]
+        roots = self._roots()
         for r in roots:
             if (r / file_name).is_file():
                 return r / file_name

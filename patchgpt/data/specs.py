@@ -1,6 +1,6 @@
 """Parse data specs (``digits``, ``folder:PATH``, ``idx:PATH``, ``emoji``, ``coco:ANN.json[:DIR]``,
-``coco-captions:CAPTIONS.json[:DIR]``, ``digit-scenes``, ``videos:PATH``, ``moving-digits``,
-``shards:PATTERN``) into train and validation sets.
+``coco-captions:CAPTIONS.json[:DIR]``, ``vqa:QUESTIONS.json:ANNOTATIONS.json[:DIR]``, ``digit-scenes``,
+``videos:PATH``, ``moving-digits``, ``shards:PATTERN``) into train and validation sets.
 
 `DATASETS` maps each spec's name (the part before ``:``) to a `Source`: its builder and one line of help.
 """
@@ -101,6 +101,19 @@ def _coco_captions_whole(train: ImageSet, val: ImageSet) -> ImageSet:
     return ConcatSet(first, val) if len(val) else first
 
 
+def _vqa_files(cfg: DataConfig, arg: str, classes: list[str] | None) -> Built:
+    from .vqa import VQAQuestions, split_by_image
+
+    i = arg.lower().find(".json:")
+    if i < 0:
+        raise DataError(f"vqa:{arg}: give both files, vqa:QUESTIONS.json:ANNOTATIONS.json[:IMAGES_DIR]")
+    answers, images_dir = _coco_args(arg[i + 6:])
+    ds = VQAQuestions(arg[:i + 5], answers, images_dir, channels=cfg.channels or 3, size=cfg.image_size or 64,
+                      resize=cfg.resize, on_error=cfg.on_error)
+    train, val = split_by_image(ds, cfg.val_fraction, cfg.split_seed)   # no image in both splits
+    return train, val, ds.info
+
+
 def _digit_scenes(cfg: DataConfig, arg: str, classes: list[str] | None) -> Built:
     from .scenes import digit_scenes
 
@@ -144,6 +157,9 @@ DATASETS: dict[str, Source] = {
     "coco-captions": Source(_coco_captions, "COCO caption annotations (captioning): each image with one of its "
                                             "captions; images next to the JSON by default",
                             "CAPTIONS.json[:IMAGES_DIR]", whole=_coco_captions_whole),
+    "vqa": Source(_vqa_files, "VQA v2 questions and annotations (visual question answering, soft accuracy); "
+                              "COCO images found by id, next to the questions file by default",
+                  "QUESTIONS.json:ANNOTATIONS.json[:IMAGES_DIR]"),
     "digit-scenes": Source(_digit_scenes, "detection scenes: 1-4 real handwritten digits pasted on 64x64 "
                                           "canvases, exact boxes", whole=lambda train, val: val),  # generated:
     # the validation scenes (disjoint handwriting) are the evaluation set

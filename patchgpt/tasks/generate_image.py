@@ -1,7 +1,10 @@
 """Autoregressive image generation: unconditional, class-conditional and text-conditional.
 
 The sequence is ``[condition] [bos] image tokens`` where the condition is nothing, one class token, or the
-caption's bytes (a bidirectional prefix). Image tokens are colour clusters (iGPT, Chen et al. 2020) or learned
+caption's bytes (a bidirectional prefix): whatever data carries captions (``item["text"]``: a folder's
+``metadata.jsonl``, ``coco-captions:``, ``emoji``) trains a text-to-image model, and ``patchgpt sample --prompt``
+draws from any new caption. Only a caption's first ``generate.text_len`` bytes condition the model (a warning
+says when captions or prompts are longer). Image tokens are colour clusters (iGPT, Chen et al. 2020) or learned
 VQ codes (VQGAN/LlamaGen style). During training the condition is replaced by the null condition with
 probability ``generate.p_uncond``, which enables classifier-free guidance at sampling time (Ho & Salimans
 2022; LlamaGen's doubled batch).
@@ -10,13 +13,16 @@ probability ``generate.p_uncond``, which enables classifier-free guidance at sam
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Sequence as SequenceOf
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
+from torch.utils.data import IterableDataset
 
 from ..config import ConfigError, RunConfig, check_choices, check_ranges
 from ..data import load_image
@@ -93,6 +99,25 @@ class Generate(Task):
         self.input = self.make_input()
         self.prefix_len = {"none": 0, "class": 1, "text": cfg.generate.text_len}[self.condition]
         self.backbone = build_backbone(cfg, self.vocab, 0, self.prefix_len + self.input.length, self.input.grid)
+
+    def fit(self, train_set: ImageSet, seed: int = 0) -> None:
+        """Fits the image tokenizer (`Task.fit`); for a text-conditional model, warns (one line) when captions
+        among the first 64 training items are longer than ``generate.text_len`` bytes, which are all it reads."""
+        super().fit(train_set, seed)
+        if self.condition == "text":
+            items = (islice(iter(train_set), 64) if isinstance(train_set, IterableDataset)    # shards: a stream
+                     else (train_set[i] for i in range(min(len(train_set), 64))))
+            self.warn_long([it["text"] for it in items if it is not None], "first training captions")
+
+    def warn_long(self, texts: list[str], what: str) -> None:
+        """One warning line if any of `texts` is longer than the ``generate.text_len`` bytes the model reads."""
+        n = self.cfg.generate.text_len
+        long = [t for t in texts if len(t.encode("utf-8")) > n]
+        if long:
+            longest = max(long, key=lambda t: len(t.encode("utf-8")))
+            print(f"patchgpt: warning: {len(long)} of {len(texts)} {what} exceed generate.text_len={n} bytes (e.g. "
+                  f"{longest[:48]!r}, {len(longest.encode('utf-8'))} bytes); only their first {n} bytes condition "
+                  f"the generator (raise generate.text_len when training)", file=sys.stderr)
 
     # ---- sequences -------------------------------------------------------------------------------------
     def condition_seq(self, batch: dict, drop: Tensor | None = None) -> Sequence | None:
@@ -292,6 +317,8 @@ class Generate(Task):
             raise ConfigError("this model is text-conditional: give --prompt TEXT, not --class")
         if self.condition == "none" and (classes or prompts):
             raise ConfigError("this model is unconditional: drop --class/--prompt")
+        if self.condition == "text" and prompts:
+            self.warn_long(prompts, "--prompt captions")
 
     def sample_png(self, path: str | Path, classes: list[str] | None = None, prompts: list[str] | None = None,
                    n: int = 8, **kw: Any) -> Path:
