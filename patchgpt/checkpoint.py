@@ -72,7 +72,7 @@ def step_dir(out: str | Path, step: int) -> Path:
 
 def save(out: str | Path, task: torch.nn.Module, cfg, step: int,
          optimizer: torch.optim.Optimizer | None = None, trainer: dict | None = None, keep: int = 2,
-         full: dict | None = None) -> Path:
+         full: dict | None = None, extra: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
     """Write checkpoint ``out/checkpoints/step_{step}`` atomically and prune this run's to the newest `keep`.
 
     Stages: a fresh hidden temp dir, the weights, the optimizer, ``trainer.json``, ``config.json``, fsync,
@@ -80,8 +80,9 @@ def save(out: str | Path, task: torch.nn.Module, cfg, step: int,
     the next save of a run sweeps away. `full` holds gathered FSDP state dicts (``model``, ``optimizer``)
     to write instead of the module's and the optimizer's own. `task` provides ``state_dict()`` and ``state()``
     (JSON saved beside the weights); `cfg` provides ``task`` and ``to_dict()``. Pruning removes only
-    checkpoints of the same run (``trainer["run"]``), never another run's. A failed write (a full disk)
-    leaves no temp dir behind and is one `CheckpointError`."""
+    checkpoints of the same run (``trainer["run"]``), never another run's. `extra` maps more safetensors
+    file names to tensors (the trained weights under an EMA, ``trained.safetensors``). A failed write (a
+    full disk) leaves no temp dir behind and is one `CheckpointError`."""
     root = Path(out) / CKPT_DIR
     try:
         root.mkdir(parents=True, exist_ok=True)
@@ -97,7 +98,7 @@ def save(out: str | Path, task: torch.nn.Module, cfg, step: int,
             old.rename(root / _step_name(old))
     tmp = root / f".tmp_step_{step:07d}_{os.getpid()}"
     try:
-        _write(tmp, task, cfg, step, optimizer, trainer, full)
+        _write(tmp, task, cfg, step, optimizer, trainer, full, extra)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(f"could not write checkpoint step {step} in {root} ({e.strerror or e}); "
@@ -125,7 +126,8 @@ def _run_of(ckpt: Path) -> str | None:
 
 
 def _write(tmp: Path, task: torch.nn.Module, cfg, step: int, optimizer: torch.optim.Optimizer | None,
-           trainer: dict | None, full: dict | None) -> None:
+           trainer: dict | None, full: dict | None, extra: dict[str, dict[str, torch.Tensor]] | None = None
+           ) -> None:
     """Every file of a checkpoint into the fresh directory `tmp`, fsynced; config.json last."""
     tmp.mkdir()
     sd = full["model"] if full is not None else task.state_dict()
@@ -135,6 +137,8 @@ def _write(tmp: Path, task: torch.nn.Module, cfg, step: int, optimizer: torch.op
         tensors, meta = _optimizer_tensors(full["optimizer"] if full is not None else optimizer.state_dict())
         save_file(tensors, str(tmp / "optimizer.safetensors"))
         _write_json(tmp / "optimizer.json", meta)
+    for name, tensors in (extra or {}).items():
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / name))
     if trainer is not None:
         _write_json(tmp / "trainer.json", trainer)
     # config.json last: its presence marks a complete checkpoint even without the rename.
@@ -198,6 +202,15 @@ def read_weights(path: str | Path, prefix: str = "") -> dict[str, torch.Tensor]:
     if not prefix:
         return weights
     return {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
+
+
+def read_extra(ckpt: str | Path, name: str) -> dict[str, torch.Tensor]:
+    """The tensors of the extra file `name` that `save(extra=...)` wrote into `ckpt`; a `CheckpointError`
+    when it is missing or unreadable."""
+    try:
+        return load_file(str(Path(ckpt) / name))
+    except Exception as e:  # noqa: BLE001 - safetensors raises several error types
+        raise CheckpointError(f"{ckpt}/{name}: missing or unreadable ({e})") from None
 
 
 def load_weights(task: torch.nn.Module, ckpt: str | Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import re
 import sys
@@ -91,6 +92,9 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--time", help="a wall-clock budget (300, 90s, 10m, 1.5h): the step count is set from the "
                    "throughput of the first steps, so the schedule ends on time (instead of --steps)")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    t.add_argument("--pretrain-steps", type=POSITIVE, metavar="N",
+                   help="first pretrain generatively for N steps on the same data (into OUT-pretrain), then train "
+                   "this task from it (--init); --set pretrain.KEY=... configures that stage")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.add_argument("--overwrite", action="store_true",
@@ -176,11 +180,14 @@ def cmd_train(a: argparse.Namespace) -> None:
         if not any(x.strip().startswith("train.eval_every=") for x in a.set):
             cfg.train.eval_every = 0  # the budget is for training: evaluate at the end only, unless asked
     for s in a.set:
-        set_override(cfg, s)
+        if not (a.pretrain_steps and s.strip().startswith("pretrain.")):
+            set_override(cfg, s)
     # Checked here too, before `train` sets threads and picks the device, so that every bad value is one line.
     check(cfg)
     task_class(cfg.task).check(cfg)
     try:
+        if a.pretrain_steps:
+            cfg.init = str(_pretrain_stage(cfg, a))
         out = train(cfg, resume=a.resume, quiet=a.quiet, overwrite=a.overwrite)
         main = dist.is_main()
     finally:
@@ -190,6 +197,42 @@ def cmd_train(a: argparse.Namespace) -> None:
     metrics = json.loads((out / "metrics.json").read_text()) if (out / "metrics.json").exists() else {}
     print(json.dumps({k: v for k, v in metrics.items() if isinstance(v, (int, float))}))
     print(f"run directory: {out}", file=sys.stderr)
+
+
+_SHARED = ("train.seed=", "train.compile=")
+
+
+def _pretrain_stage(cfg: RunConfig, a: argparse.Namespace) -> Path:
+    """``train TASK --pretrain-steps N``: generative pretraining on the task's own data, in ``OUT-pretrain``
+    (continued if an earlier call left it unfinished, reused if it finished, unless --overwrite); returns that
+    run directory."""
+    from . import checkpoint
+    from .train import train
+
+    if cfg.init:
+        raise ConfigError("--pretrain-steps starts from a fresh pretraining: drop --init, or drop --pretrain-steps")
+    name = task_class(cfg.task).pretrainer
+    if name is None:
+        raise ConfigError(f"--pretrain-steps: {cfg.task} does not start from a pretrained backbone")
+    pre = default_config(name)
+    pre.out = f"{str(cfg.out).rstrip('/')}-pretrain"
+    pre.size, pre.model = cfg.size, dataclasses.replace(cfg.model)
+    pre.data, pre.tokenizer = dataclasses.replace(cfg.data), dataclasses.replace(cfg.tokenizer)
+    pre.train.steps, pre.train.batch_size = a.pretrain_steps, cfg.train.batch_size
+    pre.train.log_every, pre.train.threads, pre.train.device = cfg.train.log_every, cfg.train.threads, cfg.train.device
+    for s in a.set:
+        if s.strip().startswith(_SHARED + ("pretrain.",)):
+            set_override(pre, s)
+    check(pre)
+    task_class(name).check(pre)
+    stage = Path(pre.out)
+    done = [c for c in checkpoint.list_checkpoints(stage) if c.name == f"step_{a.pretrain_steps:07d}"]
+    if done and not a.overwrite:
+        print(f"patchgpt: reusing the pretraining in {stage}", file=sys.stderr)
+        return stage
+    resume = bool(checkpoint.list_checkpoints(stage)) and not a.overwrite
+    train(pre, resume=resume, quiet=a.quiet, overwrite=a.overwrite)
+    return stage
 
 
 def cmd_shard(a: argparse.Namespace) -> None:

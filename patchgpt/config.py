@@ -33,8 +33,10 @@ class DataConfig:
     split_seed: int = 0
     on_error: str = "stop"       # unreadable file: stop | skip (skipped files are counted and reported)
     augment: bool = True         # random translation (and flips if `flip`) during training
-    shift: int = 1               # max translation in pixels
-    flip: bool = False           # horizontal flips (off by default: digits and text are not symmetric)
+    shift: int = -1              # max translation in pixels (-1: side / 14 for recognition, else 1)
+    flip: bool = False           # horizontal flips with shifts (off by default: digits and text are not symmetric)
+    crop: float = -1.0           # > 0: random resized crops of at least this area, with flips, instead of shifts
+    #                              (-1: 0.5 for colour images of 32 px and more where the task allows, else 0)
     num_workers: int = 0         # DataLoader worker processes for decoding
     frames: int = 0              # video: frames per clip; 0 = the source's default (videos: 8, moving-digits: 4)
     frame_stride: int = 0        # video: 0 = sample frames uniformly over the clip | N = every Nth from the start
@@ -54,7 +56,7 @@ class TokenizerConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 1000
+    steps: int = 1000            # 0: from the data, the task's `epochs` over the training set (1000..10000 steps)
     batch_size: int = 64         # images per optimizer step (split over `accum` micro-batches)
     accum: int = 1
     lr: float = 1e-3
@@ -74,6 +76,9 @@ class TrainConfig:
     threads: int = 0             # torch threads on CPU; 0 = torch's default
     fsdp: bool = False           # torchrun: shard parameters, gradients and optimizer state (FSDP2) instead of DDP
     time: float = 0.0            # a wall-clock budget in seconds (0 = none): steps follow the measured throughput
+    ema: float = 0.0             # decay of a moving average of the weights, evaluated and saved (0: none;
+    #                              -1: 1 - 10 / steps, within [0.99, 0.9999]: the last tenth of the run)
+    layer_decay: float = -1.0    # lr x layer_decay**(depth from the top) (-1: the task recipe with --init, else 1)
 
 
 @dataclass
@@ -221,20 +226,23 @@ def check(cfg: RunConfig) -> None:
         "model.max_frames": (m.max_frames, "[1, inf)"), "model.max_rows": (m.max_rows, "[1, inf)"),
         "model.max_cols": (m.max_cols, "[1, inf)"),
         "data.image_size": (d.image_size, "[0, inf)"), "data.channels": (d.channels, "[0, inf)"),
-        "data.val_fraction": (d.val_fraction, "[0, 1)"), "data.shift": (d.shift, "[0, inf)"),
+        "data.val_fraction": (d.val_fraction, "[0, 1)"), "data.shift": (d.shift, "[-1, inf)"),
+        "data.crop": (d.crop, "(0, 1]") if d.crop not in (-1, 0) else (1, "(0, 1]"),
         "data.num_workers": (d.num_workers, "[0, inf)"), "data.frames": (d.frames, "[0, inf)"),
         "data.frame_stride": (d.frame_stride, "[0, inf)"), "data.shuffle_buffer": (d.shuffle_buffer, "[1, inf)"),
         "data.split_seed": (d.split_seed, SEEDS),
         "tokenizer.patch_size": (tok.patch_size, "[0, inf)"), "tokenizer.n_colors": (tok.n_colors, "[2, inf)"),
         "tokenizer.tubelet": (tok.tubelet, "[1, inf)"),
-        "train.steps": (t.steps, "[1, inf)"), "train.batch_size": (t.batch_size, "[1, inf)"),
+        "train.steps": (t.steps, "[0, inf)"), "train.batch_size": (t.batch_size, "[1, inf)"),
         "train.accum": (t.accum, "[1, inf)"), "train.lr": (t.lr, "(0, inf)"),
         "train.min_lr_ratio": (t.min_lr_ratio, "[0, 1]"), "train.warmup": (t.warmup, "[0, inf)"),
         "train.weight_decay": (t.weight_decay, "[0, inf)"), "train.beta1": (t.beta1, "[0, 1)"),
         "train.beta2": (t.beta2, "[0, 1)"), "train.grad_clip": (t.grad_clip, "[0, inf)"),
         "train.log_every": (t.log_every, "[1, inf)"), "train.eval_every": (t.eval_every, "[0, inf)"),
         "train.ckpt_every": (t.ckpt_every, "[0, inf)"), "train.keep": (t.keep, "[1, inf)"),
-        "train.time": (t.time, "[0, inf)"),
+        "train.time": (t.time, "[0, inf)"), "train.ema": (t.ema, "[0, 1)") if t.ema != -1 else (0, "[0, 1)"),
+        "model.drop_path": (m.drop_path, "[0, 1)") if m.drop_path != -1 else (0, "[0, 1)"),
+        "train.layer_decay": (t.layer_decay, "(0, 1]") if t.layer_decay != -1 else (1, "(0, 1]"),
         "train.threads": (t.threads, "[0, inf)"), "train.seed": (t.seed, SEEDS),
     })
     if t.batch_size % t.accum:

@@ -33,7 +33,8 @@ class GPTConfig:
     vocab_size: int = 1
     patch_dim: int = 0           # 0: no continuous inputs
     dropout: float = 0.0
-    bias: bool = False
+    drop_path: float = -1.0      # stochastic depth, rising linearly to this rate at the last block
+    bias: bool = False           # (-1: the task's fine-tuning recipe picks it when training from --init)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -120,11 +121,21 @@ class MLP(nn.Module):
         return self.drop(self.proj(self.act(self.fc(x))))
 
 
-class Block(nn.Module):
-    """Pre-norm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+def drop_path(x: Tensor, rate: float, training: bool) -> Tensor:
+    """Stochastic depth (Huang et al. 2016): zero a residual branch for a random `rate` of the rows of the
+    (B, T, C) `x` while training, scaling the kept rows by 1 / (1 - rate)."""
+    if rate <= 0 or not training:
+        return x
+    keep = torch.rand(x.shape[0], 1, 1, device=x.device) >= rate                  # (B, 1, 1)
+    return x * keep.to(x.dtype) / (1 - rate)
 
-    def __init__(self, cfg: GPTConfig) -> None:
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(ln(x)), then x + mlp(ln(x)) (branches dropped at `drop_path`)."""
+
+    def __init__(self, cfg: GPTConfig, drop_path: float = 0.0) -> None:
         super().__init__()
+        self.drop_path = drop_path
         self.ln_1 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
         self.attn = Attention(cfg)
         self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
@@ -132,6 +143,9 @@ class Block(nn.Module):
 
     def forward(self, x: Tensor, mask: Tensor | None, is_causal: bool,
                 cache: KVCache | None = None, layer: int = 0) -> Tensor:
+        if self.drop_path > 0 and self.training:
+            x = x + drop_path(self.attn(self.ln_1(x), mask, is_causal, cache, layer), self.drop_path, True)
+            return x + drop_path(self.mlp(self.ln_2(x)), self.drop_path, True)
         x = x + self.attn(self.ln_1(x), mask, is_causal, cache, layer)
         return x + self.mlp(self.ln_2(x))
 
@@ -210,7 +224,8 @@ class GPT(nn.Module):
         self.col_emb = nn.Embedding(cfg.max_cols + 1, C)
         self.patch_proj = nn.Linear(cfg.patch_dim, C) if cfg.patch_dim > 0 else None
         self.drop = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
-        self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)])
+        L, rate = cfg.n_layer, max(0.0, cfg.drop_path)
+        self.blocks = nn.ModuleList([Block(cfg, rate * i / max(1, L - 1)) for i in range(L)])
         self.ln_f = nn.LayerNorm(C, bias=cfg.bias)
         self.lm_head = nn.Linear(C, cfg.vocab_size, bias=False)
         self.apply(self._init_weights)

@@ -11,8 +11,10 @@ Reference for the optimizer recipe: karpathy/nanoGPT `train.py`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import re
 import signal
 import sys
 import time
@@ -27,10 +29,11 @@ from tqdm import tqdm
 
 from . import checkpoint, dist, rundir
 from .budget import TimeBudget
-from .config import ConfigError, RunConfig, check
+from .config import ConfigError, RunConfig, TrainConfig, check
 from .data import build_datasets, eval_batches, train_batches
-from .data.base import DataError, DataInfo, ImageSet, batch_len, to_device
+from .data.base import DataError, DataInfo, ImageSet, auto_augmentation, batch_len, to_device
 from .data.shards import stream_batches
+from .ema import EMA
 from .evaluate import evaluate
 from .files import atomic_write_text
 from .model import GPTConfig
@@ -58,13 +61,34 @@ def lr_at(step: int, cfg: RunConfig) -> float:
     return t.lr * (t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
 
 
+_EMBEDDINGS = ("wte", "wpe", "frame_emb", "row_emb", "col_emb", "patch_proj")
+
+
+def layer_id(name: str, n_layer: int) -> int:
+    """Depth of parameter `name` for layer-wise lr decay: 0 for the input embeddings, i + 1 for block i,
+    n_layer + 1 for the rest (final norm, heads)."""
+    block = re.search(r"(?:^|\.)blocks\.(\d+)\.", name)
+    if block:
+        return int(block.group(1)) + 1
+    if any(f".{e}." in f".{name}" for e in _EMBEDDINGS):
+        return 0
+    return n_layer + 1
+
+
 def make_optimizer(task: Task, cfg: RunConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW; matrices (dim >= 2) decay, vectors (norms, biases) do not."""
-    params = [p for p in task.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg.train.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
+    """AdamW; matrices (dim >= 2) decay, vectors (norms, biases) do not. With ``train.layer_decay`` < 1
+    (BEiT/MAE fine-tuning), a parameter at depth d (`layer_id`) learns at lr * layer_decay**(n_layer + 1 - d):
+    the head at the full rate, the embeddings slowest (each group's ``lr_scale``)."""
+    t, L = cfg.train, cfg.model.n_layer
+    rate = t.layer_decay if t.layer_decay > 0 else 1.0
+    buckets: dict[tuple[int, bool], list] = {}
+    for name, p in task.named_parameters():
+        if p.requires_grad:
+            depth = layer_id(name, L) if rate < 1 else L + 1
+            buckets.setdefault((depth, p.dim() >= 2), []).append(p)
+    groups = [{"params": ps, "weight_decay": t.weight_decay if decays else 0.0,
+               "lr_scale": rate ** (L + 1 - depth)}
+              for (depth, decays), ps in sorted(buckets.items(), key=lambda kv: (kv[0][0], not kv[0][1]))]
     fused = device.type == "cuda"
     return torch.optim.AdamW(groups, lr=cfg.train.lr, betas=(cfg.train.beta1, cfg.train.beta2), fused=fused)
 
@@ -83,7 +107,9 @@ def prepare(cfg: RunConfig, fresh: bool = True) -> tuple[Task, ImageSet, ImageSe
     if init_meta is not None:
         src = config_from_dict(init_meta["config"])
         # The backbone's shape and the input tokenizer come from the checkpoint being fine-tuned.
+        drop = cfg.model.drop_path  # regularisation is this run's choice, not the checkpoint's
         cfg.model, cfg.tokenizer, cfg.size = GPTConfig.from_dict(src.model.to_dict()), src.tokenizer, src.size
+        cfg.model.drop_path = drop
         st = init_meta["state"]
         if cfg.data.spec != "digits":  # decode the new data like the data the checkpoint saw
             cfg.data.image_size = cfg.data.image_size or st["image_size"][0]
@@ -91,18 +117,50 @@ def prepare(cfg: RunConfig, fresh: bool = True) -> tuple[Task, ImageSet, ImageSe
             cfg.data.frames = cfg.data.frames or st.get("frames", 0)  # clips: as many frames as pretraining saw
     if fresh:
         resolve_runs(cfg.tokenizer)
+        recipe = cls.finetune if cfg.init else {}
+        if cfg.model.drop_path == -1:
+            cfg.model.drop_path = recipe.get("drop_path", 0.0)
+        if cfg.train.layer_decay == -1:
+            cfg.train.layer_decay = recipe.get("layer_decay", 1.0)
     train_set, val_set, info = build_datasets(cfg.data)
     if init_meta is not None:
         st = init_meta["state"]
         if (info.channels, tuple(info.image_size)) != (st["channels"], tuple(st["image_size"])):
             raise ConfigError(f"--init {cfg.init} was trained on {st['channels']}x{st['image_size']} images, "
                               f"this data is {info.channels}x{list(info.image_size)}")
+    augmentation = auto_augmentation(cfg.data, info.channels, tuple(info.image_size), cls.augment_by_size)
+    steps = auto_steps(cfg.train, train_set, cls.epochs)
     task = cls(cfg, info)
+    task.notes += [augmentation] + ([steps] if steps else [])
     if fresh:
         if cfg.init:
             task.init_from(cfg.init)
         task.fit(train_set, seed=cfg.train.seed)
     return task, train_set, val_set, info
+
+
+MIN_AUTO_STEPS, MAX_AUTO_STEPS = 1000, 10000
+
+
+def auto_steps(t: TrainConfig, train_set: ImageSet, epochs: float) -> str:
+    """``train.steps=0``: `epochs` passes over `train_set` at ``train.batch_size``, within [1000, 10000] steps
+    (small sets get more passes, large ones fewer); returns the note for the start-up line ('' if set)."""
+    if t.steps:
+        return ""
+    try:
+        n = len(train_set)
+    except TypeError:  # a stream of unknown length
+        n = 0
+    want = math.ceil(epochs * n / t.batch_size) if n else MIN_AUTO_STEPS
+    t.steps = min(MAX_AUTO_STEPS, max(MIN_AUTO_STEPS, want))
+    return (f"{t.steps} steps: {t.steps * t.batch_size / max(1, n):.1f} passes over {n} images at batch "
+            f"{t.batch_size} (set --steps or --time to choose)")
+
+
+def ema_decay(t: TrainConfig) -> float:
+    """``train.ema``, or for -1 (auto) ``1 - 10 / steps`` within [0.99, 0.9999]: an average over about the
+    last tenth of the run."""
+    return t.ema if t.ema >= 0 else min(0.9999, max(0.99, 1 - 10 / max(1, t.steps)))
 
 
 class _Stop:
@@ -161,6 +219,11 @@ class Run:
     log: IO[str] | None = None  # log.jsonl, open on rank 0
     last_ckpt: int = 0
     files: dict[str, Any] = field(default_factory=dict)  # the latest evaluation's large outputs
+    ema: EMA | None = None      # with ``train.ema``: the averaged weights, evaluated and saved
+
+    def averaged(self) -> contextlib.AbstractContextManager:
+        """A block in which the task holds the weights to evaluate and save (the EMA's, if any)."""
+        return self.ema.swapped(self.task) if self.ema is not None else contextlib.nullcontext()
 
     def write_log(self, row: dict) -> None:
         if self.log is not None:
@@ -203,7 +266,7 @@ def train(cfg: RunConfig, resume: bool = False, quiet: bool = False, until: int 
                 t0 = time.perf_counter()
                 lr = lr_at(step, cfg)
                 for g in run.opt.param_groups:
-                    g["lr"] = lr
+                    g["lr"] = lr * g.get("lr_scale", 1.0)
                 total, logs, n_img, stopping, gnorm = train_step(run, batches, step, stop)
                 step += 1
                 dt = time.perf_counter() - t0
@@ -228,9 +291,11 @@ def train(cfg: RunConfig, resume: bool = False, quiet: bool = False, until: int 
             run.log.close()
     if step == t.steps and env.main:
         final = load(checkpoint.resolve(run.out), env.device) if t.fsdp else run.task
-        if not metrics:  # resumed a run that had already finished: evaluate its final checkpoint again
-            metrics, run.files = evaluate(final, eval_batches(run.val_set, 256, cfg.data.num_workers), env.device)
-        finish(final, cfg, run.out, metrics, run.val_set, run.files)
+        with run.averaged() if final is run.task else contextlib.nullcontext():
+            if not metrics:  # resumed a run that had already finished: evaluate its final checkpoint again
+                metrics, run.files = evaluate(final, eval_batches(run.val_set, 256, cfg.data.num_workers),
+                                              env.device)
+            finish(final, cfg, run.out, metrics, run.val_set, run.files)
     dist.barrier()
     return run.out
 
@@ -272,6 +337,10 @@ def setup(cfg: RunConfig, resume: bool, quiet: bool, overwrite: bool = False) ->
                           f"train.accum={t.accum}")
     if t.fsdp and not env.distributed:
         raise ConfigError("train.fsdp=true shards over processes: start the run with torchrun")
+    if t.fsdp and t.ema > 0:
+        raise ConfigError("train.ema with train.fsdp is not supported: the average would need sharding too")
+    if t.fsdp:
+        t.ema = 0.0  # the auto EMA (-1) is left out under FSDP
     torch.manual_seed(t.seed)
     task, train_set, val_set, info = prepare(cfg, fresh=not resume)
     task.to(env.device)
@@ -280,6 +349,15 @@ def setup(cfg: RunConfig, resume: bool, quiet: bool, overwrite: bool = False) ->
     blocks = [b for net in task.networks() for b in getattr(net, "blocks", [])]
     model = dist.wrap(task, env, blocks, t.fsdp)
     run = Run(cfg, env, task, model, make_optimizer(task, cfg, env.device), train_set, val_set, out, run_id)
+    if t.ema != 0:
+        run.ema = EMA(task, ema_decay(t))  # resumed: model.safetensors holds the average, trained.safetensors
+        #                                    the weights the optimizer steps
+        if ckpt is not None:
+            trained = checkpoint.read_extra(ckpt, "trained.safetensors")
+            with torch.no_grad():
+                for name, p in task.named_parameters():
+                    if name in trained:
+                        p.copy_(trained[name])
     log_path = out / "log.jsonl"
     if ckpt is not None:
         run.start = run.last_ckpt = checkpoint.load_training_state(ckpt, run.opt,
@@ -311,8 +389,8 @@ def _print_start(run: Run, info: DataInfo) -> None:
           f"tokens/image, global batch {t.batch_size} = {env.world} processes x {t.accum} accum x {micro_bs} per "
           f"micro-batch, {t.steps} steps on {env.device}{wrapper}", file=sys.stderr)
     note = getattr(getattr(run.task, "input", None), "note", "")
-    if note:
-        print(f"patchgpt: {note}", file=sys.stderr)
+    for line in ([note] if note else []) + run.task.notes:
+        print(f"patchgpt: {line}", file=sys.stderr)
 
 
 def _batches(run: Run, endless: bool = False) -> Iterator[dict]:
@@ -373,17 +451,26 @@ def train_step(run: Run, batches: Iterator[dict], step: int, stop: _Stop
     gnorm = torch.nn.utils.clip_grad_norm_(run.task.parameters(), t.grad_clip) if t.grad_clip > 0 else None
     run.opt.step()
     run.opt.zero_grad(set_to_none=True)
+    if run.ema is not None:
+        run.ema.decay = ema_decay(t)  # a time budget may have set the step count since
+        run.ema.update(run.task, step)
     return total, logs, n_img, stopping, gnorm
 
 
 def evaluate_and_save(run: Run, step: int, stopping: bool) -> dict | None:
     """Evaluate when due (``train.eval_every`` and the last step) and checkpoint when due (evaluations,
     ``train.ckpt_every``, a stop); returns the new metrics, or None when there was no evaluation."""
-    cfg, t, env = run.cfg, run.cfg.train, run.env
+    t = run.cfg.train
     do_eval = step == t.steps or bool(t.eval_every and step % t.eval_every == 0)
-    metrics = None
     if not (do_eval or (t.ckpt_every and step % t.ckpt_every == 0) or stopping):
         return None
+    with run.averaged():
+        return _save_and_evaluate(run, step, do_eval)
+
+
+def _save_and_evaluate(run: Run, step: int, do_eval: bool) -> dict | None:
+    cfg, t, env = run.cfg, run.cfg.train, run.env
+    metrics = None
     saved_at = _save(run, step)  # first: an evaluation that fails loses no training
     run.last_ckpt = step
     if do_eval and env.main:
@@ -425,9 +512,12 @@ def _save(run: Run, step: int) -> Path:
         full = {"model": get_model_state_dict(run.task, options=opts),
                 "optimizer": get_optimizer_state_dict(run.task, run.opt, options=opts)}
     path = checkpoint.step_dir(run.out, step)
+    extra = None
+    if run.ema is not None:  # saved inside `run.averaged()`: the EMA holds the trained weights meanwhile
+        extra = {"trained.safetensors": run.ema.state_dict()}
     if run.env.main:
         path = checkpoint.save(run.out, run.task, run.cfg, step, run.opt, {"step": step, "run": run.run_id},
-                               keep=run.cfg.train.keep, full=full)
+                               keep=run.cfg.train.keep, full=full, extra=extra)
     dist.barrier()
     return path
 

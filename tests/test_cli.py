@@ -116,3 +116,22 @@ def test_help_lists_commands(capsys):
     out = capsys.readouterr().out
     for word in ("quickstart", "train", "eval", "predict", "folder:PATH", "--set"):
         assert word in out
+
+
+def test_pretrain_steps_then_fine_tune_in_one_command(tmp_path, capsys):
+    data = write_folder(tmp_path / "imgs")
+    run_dir = tmp_path / "cls"
+    argv = ["train", "classify", "--data", f"folder:{data}", "--model", "nano", "--out", str(run_dir),
+            "--steps", "3", "--pretrain-steps", "2", "--quiet", "--set", "data.image_size=8",
+            "--set", "train.batch_size=8", "--set", "pretrain.norm_pix=false", "--set", "train.warmup=1"]
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 0, err
+    pre = tmp_path / "cls-pretrain"
+    pre_cfg = json.loads((pre / "config.json").read_text())
+    cfg = json.loads((run_dir / "config.json").read_text())
+    assert pre_cfg["task"] == "pretrain" and pre_cfg["train"]["steps"] == 2 and not pre_cfg["pretrain"]["norm_pix"]
+    assert pre_cfg["data"]["spec"] == cfg["data"]["spec"] and pre_cfg["train"]["batch_size"] == 8
+    assert cfg["init"] == str(pre) and cfg["train"]["layer_decay"] == 0.75 and cfg["model"]["drop_path"] == 0.1
+    # Called again, it reuses the finished pretraining.
+    code, out, err = run_cli(capsys, *[x for x in argv if x != "--quiet"], "--resume")
+    assert code == 0 and "reusing the pretraining" in err, err

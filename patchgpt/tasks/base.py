@@ -26,6 +26,7 @@ from ..model import GPT
 from ..rng import RowRNG
 from ..sequence import IGNORE, Sequence, Vocab, concat, tokens
 from ..tokenizers import PixelInput
+from ..tokenizers.patches import RECOGNITION_TARGET, TOKEN_TARGET
 
 
 def next_token_loss(logits: Tensor, seq: Sequence) -> Tensor:
@@ -36,6 +37,18 @@ def next_token_loss(logits: Tensor, seq: Sequence) -> Tensor:
     valid = (seq.labels.reshape(-1) != IGNORE).float()
     w = valid if seq.weights is None else valid * seq.weights.reshape(-1)
     return (loss * w).sum() / w.sum().clamp(min=1e-8)
+
+
+def on_gpu(cfg: RunConfig) -> bool:
+    """Whether the run will train on an accelerator (``train.device``, or auto with one present)."""
+    d = cfg.train.device
+    return d in ("cuda", "mps") or (d == "auto" and torch.cuda.is_available())
+
+
+def recognition_target(cfg: RunConfig) -> int:
+    """`Task.token_target` of recognition: few tokens on a CPU (28 px -> 7x7 patches, 16 tokens: 3x the
+    throughput of 4x4 at the same accuracy for a laptop's time budget), many on a GPU (224 px -> 14x14)."""
+    return RECOGNITION_TARGET["gpu" if on_gpu(cfg) else "cpu"]
 
 
 def build_backbone(cfg: RunConfig, vocab: Vocab, patch_dim: int, length: int, grid: tuple[int, int],
@@ -95,11 +108,20 @@ class Task(nn.Module, metaclass=ABCMeta):
     metric_keys: ClassVar[tuple[str, ...]] = ()   # what ``metric().compute()`` returns besides ``val_loss``
     demo_data: ClassVar[str] = "digits"          # a bundled data spec the task trains on (tests, examples)
     demo_options: ClassVar[dict] = {}            # `predict_files` options a demo call needs (a question)
+    # Fine-tuning from --init: values for the settings left at -1 (auto), ``drop_path`` (model.drop_path) and
+    # ``layer_decay`` (train.layer_decay); without --init they are 0 and 1 (off).
+    finetune: ClassVar[dict[str, float]] = {}
+    # Recognition: crops and flips keep the targets, so auto augmentation follows the image size (shifts of a
+    # fourteenth of the side; crops and flips for colour photographs); else 1-pixel shifts (``data.shift=-1``).
+    augment_by_size: ClassVar[bool] = False
+    epochs: ClassVar[float] = 10.0   # passes over the training set when ``train.steps=0`` (auto)
+    pretrainer: ClassVar[str | None] = "pretrain"   # the task ``--pretrain-steps`` runs first (None: none)
 
     def __init__(self, cfg: RunConfig, info: DataInfo) -> None:
         super().__init__()
         self.cfg, self.info = cfg, info
         self.vocab = Vocab()
+        self.notes: list[str] = []   # choices made for the user (auto settings), printed at start-up
 
     # ---- configuration: class methods, used before a task exists -------------------------------------------
 
@@ -121,11 +143,18 @@ class Task(nn.Module, metaclass=ABCMeta):
         if info.frames and not self.reads_clips:
             raise DataError(f"{cfg.data.spec} holds clips: use video-classify or video-pretrain")
         try:
-            return PixelInput(cfg.tokenizer, info.channels, tuple(info.image_size), self.vocab, info.frames)
+            return PixelInput(cfg.tokenizer, info.channels, tuple(info.image_size), self.vocab, info.frames,
+                              self.token_target(cfg))
         except ConfigError:
             raise
         except ValueError as e:
             raise ConfigError(str(e)) from None
+
+    @classmethod
+    def token_target(cls, cfg: RunConfig) -> int:
+        """Tokens per image the automatic patch size aims at (``tokenizer.patch_size=0``): 64, fine enough for
+        pixels, boxes and words to be written back (recognition tasks choose by machine)."""
+        return TOKEN_TARGET
 
     def unused_parameters(self) -> list[str]:
         """Trainable parameters the loss does not reach by design (the contract test allows them): the
@@ -190,12 +219,13 @@ class Task(nn.Module, metaclass=ABCMeta):
 
     def augment(self, batch: dict, rng: RowRNG) -> dict:
         """Training-time augmentation of a batch (``data.augment``): random shifts and, with ``data.flip``,
-        horizontal flips of the pixels. Tasks whose targets move with the pixels (boxes) override it."""
+        horizontal flips of the pixels, or random resized crops with flips (``data.crop``). Tasks whose targets
+        move with the pixels (boxes) override it."""
         d = self.cfg.data
         if not d.augment:
             return batch
         key = input_key(batch)
-        return {**batch, key: augment(batch[key], rng, d.shift, d.flip)}
+        return {**batch, key: augment(batch[key], rng, max(0, d.shift), d.flip, max(0.0, d.crop))}
 
     # ---- inference -----------------------------------------------------------------------------------------
 

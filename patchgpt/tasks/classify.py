@@ -24,7 +24,7 @@ from ..files import atomic_write_text
 from ..report import save_confusion, save_rows
 from ..rng import RowRNG
 from ..sequence import Sequence
-from .base import Task, build_backbone
+from .base import Task, build_backbone, recognition_target
 
 
 @dataclass
@@ -67,9 +67,20 @@ class Classify(Task):
         'patchgpt predict runs/cls cat.jpg dog.png',
     ]
 
+    augment_by_size = True
+    finetune = {"layer_decay": 0.75, "drop_path": 0.1}   # BEiT/MAE fine-tuning practice, from --init
+
+    epochs = 15
+
     @classmethod
     def defaults(cls, cfg: RunConfig) -> None:
-        cfg.train.lr, cfg.train.steps, cfg.train.warmup = 5e-4, 1000, 50
+        """From the data: 15 epochs (at least 1000 steps), batch 128, an EMA of the weights (see README)."""
+        cfg.train.lr, cfg.train.steps, cfg.train.warmup, cfg.train.batch_size = 1e-3, 0, 100, 128
+        cfg.train.ema = -1
+
+    @classmethod
+    def token_target(cls, cfg: RunConfig) -> int:
+        return recognition_target(cfg)
 
     @classmethod
     def check(cls, cfg: RunConfig) -> None:

@@ -24,7 +24,7 @@ from ..report import save_rows
 from ..rng import RowRNG
 from ..sequence import IGNORE, Sequence
 from ..tokenizers import normalize_patches
-from .base import Task, build_backbone, next_token_loss
+from .base import Task, build_backbone, next_token_loss, recognition_target
 
 
 @dataclass
@@ -39,6 +39,7 @@ class Pretrain(Task):
     """Next-patch or next-token prediction over images."""
 
     name = "pretrain"
+    augment_by_size = True
     section = "pretrain"
     Config = PretrainConfig
     output_keys = ("loss", "pred")
@@ -52,6 +53,10 @@ class Pretrain(Task):
     @classmethod
     def defaults(cls, cfg: RunConfig) -> None:
         cfg.train.lr, cfg.train.steps, cfg.train.warmup = 1e-3, 1500, 100
+
+    @classmethod
+    def token_target(cls, cfg: RunConfig) -> int:
+        return recognition_target(cfg)
 
     @classmethod
     def check(cls, cfg: RunConfig) -> None:

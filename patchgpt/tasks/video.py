@@ -23,6 +23,7 @@ from ..config import ConfigError, RunConfig
 from ..data.base import ImageSet
 from ..report import save_rows
 from ..sequence import IGNORE, Sequence
+from ..tokenizers.patches import TOKEN_TARGET
 from .classify import Classify
 from .pretrain import Pretrain, PretrainMetric
 
@@ -44,6 +45,8 @@ class VideoClassify(Classify):
 
     name = "video-classify"
     reads_clips = True
+    pretrainer = "video-pretrain"
+    augment_by_size = False   # clips keep the image tasks' earlier defaults: 1-pixel shifts, 64 tokens a slice
     demo_data = "moving-digits"
     examples = [
         'patchgpt train video-classify --data videos:~/clips --out runs/clips',
@@ -53,6 +56,10 @@ class VideoClassify(Classify):
     @classmethod
     def defaults(cls, cfg: RunConfig) -> None:
         clip_defaults(cfg)
+
+    @classmethod
+    def token_target(cls, cfg: RunConfig) -> int:
+        return TOKEN_TARGET
 
     @classmethod
     def check(cls, cfg: RunConfig) -> None:
@@ -65,6 +72,8 @@ class VideoPretrain(Pretrain):
 
     name = "video-pretrain"
     reads_clips = True
+    pretrainer = "video-pretrain"
+    augment_by_size = False
     demo_data = "moving-digits"
     metric_keys = ("next_frames_mse", "repeat_last_frame_mse")
     examples = ["patchgpt train video-pretrain --data moving-digits --out runs/vpre"]
@@ -73,6 +82,10 @@ class VideoPretrain(Pretrain):
     def defaults(cls, cfg: RunConfig) -> None:
         clip_defaults(cfg)
         cfg.pretrain.norm_pix = False  # next-frame pictures roll predictions out in pixel space
+
+    @classmethod
+    def token_target(cls, cfg: RunConfig) -> int:
+        return TOKEN_TARGET
 
     @classmethod
     def check(cls, cfg: RunConfig) -> None:

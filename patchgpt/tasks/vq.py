@@ -46,6 +46,7 @@ class TrainVQ(Task):
     """Reconstruct images through a quantized bottleneck."""
 
     name = "vq"
+    pretrainer = None   # trains its own encoder
     section = "vq"
     Config = VQTrainConfig
     output_keys = ("codes", "recon")

@@ -18,7 +18,7 @@ from ..config import TokenizerConfig
 from ..sequence import Sequence, Vocab, concat, tokens
 from .base import Tokenizer
 from .colors import ColorClusters
-from .patches import Patches, auto_patch_size
+from .patches import TOKEN_TARGET, Patches, auto_patch_size
 from .tubelets import Tubelets
 from .vq import VQVAE, VQCodes, VQConfig, load_vq_run, vq_run_config
 
@@ -38,19 +38,20 @@ class PixelInput(nn.Module):
         channels, image_size: the data's pixels.
         vocab: the task's shared vocabulary.
         frames: frames per clip (clips are read as tubelets); 0 for images.
+        token_target: tokens per image (per time slice) the automatic patch size aims at (``patch_size=0``).
     Raises:
         ValueError: the clip shape does not divide into tubelets (the message names the settings).
     """
 
     def __init__(self, cfg: TokenizerConfig, channels: int, image_size: tuple[int, int], vocab: Vocab,
-                 frames: int = 0) -> None:
+                 frames: int = 0, token_target: int = TOKEN_TARGET) -> None:
         super().__init__()
         self.kind = cfg.kind
         self.channels, self.image_size = channels, tuple(image_size)   # the data's pixels
         self.key = "video" if frames else "image"   # the batch entry this input reads
         self.note = ""                               # how the input was chosen, for the start-up line
         if cfg.kind == "patches" and cfg.patch_size == 0:
-            cfg.patch_size, self.note = auto_patch_size(*image_size)   # saved in the run's config
+            cfg.patch_size, self.note = auto_patch_size(*image_size, target=token_target)   # saved in the config
         self.tok: Tokenizer
         if frames:
             if cfg.kind != "patches":

@@ -20,17 +20,18 @@ def grid_positions(frames: int, rows: int, cols: int, device: torch.device | str
     return torch.stack([f, r, c], dim=-1).reshape(-1, 3).to(device) + 1  # (F, R, W, 3) -> (N, 3)
 
 
-TOKEN_TARGET = 64   # tokens per image a laptop CPU trains on quickly (8x8 digits: 16; 32x32: 64)
+TOKEN_TARGET = 64   # tokens per image for dense tasks (generation, boxes, words) on a laptop CPU
+RECOGNITION_TARGET = {"cpu": 36, "gpu": 256}   # for classification (and its pretraining), by machine
 
 
 def auto_patch_size(H: int, W: int, target: int = TOKEN_TARGET) -> tuple[int, str]:
     """The patch size for H x W images when the user has not chosen one, and why.
 
     The smallest P >= 2 dividing both sides whose (H/P) x (W/P) grid has at most `target` tokens (and at least
-    a sixteenth of it): as fine as
-    the budget allows (8x8 -> 2, 16 tokens; 28x28 -> 4, 49; 32x32 -> 4, 64; 64x64 -> 8; 224x224 -> 28). Sizes
-    with no such divisor take the divisor whose token count is nearest the target; `--set tokenizer.patch_size`
-    always wins (on a GPU, finer patches such as 16 for 224 px pay off)."""
+    a sixteenth of it): as fine as the budget allows (target 64: 8x8 -> 2, 16 tokens; 28x28 -> 4, 49; 32x32 ->
+    4, 64; 64x64 -> 8; 224x224 -> 28; target 36, classification on a CPU: 28x28 -> 7, 16 tokens; 32x32 -> 8).
+    Sizes with no such divisor take the divisor whose token count is nearest the target;
+    `--set tokenizer.patch_size` always wins."""
     fits = [p for p in range(1, min(H, W) + 1) if H % p == 0 and W % p == 0]
     good = [p for p in fits if p >= 2 and target // 16 <= (H // p) * (W // p) <= target]
     if good:
