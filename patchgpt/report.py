@@ -279,3 +279,30 @@ def save_detection_grid(path: str | Path, panels: list[Image.Image], ncol: int =
         r, c = divmod(i, cols)
         sheet.paste(p, (pad + c * (w + pad), pad + r * (h + pad)))
     return _save_png(path, sheet)
+
+
+def save_panel_rows(path: str | Path, rows: list[tuple[str, list[Image.Image]]], pad: int = 4,
+                    marks: list[list[str]] | None = None) -> Path:
+    """Labelled rows of equally sized RGB panels (e.g. images with boxes drawn) as one PNG; returns the path.
+
+    Each row is ``(label, panels)``: the label on a line of its own above the panels. `marks` (optional, one
+    colour per panel, "" for none) draws a 4-pixel strip of that colour under each panel.
+    """
+    font = _font(12)
+    w, h = next((p.size for _, panels in rows for p in panels), (1, 1))
+    strip = 6 if marks else 0
+    line = 16
+    cols = max([len(panels) for _, panels in rows] + [1])
+    row_h = line + h + strip + pad
+    sheet = Image.new("RGB", (cols * w + (cols + 1) * pad, max(1, len(rows) * row_h + pad)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for r, (label, panels) in enumerate(rows):
+        y = pad + r * row_h
+        draw.text((pad, y + line / 2), label, fill="black", font=font, anchor="lm")
+        for c, p in enumerate(panels):
+            x = pad + c * (w + pad)
+            sheet.paste(p.convert("RGB"), (x, y + line))
+            colour = marks[r][c] if marks and c < len(marks[r]) else ""
+            if colour:
+                draw.rectangle([x, y + line + h + 1, x + w - 1, y + line + h + strip - 2], fill=colour)
+    return _save_png(path, sheet)

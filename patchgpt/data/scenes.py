@@ -7,16 +7,31 @@ digits and their layout ("a small 3 left of a large 7"), and one question-answer
 from the exact boxes (`ask`), makes it a VQA set whose answers are always right. Training and validation scenes
 draw their digits from disjoint halves of the 1,797 handwritten digits (the same fixed split as ``digits``), so
 validation measures detection of handwriting never seen in training.
+
+Two options, written after the spec's colon (``digit-scenes:holdout=0,canvas=64``, `scene_options`):
+
+- ``holdout=N`` holds out 10 (digit pair, relation) combinations from the training scenes (`held_out`, seeded by
+  N): no training scene shows, between any two of its digits, a held-out combination such as "a 3 left of a 7"
+  (by the rule `describe` uses for two digits), while "a 7 left of a 3" and "a 3 above a 7" stay. A training
+  scene is the scene without the option unless that one shows a held-out combination; then it is redrawn
+  (a pure function of (seed, index, attempt)). Validation scenes are unchanged. The held-out captions
+  (`held_out_captions`) are for checking a text-to-image model on combinations it never saw.
+- ``canvas=PX`` draws each scene on a PX canvas (layout, digit sizes, captions and questions as there) and
+  resizes it to ``data.image_size``: the same scenes at a lower resolution, e.g. for a generator.
 """
 
 from __future__ import annotations
 
 import random
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
-from .base import DataInfo, ImageSet, Item, split
+from .base import DataError, DataInfo, ImageSet, Item, split
 from .digits import Digits
 
 
@@ -42,16 +57,22 @@ class DigitScenes(ImageSet):
         scale: (min, max) digit side in pixels.
         seed: scene generator seed.
         max_overlap: largest IoU allowed between two pasted digit squares.
+        holdout: (digit, relation, digit) combinations no scene may show between two of its digits (`held_out`).
+        canvas: side of the canvas the scene is drawn on (0: `size`); the image is then resized to `size`.
+            Boxes (normalized), captions and questions follow the canvas; ``meta`` is in pixels of the image.
     """
 
     def __init__(self, digits: ImageSet, n: int, size: int = 64, min_digits: int = 1, max_digits: int = 4,
-                 scale: tuple[int, int] = (12, 28), seed: int = 0, max_overlap: float = 0.1) -> None:
+                 scale: tuple[int, int] = (12, 28), seed: int = 0, max_overlap: float = 0.1,
+                 holdout: Iterable[tuple[int, str, int]] = (), canvas: int = 0) -> None:
         self.digits = digits
         self.labels_ = digits.labels()
         self.n, self.size, self.seed = n, size, seed
+        self.canvas = canvas or size
         self.min_digits, self.max_digits = min_digits, max_digits
-        self.scale = (min(scale[0], size), min(scale[1], size))
+        self.scale = (min(scale[0], self.canvas), min(scale[1], self.canvas))
         self.max_overlap = max_overlap
+        self.holdout = frozenset(holdout)
         self.info = DataInfo(channels=1, image_size=(size, size), classes=[str(i) for i in range(10)],
                              boxes=True, category_ids=list(range(1, 11)), max_objects=max_digits, captions=True)
 
@@ -61,8 +82,37 @@ class DigitScenes(ImageSet):
     def __getitem__(self, i: int) -> Item:
         if not 0 <= i < self.n:
             raise IndexError(i)
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
-        S = self.size
+        for attempt in range(MAX_REDRAWS):   # without a holdout, or when it shows none: the first draw
+            canvas, boxes, classes = self._draw(torch.Generator().manual_seed(self._seed(i, attempt)))
+            if not self.holdout or not relations(boxes, classes) & self.holdout:
+                break
+        else:
+            raise RuntimeError(f"digit-scenes: scene {i} showed a held-out combination {MAX_REDRAWS} times")
+        S, out = self.canvas, self.size
+        image = canvas[None]                                                      # (1, S, S) in [0, 1]
+        if out != S:
+            mode = dict(mode="area") if out < S else dict(mode="bilinear", align_corners=False)
+            image = F.interpolate(image[None], size=(out, out), **mode)[0].clamp(0, 1)   # (1, out, out)
+        px = torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)              # (N, 4) canvas pixels xyxy
+        gt = [{"bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]], "category_id": c + 1, "iscrowd": 0}
+              for b, c in zip(boxes, classes, strict=True)]
+        if out != S:   # COCO annotations in pixels of the image
+            gt = [{**a, "bbox": [v * out / S for v in a["bbox"]]} for a in gt]
+        meta = {"image_id": i, "width": out, "height": out, "scale": (1.0, 1.0), "offset": (0.0, 0.0), "gt": gt}
+        return {"image": image * 2 - 1, "label": -1,                               # (1, size, size) in [-1, 1]
+                "boxes": px / S, "classes": torch.tensor(classes, dtype=torch.long), "meta": meta,
+                "text": describe(boxes, classes, S), **ask(boxes, classes, S, self.question_rng(i))}
+
+    def _seed(self, i: int, attempt: int) -> int:
+        """The generator seed of scene `i`'s draw number `attempt` (0: the scene without a holdout; torch's CPU
+        generator keeps 32 bits of a seed, so redraws take a hash of (seed, index, attempt))."""
+        if attempt == 0:
+            return self.seed * 1_000_003 + i
+        return random.Random(f"digit-scenes-redraw:{self.seed}:{i}:{attempt}").getrandbits(32)
+
+    def _draw(self, g: torch.Generator) -> tuple[Tensor, list[list[int]], list[int]]:
+        """One scene from generator `g`: the canvas (S, S) in [0, 1], boxes (pixels xyxy) and classes."""
+        S = self.canvas
         canvas = torch.zeros(S, S)
         k = int(torch.randint(self.min_digits, self.max_digits + 1, (1,), generator=g))
         placed: list[tuple] = []
@@ -89,13 +139,7 @@ class DigitScenes(ImageSet):
             placed.append(sq)
             boxes.append([x + int(cols[0]), y + int(rows[0]), x + int(cols[-1]) + 1, y + int(rows[-1]) + 1])
             classes.append(int(self.labels_[j]))
-        px = torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)              # (N, 4) pixels xyxy
-        gt = [{"bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]], "category_id": c + 1, "iscrowd": 0}
-              for b, c in zip(boxes, classes, strict=True)]
-        meta = {"image_id": i, "width": S, "height": S, "scale": (1.0, 1.0), "offset": (0.0, 0.0), "gt": gt}
-        return {"image": canvas[None] * 2 - 1, "label": -1,                     # (1, S, S) in [-1, 1]
-                "boxes": px / S, "classes": torch.tensor(classes, dtype=torch.long), "meta": meta,
-                "text": describe(boxes, classes, S), **ask(boxes, classes, S, self.question_rng(i))}
+        return canvas, boxes, classes
 
     def question_rng(self, i: int) -> random.Random:
         """The generator of scene `i`'s question: its own stream, a pure function of (seed, index), so the
@@ -109,26 +153,135 @@ def _size_word(box: list[int], S: int) -> str:
     return "small " if h < 0.25 else "large " if h > 0.36 else ""
 
 
+RELATIONS = ("left of", "above")
+MAX_REDRAWS = 1000   # a held-out scene is redrawn; with 10 of 200 combinations held out, 4 digits pass 74% of draws
+
+
+def pair_relation(a: list, b: list) -> tuple[int, str, int]:
+    """What `describe` says of two boxes (xyxy): ``(first, relation, second)`` with first, second the indices
+    0 and 1 in the order named: "left of" when the centres differ more across than down, else "above"."""
+    dx = (b[0] + b[2]) / 2 - (a[0] + a[2]) / 2
+    dy = (b[1] + b[3]) / 2 - (a[1] + a[3]) / 2
+    if abs(dx) >= abs(dy):
+        return (0, "left of", 1) if dx >= 0 else (1, "left of", 0)
+    return (0, "above", 1) if dy >= 0 else (1, "above", 0)
+
+
+def relations(boxes: list, classes: list[int]) -> set[tuple[int, str, int]]:
+    """Every (digit, relation, digit) a scene shows between two of its digits, by `pair_relation`."""
+    out = set()
+    for i in range(len(classes)):
+        for j in range(i + 1, len(classes)):
+            first, rel, second = pair_relation(boxes[i], boxes[j])
+            pair = (classes[i], classes[j])
+            out.add((pair[first], rel, pair[second]))
+    return out
+
+
 def describe(boxes: list[list[int]], classes: list[int], S: int) -> str:
     """A caption from exact boxes (pixels xyxy) and classes: "a 3", "a small 3 left of a large 7", "a 7 above
-    a 2", or for three or more digits "a 3, a 7 and a 1 from left to right"."""
+    a 2", or for three or more digits "a 3, a 7 and a 1 from left to right". `parse_caption` inverts it."""
     if not classes:
         return "nothing"
     named = [f"a {_size_word(b, S)}{c}" for b, c in zip(boxes, classes, strict=True)]
     if len(classes) == 1:
         return named[0]
+    if len(classes) == 2:
+        first, rel, second = pair_relation(boxes[0], boxes[1])
+        return f"{named[first]} {rel} {named[second]}"
     cx = [(b[0] + b[2]) / 2 for b in boxes]
     cy = [(b[1] + b[3]) / 2 for b in boxes]
-    if len(classes) == 2:
-        dx, dy = cx[1] - cx[0], cy[1] - cy[0]
-        if abs(dx) >= abs(dy):
-            first, second = (0, 1) if dx >= 0 else (1, 0)
-            return f"{named[first]} left of {named[second]}"
-        first, second = (0, 1) if dy >= 0 else (1, 0)
-        return f"{named[first]} above {named[second]}"
     order = sorted(range(len(classes)), key=lambda i: (cx[i], cy[i]))
     plain = [f"a {classes[i]}" for i in order]
     return f"{', '.join(plain[:-1])} and {plain[-1]} from left to right"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What a `describe` caption asks for: the digits in the order named, their size words ("small", "" or
+    "large"; "" for three or more digits) and the relation ("left of", "above", "left to right" for three or
+    more, None for one digit or none)."""
+
+    digits: tuple[int, ...]
+    sizes: tuple[str, ...]
+    relation: str | None
+
+    def caption(self) -> str:
+        """The caption back (``parse_caption(t).caption() == t`` for every caption `describe` writes)."""
+        named = [f"a {s + ' ' if s else ''}{d}" for d, s in zip(self.digits, self.sizes, strict=True)]
+        if not named:
+            return "nothing"
+        if len(named) == 1:
+            return named[0]
+        if len(named) == 2:
+            return f"{named[0]} {self.relation} {named[1]}"
+        return f"{', '.join(named[:-1])} and {named[-1]} from left to right"
+
+    def plain(self) -> str:
+        """The caption without size words."""
+        return Layout(self.digits, ("",) * len(self.digits), self.relation).caption()
+
+
+_ONE = r"a (?:(small|large) )?(\d)"
+_PAIR = re.compile(rf"{_ONE} (left of|above) {_ONE}")
+_SINGLE = re.compile(_ONE)
+_ROW = re.compile(r"(a \d(?:, a \d)+) and a (\d) from left to right")
+
+
+def parse_caption(text: str) -> Layout:
+    """A `describe` caption -> the `Layout` it asks for; a ValueError for any other text."""
+    if text == "nothing":
+        return Layout((), (), None)
+    if m := _SINGLE.fullmatch(text):
+        return Layout((int(m[2]),), (m[1] or "",), None)
+    if m := _PAIR.fullmatch(text):
+        return Layout((int(m[2]), int(m[5])), (m[1] or "", m[4] or ""), m[3])
+    if m := _ROW.fullmatch(text):
+        digits = tuple(int(part[2:]) for part in m[1].split(", ")) + (int(m[2]),)
+        return Layout(digits, ("",) * len(digits), "left to right")
+    raise ValueError(f"not a digit-scenes caption: {text!r}")
+
+
+def held_out(seed: int) -> tuple[tuple[int, str, int], ...]:
+    """The 10 (digit, relation, digit) combinations ``digit-scenes:holdout=SEED`` keeps out of training: the
+    digits in a seeded cycle (each digit in two combinations, no two combinations of the same two digits), each
+    pair in a seeded order with a seeded relation. For every held-out "a 3 left of a 7", training still shows
+    "a 7 left of a 3", "a 3 above a 7" and "a 7 above a 3"."""
+    r = random.Random(f"digit-scenes-holdout:{seed}")
+    cycle = list(range(10))
+    r.shuffle(cycle)
+    out = []
+    for k in range(10):
+        a, b = cycle[k], cycle[(k + 1) % 10]
+        if r.random() < 0.5:
+            a, b = b, a
+        out.append((a, r.choice(RELATIONS), b))
+    return tuple(out)
+
+
+CHECK_SIZES = (("", ""), ("small", "large"), ("large", "small"))   # size words of the held-out captions
+
+
+def held_out_captions(combos: Iterable[tuple[int, str, int]]) -> list[str]:
+    """Captions of the held-out combinations, as `describe` would write them, three per combination (size
+    words as in `CHECK_SIZES`): "a 3 left of a 7", "a small 3 left of a large 7", "a large 3 left of a small 7"."""
+    return [Layout((a, b), sizes, rel).caption() for a, rel, b in combos for sizes in CHECK_SIZES]
+
+
+def scene_options(arg: str) -> dict[str, int | None]:
+    """``holdout=N,canvas=PX`` (either, both or neither) -> ``{"holdout": N or None, "canvas": PX or 0}``; a
+    one-line DataError for anything else."""
+    opts: dict[str, int | None] = {"holdout": None, "canvas": 0}
+    for part in filter(None, (p.strip() for p in arg.split(","))):
+        key, eq, value = part.partition("=")
+        if key not in opts or not eq or not value.strip().isdigit():
+            raise DataError(f"digit-scenes:{arg}: options are holdout=N (a seed: 10 digit pair/relation "
+                            "combinations kept out of training) and canvas=PX (drawn at PX, resized to "
+                            "data.image_size), e.g. digit-scenes:holdout=0,canvas=64")
+        opts[key] = int(value)
+    if opts["canvas"] and not 8 <= opts["canvas"] <= 1024:
+        raise DataError(f"digit-scenes:{arg}: canvas={opts['canvas']} must be in [8, 1024] pixels")
+    return opts
 
 
 QTYPES = ("count", "presence", "leftmost", "largest", "left_of")
@@ -185,8 +338,11 @@ def ask(boxes: list[list[int]], classes: list[int], S: int, r: random.Random) ->
 
 
 def digit_scenes(size: int = 64, n_train: int = 16000, n_val: int = 500, val_fraction: float = 0.2,
-                 split_seed: int = 0, **kw) -> tuple[DigitScenes, DigitScenes]:
-    """Train and validation scenes built from disjoint digits (the ``digits`` split)."""
+                 split_seed: int = 0, holdout: int | None = None, canvas: int = 0,
+                 **kw) -> tuple[DigitScenes, DigitScenes]:
+    """Train and validation scenes built from disjoint digits (the ``digits`` split); with `holdout` (a seed)
+    the training scenes never show the combinations `held_out(holdout)`; `canvas`: see `DigitScenes`."""
     train_digits, val_digits = split(Digits(), val_fraction, split_seed)
-    return (DigitScenes(train_digits, n_train, size, seed=1, **kw),
-            DigitScenes(val_digits, n_val, size, seed=2, **kw))
+    combos = held_out(holdout) if holdout is not None else ()
+    return (DigitScenes(train_digits, n_train, size, seed=1, holdout=combos, canvas=canvas, **kw),
+            DigitScenes(val_digits, n_val, size, seed=2, canvas=canvas, **kw))

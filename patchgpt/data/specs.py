@@ -1,5 +1,5 @@
 """Parse data specs (``digits``, ``folder:PATH``, ``idx:PATH``, ``emoji``, ``coco:ANN.json[:DIR]``,
-``coco-captions:CAPTIONS.json[:DIR]``, ``vqa:QUESTIONS.json:ANNOTATIONS.json[:DIR]``, ``digit-scenes``,
+``coco-captions:CAPTIONS.json[:DIR]``, ``vqa:QUESTIONS.json:ANNOTATIONS.json[:DIR]``, ``digit-scenes[:OPTIONS]``,
 ``videos:PATH``, ``moving-digits``, ``shards:PATTERN``) into train and validation sets.
 
 `DATASETS` maps each spec's name (the part before ``:``) to a `Source`: its builder and one line of help.
@@ -22,21 +22,26 @@ Built = tuple[ImageSet, ImageSet, DataInfo]   # (train, validation, info); shard
 @dataclasses.dataclass(frozen=True)
 class Source:
     """One data source: ``build(cfg, arg, classes) -> (train, val, info)``, one line of help, and the
-    placeholder of the argument after ``name:`` ("" for a spec that takes none)."""
+    placeholder of the argument after ``name:`` ("" for a spec that takes none; with `optional`, options that
+    may be left out)."""
 
     build: Callable[[DataConfig, str, list[str] | None], Built]
     help: str
     arg: str = ""
     whole: Callable[[ImageSet, ImageSet], ImageSet] | None = None   # (train, val) of a build with no held-out
     # fraction -> every item for evaluation; None = train then val. Sources whose items differ by split say how.
+    optional: bool = False
 
     @property
     def takes_arg(self) -> bool:
-        return bool(self.arg)
+        """Whether the spec needs an argument (``name:ARG``)."""
+        return bool(self.arg) and not self.optional
 
     def usage(self, name: str) -> str:
-        """How the spec is written: ``name`` or ``name:ARG``."""
-        return f"{name}:{self.arg}" if self.arg else name
+        """How the spec is written: ``name``, ``name:ARG`` or ``name[:ARG]``."""
+        if not self.arg:
+            return name
+        return f"{name}[:{self.arg}]" if self.optional else f"{name}:{self.arg}"
 
 
 def _split(cfg: DataConfig, ds: ImageSet) -> Built:
@@ -115,11 +120,13 @@ def _vqa_files(cfg: DataConfig, arg: str, classes: list[str] | None) -> Built:
 
 
 def _digit_scenes(cfg: DataConfig, arg: str, classes: list[str] | None) -> Built:
-    from .scenes import digit_scenes
+    from .scenes import digit_scenes, scene_options
 
     if cfg.channels not in (0, 1):
         raise DataError("digit-scenes are grayscale; data.channels does not apply")
-    train, val = digit_scenes(size=cfg.image_size or 64, split_seed=cfg.split_seed)
+    opts = scene_options(arg)
+    train, val = digit_scenes(size=cfg.image_size or opts["canvas"] or 64, split_seed=cfg.split_seed,
+                              holdout=opts["holdout"], canvas=opts["canvas"] or 0)
     return train, val, train.info
 
 
@@ -161,7 +168,10 @@ DATASETS: dict[str, Source] = {
                               "COCO images found by id, next to the questions file by default",
                   "QUESTIONS.json:ANNOTATIONS.json[:IMAGES_DIR]"),
     "digit-scenes": Source(_digit_scenes, "detection scenes: 1-4 real handwritten digits pasted on 64x64 "
-                                          "canvases, exact boxes", whole=lambda train, val: val),  # generated:
+                                          "canvases, exact boxes, captions; holdout=N keeps 10 digit pair/"
+                                          "relation combinations out of training, canvas=PX draws at PX then "
+                                          "resizes to data.image_size", "holdout=N,canvas=PX",
+                           whole=lambda train, val: val, optional=True),  # generated:
     # the validation scenes (disjoint handwriting) are the evaluation set
     "videos": Source(_videos, "your video clips (mp4, avi, webm, mkv, gif): one subfolder per class, or a flat "
                               "folder", "PATH"),
@@ -217,7 +227,7 @@ def _build(cfg: DataConfig, spec: str, classes: list[str] | None = None,
         cfg = dataclasses.replace(cfg, val_fraction=val_fraction)
     name, _, arg = spec.partition(":")
     source = DATASETS.get(name)
-    if source is None or bool(arg) != source.takes_arg:
+    if source is None or (arg and not source.arg) or (not arg and source.takes_arg):
         known = "; ".join(f"{s.usage(n)} ({s.help})" for n, s in DATASETS.items())
         raise DataError(f"unknown data spec {spec!r}; use one of: {known}")
     return source.build(cfg, arg, classes)

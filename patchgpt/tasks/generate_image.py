@@ -33,6 +33,7 @@ from ..sampling import SamplingParams, sample
 from ..sequence import IGNORE, Sequence, concat, tokens
 from ..tokenizers import Bytes, ClassLabel
 from .base import Task, build_backbone, next_token_loss
+from .compose import compose_report
 
 
 @dataclass
@@ -247,10 +248,16 @@ class Generate(Task):
                per_class: int = 20, **kw: Any) -> dict:
         """``{prefix}samples.png`` (a row per class, per validation caption, or 4 rows); with a `judge` (a
         classifier of the same classes), the share of class-conditional samples it assigns to the class asked
-        for, and ``{prefix}judged_samples.png``. `kw`: sampling settings (cfg_scale, temperature ...)."""
+        for, and ``{prefix}judged_samples.png``; with a detector as the judge (of a text-conditional model of
+        digit-scenes captions), the compositional check (`compose.compose_report`: ``compose_*`` metrics,
+        `per_class` samples per held-out caption, ``{prefix}compose.png``). `kw`: sampling settings
+        (cfg_scale, temperature ...)."""
         kw = {k: v for k, v in kw.items() if k in ("temperature", "top_k", "top_p", "cfg_scale")}
         res: dict = {"samples_png": str(self.samples_png(out / f"{prefix}samples.png", val_set, **kw))}
-        if judge is not None and self.condition == "class":
+        if judge is not None and judge.info.boxes:   # a detector: the compositional check
+            res.update(compose_report(self, judge, out / f"{prefix}compose.png", val_set, per_caption=per_class,
+                                      **kw))
+        elif judge is not None and self.condition == "class":
             r = judge_accuracy(self, judge, per_class=per_class, **kw)
             K = len(self.info.classes)
             rows = [(self.info.classes[k], r["samples"][r["requested"] == k][:10]) for k in range(K)]
