@@ -33,6 +33,7 @@ def recipes(out: Path, smoke: bool = False) -> dict[str, RunConfig]:
         cfg.train.steps = 4 if smoke else steps
         cfg.train.warmup = 2 if smoke else max(10, steps // 20)
         cfg.train.lr = lr
+        cfg.train.batch_size = 64
         cfg.train.log_every = 1 if smoke else 10
         cfg.train.keep = 1
         cfg.train.eval_every = 0 if smoke else max(1, steps // 5)  # a few points on the val-loss curve

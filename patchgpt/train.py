@@ -117,7 +117,7 @@ def prepare(cfg: RunConfig, fresh: bool = True) -> tuple[Task, ImageSet, ImageSe
             cfg.data.frames = cfg.data.frames or st.get("frames", 0)  # clips: as many frames as pretraining saw
     if fresh:
         resolve_runs(cfg.tokenizer)
-        recipe = cls.finetune if cfg.init else {}
+        recipe = cls.finetune_recipe(cfg) if cfg.init else {}
         if cfg.model.drop_path == -1:
             cfg.model.drop_path = recipe.get("drop_path", 0.0)
         if cfg.train.layer_decay == -1:

@@ -131,7 +131,7 @@ def test_pretrain_steps_then_fine_tune_in_one_command(tmp_path, capsys):
     cfg = json.loads((run_dir / "config.json").read_text())
     assert pre_cfg["task"] == "pretrain" and pre_cfg["train"]["steps"] == 2 and not pre_cfg["pretrain"]["norm_pix"]
     assert pre_cfg["data"]["spec"] == cfg["data"]["spec"] and pre_cfg["train"]["batch_size"] == 8
-    assert cfg["init"] == str(pre) and cfg["train"]["layer_decay"] == 0.75 and cfg["model"]["drop_path"] == 0.1
+    assert cfg["init"] == str(pre) and cfg["train"]["layer_decay"] == 1.0 and cfg["model"]["drop_path"] == 0.0
     # Called again, it reuses the finished pretraining.
     code, out, err = run_cli(capsys, *[x for x in argv if x != "--quiet"], "--resume")
     assert code == 0 and "reusing the pretraining" in err, err

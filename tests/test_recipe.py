@@ -88,7 +88,11 @@ def test_drop_path_drops_whole_rows_and_keeps_the_mean():
     torch.testing.assert_close(gpt(seq), gpt(seq))           # evaluation is deterministic
 
 
-def test_fine_tuning_recipe_applies_only_from_init_and_set_wins(tmp_path):
+def test_fine_tuning_recipe_applies_only_from_init_and_set_wins(tmp_path, monkeypatch):
+    from patchgpt.tasks.classify import Classify
+
+    monkeypatch.setattr(Classify, "finetune_recipe", classmethod(lambda cls, cfg: Classify.deep_finetune))
+    assert Classify.deep_finetune == {"layer_decay": 0.75, "drop_path": 0.1}
     pre = train(tiny_config("pretrain", tmp_path / "pre", steps=1), quiet=True)
     scratch = tiny_config("classify", tmp_path / "scratch", steps=1)
     train(scratch, quiet=True)
@@ -119,3 +123,20 @@ def test_auto_steps_and_ema_follow_the_data():
     assert ema_decay(TrainConfig(steps=7032, ema=-1)) == 1 - 10 / 7032
     assert ema_decay(TrainConfig(steps=100, ema=-1)) == 0.99
     assert ema_decay(TrainConfig(steps=100, ema=0.5)) == 0.5
+
+
+def test_deep_backbones_get_the_fine_tuning_recipe_shallow_ones_do_not():
+    from patchgpt.tasks.classify import Classify
+
+    cfg = tiny_config("classify", "x")
+    assert Classify.finetune_recipe(cfg) == {}
+    cfg.model.n_layer = 12
+    assert Classify.finetune_recipe(cfg) == {"layer_decay": 0.75, "drop_path": 0.1}
+
+
+def test_probes_leave_the_auto_ema_out(tmp_path):
+    cfg = tiny_config("classify", tmp_path / "probe", steps=1)
+    cfg.classify.mode, cfg.train.ema = "linear", -1
+    train(cfg, quiet=True)
+    assert cfg.train.ema == 0.0
+    assert not (checkpoint.resolve(tmp_path / "probe") / "trained.safetensors").exists()

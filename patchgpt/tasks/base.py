@@ -108,9 +108,6 @@ class Task(nn.Module, metaclass=ABCMeta):
     metric_keys: ClassVar[tuple[str, ...]] = ()   # what ``metric().compute()`` returns besides ``val_loss``
     demo_data: ClassVar[str] = "digits"          # a bundled data spec the task trains on (tests, examples)
     demo_options: ClassVar[dict] = {}            # `predict_files` options a demo call needs (a question)
-    # Fine-tuning from --init: values for the settings left at -1 (auto), ``drop_path`` (model.drop_path) and
-    # ``layer_decay`` (train.layer_decay); without --init they are 0 and 1 (off).
-    finetune: ClassVar[dict[str, float]] = {}
     # Recognition: crops and flips keep the targets, so auto augmentation follows the image size (shifts of a
     # fourteenth of the side; crops and flips for colour photographs); else 1-pixel shifts (``data.shift=-1``).
     augment_by_size: ClassVar[bool] = False
@@ -149,6 +146,13 @@ class Task(nn.Module, metaclass=ABCMeta):
             raise
         except ValueError as e:
             raise ConfigError(str(e)) from None
+
+    @classmethod
+    def finetune_recipe(cls, cfg: RunConfig) -> dict[str, float]:
+        """Fine-tuning from --init: values for the settings left at -1 (auto), ``drop_path`` (model.drop_path)
+        and ``layer_decay`` (train.layer_decay); what is not given, and every run without --init, gets 0 and 1
+        (off). `cfg.model` is the checkpoint's backbone."""
+        return {}
 
     @classmethod
     def token_target(cls, cfg: RunConfig) -> int:
