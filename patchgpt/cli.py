@@ -115,8 +115,11 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="print the metrics as JSON")
     e.add_argument("--out", help="where to write the evaluation's pictures and files (default: CKPT's run directory)")
     e.add_argument("--judge", help="image generators: a classifier checkpoint (same classes) that judges "
-                   "class-conditional samples (train one with `patchgpt train` on the same data)")
-    e.add_argument("--per-class", type=POSITIVE, default=20, help="image generators: samples per class to judge")
+                   "class-conditional samples (train one with `patchgpt train` on the same data), or a detector "
+                   "(`patchgpt train detect --data digit-scenes`) for the compositional check of a text-conditional "
+                   "digit-scenes generator")
+    e.add_argument("--per-class", type=POSITIVE, default=20,
+                   help="image generators: samples per class (or per held-out caption) to judge")
     e.add_argument("--cfg", type=FINITE, help="image generators: guidance scale for the samples")
     e.add_argument("--temperature", type=TEMPERATURE, help="image generators: temperature for the samples")
 

@@ -11,7 +11,7 @@ from patchgpt.cli import main
 from patchgpt.data import build_datasets, collate
 from patchgpt.data.scenes import describe
 from patchgpt.tasks import Caption, load
-from patchgpt.tasks.caption import cider
+from patchgpt.tasks.caption import cider, numbers
 
 from .helpers import tiny_config
 from .reference_sampling import uncached
@@ -24,7 +24,7 @@ def test_caption_trains_evaluates_and_predicts_through_the_cli(tmp_path, capsys)
     run = tmp_path / "cap"
     assert main(["train", "caption", "--out", str(run), *COMMON]) == 0
     m = json.loads((run / "metrics.json").read_text())
-    assert {"bleu4", "cider", "exact_match", "val_loss"} <= set(m) and m["n"] == 500
+    assert {"bleu4", "cider", "exact_match", "same_numbers", "val_loss"} <= set(m) and m["n"] == 500
     assert (run / "captions.png").exists() and (run / "captions.json").exists()
     capsys.readouterr()
     img = tmp_path / "scene.png"
@@ -94,3 +94,9 @@ def test_images_with_several_captions_draw_one_per_step(tmp_path):
         drawn |= {task.decode(row[task.input.length + 1:].tolist()) for row in seq.ids}
     assert drawn == {"one", "two", "three"}
     assert task.decode(task.sequence(batch).ids[0, task.input.length + 1:].tolist()) == batch["text"][0]
+
+
+def test_same_numbers_compares_the_digits_a_caption_names():
+    assert numbers("a small 3 left of a large 7") == numbers("a 7 above a 3")
+    assert numbers("a 3, a 3 and a 1 from left to right") != numbers("a 3 left of a 1")
+    assert numbers("nothing") == numbers("") and numbers("12 cats") != numbers("1 2 cats")

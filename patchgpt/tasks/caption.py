@@ -13,6 +13,7 @@ References: Pix2Seq v2 (Chen et al. 2022, "A Unified Sequence Interface for Visi
 from __future__ import annotations
 
 import math
+import re
 import sys
 from collections import Counter
 from collections.abc import Sequence as SequenceOf
@@ -203,6 +204,7 @@ class CaptionMetric:
              "exact_match": sum(p == r for p, r in zip(pred, ref, strict=True)) / max(len(ref), 1),
              "same_words": sum(Counter(p.split()) == Counter(r.split()) for p, r in zip(pred, ref, strict=True))
              / max(len(ref), 1),
+             "same_numbers": sum(numbers(p) == numbers(r) for p, r in zip(pred, ref, strict=True)) / max(len(ref), 1),
              "cider": cider(pred, [[r] for r in ref])}
         try:
             import sacrebleu
@@ -216,6 +218,12 @@ class CaptionMetric:
         """Every validation caption, predicted and true (``captions.json``)."""
         return {"captions.json": [{"predicted": p, "true": r} for p, r in zip(self.predicted, self.references,
                                                                               strict=True)]}
+
+
+def numbers(text: str) -> Counter:
+    """The numerals a caption names, as a multiset: for ``digit-scenes``, the digits of the scene ("a 3 left of a
+    large 7" -> {3, 7}), so ``same_numbers`` is the share of captions that name the right digits."""
+    return Counter(re.findall(r"\d+", text))
 
 
 def _ngrams(text: str, n: int) -> Counter:
