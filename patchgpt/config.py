@@ -56,7 +56,7 @@ class TokenizerConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 1000            # 0: from the data, the task's `epochs` over the training set (1000..10000 steps)
+    steps: int = 1000            # 0: from the data, the task's `epochs` over the training set (1000..8000 steps)
     batch_size: int = 64         # images per optimizer step (split over `accum` micro-batches)
     accum: int = 1
     lr: float = 1e-3
