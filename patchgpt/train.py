@@ -153,6 +153,8 @@ def auto_steps(t: TrainConfig, train_set: ImageSet, epochs: float) -> str:
         n = 0
     want = math.ceil(epochs * n / t.batch_size) if n else MIN_AUTO_STEPS
     t.steps = min(MAX_AUTO_STEPS, max(MIN_AUTO_STEPS, want))
+    if t.time:  # provisional: the time budget decides the steps after timing the first ones
+        return ""
     return (f"{t.steps} steps: {t.steps * t.batch_size / max(1, n):.1f} passes over {n} images at batch "
             f"{t.batch_size} (set --steps or --time to choose)")
 
@@ -381,13 +383,14 @@ def setup(cfg: RunConfig, resume: bool, quiet: bool, overwrite: bool = False) ->
 def _print_start(run: Run, info: DataInfo) -> None:
     cfg, t, env = run.cfg, run.cfg.train, run.env
     micro_bs = t.batch_size // (env.world * t.accum)
+    steps = f"steps for --time {t.time:.0f}s" if t.time else f"{t.steps} steps"
     streaming = isinstance(run.train_set, IterableDataset)
     wrapper = " (FSDP)" if t.fsdp else " (DDP)" if env.distributed else ""
     print(f"patchgpt: {cfg.task} on {cfg.data.spec}: {len(run.train_set)} train / {len(run.val_set)} val images "
           f"{info.channels}x{info.image_size[0]}x{info.image_size[1]}{' (streamed)' if streaming else ''}, "
           f"{run.task.describe()} ({run.task.num_params() / 1e6:.2f}M params), {run.task.tokens_per_item} "
           f"tokens/image, global batch {t.batch_size} = {env.world} processes x {t.accum} accum x {micro_bs} per "
-          f"micro-batch, {t.steps} steps on {env.device}{wrapper}", file=sys.stderr)
+          f"micro-batch, {steps} on {env.device}{wrapper}", file=sys.stderr)
     note = getattr(getattr(run.task, "input", None), "note", "")
     for line in ([note] if note else []) + run.task.notes:
         print(f"patchgpt: {line}", file=sys.stderr)

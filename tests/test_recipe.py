@@ -118,6 +118,8 @@ def test_auto_steps_and_ema_follow_the_data():
     t = TrainConfig(steps=0, batch_size=64)
     auto_steps(t, range(10**7), 15)
     assert t.steps == 8000                                   # large sets: at most 8000
+    t = TrainConfig(steps=0, time=300.0)
+    assert auto_steps(t, range(60000), 15) == "" and t.steps > 0   # --time decides; nothing to announce
     t = TrainConfig(steps=123)
     assert auto_steps(t, range(60000), 15) == "" and t.steps == 123
     assert ema_decay(TrainConfig(steps=7032, ema=-1)) == 1 - 10 / 7032
