@@ -142,3 +142,23 @@ def test_probes_leave_the_auto_ema_out(tmp_path):
     train(cfg, quiet=True)
     assert cfg.train.ema == 0.0
     assert not (checkpoint.resolve(tmp_path / "probe") / "trained.safetensors").exists()
+
+
+def test_init_from_another_tasks_run_transfers_all_but_the_token_tables(tmp_path):
+    det = tiny_config("detect", tmp_path / "det", steps=1)
+    det.data.spec = "digit-scenes"
+    det.data.image_size = 32
+    train(det, quiet=True)
+    vqa = tiny_config("vqa", tmp_path / "vqa", steps=1)
+    vqa.data.spec, vqa.data.image_size, vqa.init = "digit-scenes", 32, str(tmp_path / "det")
+    from patchgpt.data import build_datasets
+    from patchgpt.tasks import task_class
+
+    _, _, info = build_datasets(vqa.data)
+    task = task_class("vqa")(vqa, info)
+    task.init_from(tmp_path / "det")
+    source = patchgpt.load(tmp_path / "det").backbone.state_dict()
+    mine = task.backbone.state_dict()
+    assert mine["wte.weight"].shape != source["wte.weight"].shape
+    moved = [k for k in source if k not in ("wte.weight", "lm_head.weight")]
+    assert moved and all(torch.equal(mine[k], source[k]) for k in moved)

@@ -28,6 +28,8 @@ from ..sequence import IGNORE, Sequence, Vocab, concat, tokens
 from ..tokenizers import PixelInput
 from ..tokenizers.patches import RECOGNITION_TARGET, TOKEN_TARGET
 
+VOCAB_TABLES = ("wte.weight", "lm_head.weight")   # the backbone's tensors whose rows are the task's token ids
+
 
 def next_token_loss(logits: Tensor, seq: Sequence) -> Tensor:
     """Mean cross-entropy of (B, T, V) logits against ``seq.labels`` (IGNORE skipped, weights applied)."""
@@ -170,13 +172,26 @@ class Task(nn.Module, metaclass=ABCMeta):
         return [self.backbone]
 
     def init_from(self, path: str | Path) -> None:
-        """Start from another run's backbone and input tokenizer (``--init``); heads stay freshly initialised."""
+        """Start from another run's backbone and input tokenizer (``--init``); heads stay freshly initialised.
+
+        Any task's run will do: where the two tasks' vocabularies differ in size (a detector's box tokens, a
+        captioner's bytes), the token tables (``wte``, ``lm_head``) stay fresh and everything else transfers
+        (blocks, positions, the patch projection)."""
         weights = checkpoint.read_weights(path)
         source = checkpoint.read_meta(path).get("task", "?")
         for part in ("backbone", "input"):
             sub = {k[len(part) + 1:]: v for k, v in weights.items() if k.startswith(part + ".")}
+            own = getattr(self, part).state_dict()
+            fresh = [k for k in VOCAB_TABLES if part == "backbone" and k in sub and k in own
+                     and sub[k].shape != own[k].shape]
             try:
-                getattr(self, part).load_state_dict(sub)
+                if fresh:
+                    missing, unexpected = getattr(self, part).load_state_dict(
+                        {k: v for k, v in sub.items() if k not in fresh}, strict=False)
+                    if set(missing) - set(fresh) or unexpected:
+                        raise RuntimeError(f"missing {sorted(set(missing) - set(fresh))}, unexpected {unexpected}")
+                else:
+                    getattr(self, part).load_state_dict(sub)
             except RuntimeError as e:
                 first = str(e).strip().splitlines()[-1].strip()
                 raise ConfigError(f"--init {path}: its {source} backbone does not fit a {self.name} model "
