@@ -16,23 +16,20 @@ from torch import Tensor, nn
 
 
 class EMA:
-    """The moving average of `module`'s trainable parameters; `swapped(module)` evaluates or saves with it."""
+    """The moving average of `module`'s trainable parameters; `swapped()` evaluates or saves with it."""
 
     def __init__(self, module: nn.Module, decay: float) -> None:
         self.decay = decay
-        self.names = [n for n, p in module.named_parameters() if p.requires_grad]
-        params = dict(module.named_parameters())
-        self.shadow = [params[n].detach().clone() for n in self.names]
-
-    def _params(self, module: nn.Module) -> list[Tensor]:
-        params = dict(module.named_parameters())
-        return [params[n].detach() for n in self.names]
+        named = [(n, p.detach()) for n, p in module.named_parameters() if p.requires_grad]
+        self.names = [n for n, _ in named]
+        self.live = [p for _, p in named]             # the module's own tensors (updated in place by training)
+        self.shadow = [p.clone() for p in self.live]
 
     @torch.no_grad()
-    def update(self, module: nn.Module, step: int) -> None:
+    def update(self, step: int) -> None:
         """Fold the weights after optimizer step `step` (0-based) into the average."""
         d = min(self.decay, (1 + step) / (10 + step))
-        torch._foreach_lerp_(self.shadow, self._params(module), 1.0 - d)
+        torch._foreach_lerp_(self.shadow, self.live, 1.0 - d)
 
     def state_dict(self) -> dict[str, Tensor]:
         """The averaged tensors by parameter name (for a checkpoint)."""
@@ -44,16 +41,16 @@ class EMA:
             s.copy_(tensors[name])
 
     @contextmanager
-    def swapped(self, module: nn.Module) -> Iterator[nn.Module]:
-        """Within the block `module` holds the averaged weights; its trained weights come back after."""
-        live = self._params(module)
+    def swapped(self) -> Iterator[None]:
+        """Within the block the module holds the averaged weights; its trained weights come back after."""
+        live = self.live
         with torch.no_grad():
             for p, s in zip(live, self.shadow, strict=True):
                 tmp = p.clone()
                 p.copy_(s)
                 s.copy_(tmp)
         try:
-            yield module
+            yield
         finally:
             with torch.no_grad():
                 for p, s in zip(live, self.shadow, strict=True):

@@ -306,3 +306,24 @@ def save_panel_rows(path: str | Path, rows: list[tuple[str, list[Image.Image]]],
             if colour:
                 draw.rectangle([x, y + line + h + 1, x + w - 1, y + line + h + strip - 2], fill=colour)
     return _save_png(path, sheet)
+
+
+def save_text_grid(path: str | Path, images: Any, lines: list[list[tuple[str, str]]], scale: int = 1,
+                   ncol: int = 4) -> Path:
+    """A grid of images (each (C, H, W) in [-1, 1]), each above its own lines of text (``(text, colour)``,
+    cut to fit the cell): captions, questions and answers under validation images. Written atomically."""
+    pics = [tensor_to_pil(im.cpu(), scale).convert("RGB") for im in images]
+    font = ImageFont.load_default()
+    w, h = pics[0].size
+    rows = max((len(t) for t in lines), default=0)
+    cell_w, cell_h = max(w, 200), h + 4 + 15 * rows
+    sheet = Image.new("RGB", (ncol * cell_w, math.ceil(len(pics) / ncol) * cell_h), "white")
+    draw = ImageDraw.Draw(sheet)
+    for k, pic in enumerate(pics):
+        x, y = (k % ncol) * cell_w, (k // ncol) * cell_h
+        sheet.paste(pic, (x + (cell_w - w) // 2, y))
+        for i, (text, colour) in enumerate(lines[k]):
+            draw.text((x + 2, y + h + 2 + 15 * i), text[:40], fill=colour, font=font)
+    with atomic_open(path) as f:
+        sheet.save(f, format="PNG")
+    return Path(path)

@@ -225,7 +225,7 @@ class Run:
 
     def averaged(self) -> contextlib.AbstractContextManager:
         """A block in which the task holds the weights to evaluate and save (the EMA's, if any)."""
-        return self.ema.swapped(self.task) if self.ema is not None else contextlib.nullcontext()
+        return self.ema.swapped() if self.ema is not None else contextlib.nullcontext()
 
     def write_log(self, row: dict) -> None:
         if self.log is not None:
@@ -456,7 +456,7 @@ def train_step(run: Run, batches: Iterator[dict], step: int, stop: _Stop
     run.opt.zero_grad(set_to_none=True)
     if run.ema is not None:
         run.ema.decay = ema_decay(t)  # a time budget may have set the step count since
-        run.ema.update(run.task, step)
+        run.ema.update(step)
     return total, logs, n_img, stopping, gnorm
 
 

@@ -46,8 +46,8 @@ def test_ema_average_and_swap():
     start = net.weight.detach().clone()
     with torch.no_grad():
         net.weight.add_(1.0)
-    ema.update(net, step=100)  # decay min(0.5, 101/110) = 0.5: halfway
-    with ema.swapped(net):
+    ema.update(step=100)  # decay min(0.5, 101/110) = 0.5: halfway
+    with ema.swapped():
         torch.testing.assert_close(net.weight, start + 0.5)
     torch.testing.assert_close(net.weight, start + 1.0)  # the trained weights are back
 

@@ -22,13 +22,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
 from ..config import ConfigError, RunConfig
 from ..data.base import DataError, DataInfo, ImageSet
-from ..files import atomic_open
-from ..report import tensor_to_pil
+from ..report import save_text_grid
 from ..rng import RowRNG
 from ..sampling import SamplingParams
 from ..sequence import IGNORE, Sequence, concat, tokens
@@ -163,22 +161,9 @@ class Caption(Task):
 
     def captions_png(self, images: Tensor, predicted: list[str], true: list[str] | None, path: Path) -> Path:
         """A grid of images, each above its predicted caption (and the true one, in grey, where known)."""
-        scale = max(1, 128 // self.info.image_size[0])
-        pics = [tensor_to_pil(im.cpu(), scale).convert("RGB") for im in images]
-        font = ImageFont.load_default()
-        w, h = pics[0].size
-        cell_w, cell_h, ncol = max(w, 200), h + 34, 4
-        sheet = Image.new("RGB", (ncol * cell_w, math.ceil(len(pics) / ncol) * cell_h), "white")
-        draw = ImageDraw.Draw(sheet)
-        for k, pic in enumerate(pics):
-            x, y = (k % ncol) * cell_w, (k // ncol) * cell_h
-            sheet.paste(pic, (x + (cell_w - w) // 2, y))
-            draw.text((x + 2, y + h + 2), predicted[k][:40], fill="black", font=font)
-            if true is not None:
-                draw.text((x + 2, y + h + 17), true[k][:40], fill="#888888", font=font)
-        with atomic_open(path) as f:
-            sheet.save(f, format="PNG")
-        return path
+        lines = [[(p, "black")] + ([(true[k], "#888888")] if true is not None else [])
+                 for k, p in enumerate(predicted)]
+        return save_text_grid(path, images, lines, scale=max(1, 128 // self.info.image_size[0]))
 
 
 class CaptionMetric:

@@ -13,7 +13,6 @@ References: Pix2Seq v2 (Chen et al. 2022); ByT5 (Xue et al. 2022); VQA (Antol et
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from collections.abc import Sequence as SequenceOf
 from dataclasses import dataclass
@@ -21,13 +20,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
 from ..config import ConfigError, RunConfig
 from ..data.base import DataError, DataInfo, ImageSet
-from ..files import atomic_open
-from ..report import tensor_to_pil
+from ..report import save_text_grid
 from ..rng import RowRNG
 from ..sequence import IGNORE, Sequence, concat, tokens
 from ..tokenizers import Bytes
@@ -208,23 +205,10 @@ class AnswerQuestions(Task):
     def answers_png(self, images: Tensor, questions: list[str], predicted: list[str], true: list[str] | None,
                     path: Path) -> Path:
         """A grid of images, each above its question, the predicted answer and (in grey, where known) the true one."""
-        scale = max(1, 128 // self.info.image_size[0])
-        pics = [tensor_to_pil(im.cpu(), scale).convert("RGB") for im in images]
-        font = ImageFont.load_default()
-        w, h = pics[0].size
-        cell_w, cell_h, ncol = max(w, 200), h + 50, 4
-        sheet = Image.new("RGB", (ncol * cell_w, math.ceil(len(pics) / ncol) * cell_h), "white")
-        draw = ImageDraw.Draw(sheet)
-        for k, pic in enumerate(pics):
-            x, y = (k % ncol) * cell_w, (k // ncol) * cell_h
-            sheet.paste(pic, (x + (cell_w - w) // 2, y))
-            draw.text((x + 2, y + h + 2), questions[k][:40], fill="#1f4e9c", font=font)
-            draw.text((x + 2, y + h + 17), f"-> {predicted[k][:36]}", fill="black", font=font)
-            if true is not None:
-                draw.text((x + 2, y + h + 32), f"true: {true[k][:34]}", fill="#888888", font=font)
-        with atomic_open(path) as f:
-            sheet.save(f, format="PNG")
-        return path
+        lines = [[(q, "#1f4e9c"), (f"-> {p}", "black")] + ([(f"true: {true[k]}", "#888888")] if true is not None
+                                                           else [])
+                 for k, (q, p) in enumerate(zip(questions, predicted, strict=True))]
+        return save_text_grid(path, images, lines, scale=max(1, 128 // self.info.image_size[0]))
 
 
 class VQAMetric:
