@@ -132,6 +132,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--min-score", type=_ranged(float, "[0, 1]"), default=0.0,
                    help="detectors: drop boxes scoring below this (0..1)")
     r.add_argument("--question", help="question answering: the question to ask of every image")
+    r.add_argument("--mask", help="inpainting: a PNG the size of the image, white where pixels are missing")
     _sampling_commands(sub)
     return p
 
@@ -326,7 +327,8 @@ def cmd_predict(a: argparse.Namespace) -> None:
     from .tasks import load
 
     task = load(a.ckpt)
-    results = task.predict_files(a.images, out=a.out, top=a.top, min_score=a.min_score, question=a.question)
+    results = task.predict_files(a.images, out=a.out, top=a.top, min_score=a.min_score, question=a.question,
+                                 mask=a.mask)
     print(json.dumps(results, indent=2))
 
 

@@ -42,6 +42,7 @@ class DataConfig:
     frame_stride: int = 0        # video: 0 = sample frames uniformly over the clip | N = every Nth from the start
     shuffle: bool = True         # a new order each epoch; false = the source's order (map-style and shards)
     shuffle_buffer: int = 1000   # shards: items held in the streaming shuffle buffer
+    masks: bool = False          # coco: also read each image's label map from the segmentations (segment sets it)
 
 
 @dataclass

@@ -77,7 +77,7 @@ PINNED = {("train", 0): (-3057.7778, [[33, 35, 53, 62], [22, 21, 39, 44], [6, 2,
 def test_scene_fields_are_unchanged(scenes):
     train_set, val_set = scenes
     assert set(train_set[0]) == {"image", "label", "boxes", "classes", "meta", "text", "question", "answer",
-                                 "qtype"}
+                                 "qtype", "mask"}
     for (part, i), (checksum, px, classes) in PINNED.items():
         it = (train_set if part == "train" else val_set)[i]
         assert round(float(it["image"].double().sum()), 4) == checksum

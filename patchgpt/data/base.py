@@ -97,6 +97,7 @@ class DataInfo:
     category_ids: list[int] | None = None  # COCO category id of each class (detection output)
     max_objects: int = 0                  # detection: most (non-crowd) objects in one image of the source
     frames: int = 0                       # video: frames per clip (items are (F, C, H, W)); 0 = images
+    masks: list[str] | None = None        # segmentation: the name of each label value of batch["mask"] (H, W)
 
     @property
     def num_classes(self) -> int:

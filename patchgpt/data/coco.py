@@ -1,4 +1,5 @@
-"""`coco:ANNOTATIONS.json[:IMAGES_DIR]`: COCO instance annotations and their images, for detection.
+"""`coco:ANNOTATIONS.json[:IMAGES_DIR]`: COCO instance annotations and their images, for detection (and, with
+``data.masks``, semantic segmentation from their ``segmentation`` polygons and RLEs).
 
 Reference: the COCO data format (cocodataset.org/#format-data): ``images`` (id, file_name, width, height),
 ``annotations`` (image_id, category_id, bbox = [x, y, width, height] in pixels, iscrowd), ``categories``
@@ -23,11 +24,13 @@ import math
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 
 from .base import DataError, DataInfo, ImageSet, Item, skip_or_raise
-from .images import load_converted, to_tensor
+from .images import load_converted, resize, to_tensor
+from .masks import IGNORE_LABEL
 
 _TOLERANCE = 1.0  # pixels a box may stick out of its image (rounding in exporters) before it is an error
 
@@ -160,7 +163,7 @@ class CocoDetection(AnnotationFile, ImageSet):
 
     def __init__(self, ann_file: str | Path, images_dir: str | Path | None = None, channels: int = 3,
                  size: int = 64, resize: str = "pad", on_error: str = "stop",
-                 classes: list[str] | None = None) -> None:
+                 classes: list[str] | None = None, masks: bool = False) -> None:
         self.ann_file = Path(ann_file)
         if not self.ann_file.is_file():
             raise DataError(f"{ann_file}: no such annotation file")
@@ -217,7 +220,10 @@ class CocoDetection(AnnotationFile, ImageSet):
         most = max([sum(1 for _, a in anns if not a.get("iscrowd", 0)) for anns in self.anns.values()] + [0])
         self.info = DataInfo(channels=channels, image_size=(size, size),
                              classes=[cats[c] for c in cat_order], boxes=True, category_ids=cat_order,
-                             skipped=self.skipped, max_objects=most)
+                             skipped=self.skipped, max_objects=most,
+                             masks=["background"] + [cats[c] for c in cat_order] if masks else None)
+        if masks:
+            _mask_api()   # a clear error now, not at the first item
         self._warned: set[str] = set()   # image files whose size differs from their entry's (warned once)
         if self.skipped:
             print(f"patchgpt: skipped {len(self.skipped)} malformed entries of {ann_file} "
@@ -265,9 +271,59 @@ class CocoDetection(AnnotationFile, ImageSet):
             boxes.append([(x0 * sx + ox) / S, (y0 * sy + oy) / S, (x1 * sx + ox) / S, (y1 * sy + oy) / S])
             classes.append(self.cat_to_class[a["category_id"]])
         meta = {**tf, "image_id": rec["id"], "gt": gt, "file": str(path)}   # tf: width, height, scale, offset
-        return {"image": image, "label": -1,
+        extra = {}
+        if self.info.masks:
+            try:
+                labels = self.label_map(self.anns[rec["id"]], W, H)
+            except DataError as e:
+                skip_or_raise(self.info, self.on_error, DataError(f"{self.ann_file}: {e} (the file {path})"))
+                return None
+            extra["mask"] = torch.from_numpy(np.asarray(resize(Image.fromarray(labels, "L"), S, self.resize,
+                                                               Image.NEAREST, fill=IGNORE_LABEL)).copy())
+        return {**extra, "image": image, "label": -1,
                 "boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4).clamp(0, 1),   # (N, 4)
                 "classes": torch.tensor(classes, dtype=torch.long), "meta": meta}
+
+
+    def label_map(self, anns: list, W: int, H: int) -> np.ndarray:
+        """(H, W) uint8 labels of one image from its annotations' ``segmentation`` (polygons, RLE or
+        uncompressed RLE, rasterized by pycocotools): 1 + the class, larger objects first so smaller ones
+        stay on top; crowd regions 255 (ignore), as are objects without a segmentation."""
+        mask_api = _mask_api()
+        out = np.zeros((H, W), dtype=np.uint8)
+        for n, a in sorted(anns, key=lambda na: -float(na[1].get("area", 0) or 0)):
+            seg = a.get("segmentation")
+            value = IGNORE_LABEL if a.get("iscrowd", 0) or not seg else self.cat_to_class[a["category_id"]] + 1
+            if not seg:
+                x, y, w, h = (round(v) for v in a["bbox"])
+                out[max(0, y):y + h, max(0, x):x + w] = value
+                continue
+            try:
+                if isinstance(seg, list):
+                    if not all(isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0 and all(map(_is_num, p))
+                               for p in seg):
+                        raise ValueError("polygons must be lists of at least 3 x, y pairs")
+                    rle = mask_api.merge(mask_api.frPyObjects(seg, H, W))
+                elif isinstance(seg, dict) and "counts" in seg and "size" in seg:
+                    if list(seg["size"]) != [H, W]:
+                        raise ValueError(f"RLE size {seg['size']} is not the image's [{H}, {W}]")
+                    rle = mask_api.frPyObjects(seg, H, W) if isinstance(seg["counts"], list) else seg
+                else:
+                    raise ValueError("segmentation must be polygons or an RLE with 'counts' and 'size'")
+                m = mask_api.decode(rle).astype(bool)
+            except (ValueError, TypeError, KeyError, IndexError) as e:
+                raise DataError(f"{_name(n, a)}: bad segmentation ({e})") from None
+            out[m] = value
+        return out
+
+
+def _mask_api():
+    """pycocotools.mask, or a one-line error saying how to install it."""
+    try:
+        from pycocotools import mask
+    except ImportError:
+        raise DataError("reading COCO segmentations needs pycocotools: pip install 'patchgpt[detect]'") from None
+    return mask
 
 
 def letterbox(im: Image.Image, size: int, resize: str = "pad") -> tuple[Image.Image, dict]:

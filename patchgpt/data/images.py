@@ -64,27 +64,49 @@ def to_mode(im: Image.Image, channels: int) -> Image.Image:
     raise DataError(f"data.channels={channels}: choose 1, 3 or 4")
 
 
-def resize(im: Image.Image, size: int, policy: str) -> Image.Image:
-    """Make `im` size x size by the policy crop | stretch | pad (bicubic resampling)."""
+def resize(im: Image.Image, size: int, policy: str, resample: int = Image.BICUBIC,
+           fill: int | None = None) -> Image.Image:
+    """Make `im` size x size by the policy crop | stretch | pad (bicubic resampling; label maps pass
+    ``Image.NEAREST`` and the `fill` of the padding, e.g. 255 = ignore)."""
     w, h = im.size
     if (w, h) == (size, size):
         return im
     if policy == "stretch":
-        return im.resize((size, size), Image.BICUBIC)
+        return im.resize((size, size), resample)
     if policy == "crop":
         s = size / min(w, h)
         nw, nh = max(size, round(w * s)), max(size, round(h * s))
-        im = im.resize((nw, nh), Image.BICUBIC)
+        im = im.resize((nw, nh), resample)
         left, top = (nw - size) // 2, (nh - size) // 2
         return im.crop((left, top, left + size, top + size))
     if policy in ("pad", "pad_white"):
         s = size / max(w, h)
         nw, nh = max(1, round(w * s)), max(1, round(h * s))
         white = {"L": 255, "RGB": (255, 255, 255), "RGBA": (255, 255, 255, 255)}.get(im.mode, 0)
-        canvas = Image.new(im.mode, (size, size), white if policy == "pad_white" else 0)
-        canvas.paste(im.resize((nw, nh), Image.BICUBIC), ((size - nw) // 2, (size - nh) // 2))
+        canvas = Image.new(im.mode, (size, size), fill if fill is not None else white if policy == "pad_white" else 0)
+        canvas.paste(im.resize((nw, nh), resample), ((size - nw) // 2, (size - nh) // 2))
         return canvas
     raise DataError(f"data.resize={policy!r}: choose crop, stretch or pad")
+
+
+def unresize(im: Image.Image, width: int, height: int, policy: str, fill: int = 0) -> Image.Image:
+    """The inverse of `resize` for a label map (nearest): a size x size map back to the original width x
+    height. Under ``crop`` the cut-off margins were never seen and get `fill`."""
+    size = im.size[0]
+    if policy == "stretch" or (width, height) == (size, size):
+        return im.resize((width, height), Image.NEAREST)
+    if policy == "crop":
+        s = size / min(width, height)
+        nw, nh = max(size, round(width * s)), max(size, round(height * s))
+        canvas = Image.new(im.mode, (nw, nh), fill)
+        if im.mode == "P":
+            canvas.putpalette(im.getpalette())
+        canvas.paste(im, ((nw - size) // 2, (nh - size) // 2))
+        return canvas.resize((width, height), Image.NEAREST)
+    s = size / max(width, height)   # pad: cut the padding off, then scale back
+    nw, nh = max(1, round(width * s)), max(1, round(height * s))
+    left, top = (size - nw) // 2, (size - nh) // 2
+    return im.crop((left, top, left + nw, top + nh)).resize((width, height), Image.NEAREST)
 
 
 def to_tensor(im: Image.Image) -> torch.Tensor:

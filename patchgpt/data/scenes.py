@@ -74,7 +74,8 @@ class DigitScenes(ImageSet):
         self.max_overlap = max_overlap
         self.holdout = frozenset(holdout)
         self.info = DataInfo(channels=1, image_size=(size, size), classes=[str(i) for i in range(10)],
-                             boxes=True, category_ids=list(range(1, 11)), max_objects=max_digits, captions=True)
+                             boxes=True, category_ids=list(range(1, 11)), max_objects=max_digits, captions=True,
+                             masks=["background"] + [str(i) for i in range(10)])
 
     def __len__(self) -> int:
         return self.n
@@ -83,7 +84,7 @@ class DigitScenes(ImageSet):
         if not 0 <= i < self.n:
             raise IndexError(i)
         for attempt in range(MAX_REDRAWS):   # without a holdout, or when it shows none: the first draw
-            canvas, boxes, classes = self._draw(torch.Generator().manual_seed(self._seed(i, attempt)))
+            canvas, label, boxes, classes = self._draw(torch.Generator().manual_seed(self._seed(i, attempt)))
             if not self.holdout or not relations(boxes, classes) & self.holdout:
                 break
         else:
@@ -93,13 +94,14 @@ class DigitScenes(ImageSet):
         if out != S:
             mode = dict(mode="area") if out < S else dict(mode="bilinear", align_corners=False)
             image = F.interpolate(image[None], size=(out, out), **mode)[0].clamp(0, 1)   # (1, out, out)
+            label = F.interpolate(label[None, None].float(), size=(out, out), mode="nearest-exact")[0, 0]
         px = torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)              # (N, 4) canvas pixels xyxy
         gt = [{"bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]], "category_id": c + 1, "iscrowd": 0}
               for b, c in zip(boxes, classes, strict=True)]
         if out != S:   # COCO annotations in pixels of the image
             gt = [{**a, "bbox": [v * out / S for v in a["bbox"]]} for a in gt]
         meta = {"image_id": i, "width": out, "height": out, "scale": (1.0, 1.0), "offset": (0.0, 0.0), "gt": gt}
-        return {"image": image * 2 - 1, "label": -1,                               # (1, size, size) in [-1, 1]
+        return {"image": image * 2 - 1, "label": -1, "mask": label.to(torch.uint8),   # (1, S, S) in [-1, 1]; (S, S)
                 "boxes": px / S, "classes": torch.tensor(classes, dtype=torch.long), "meta": meta,
                 "text": describe(boxes, classes, S), **ask(boxes, classes, S, self.question_rng(i))}
 
@@ -110,10 +112,12 @@ class DigitScenes(ImageSet):
             return self.seed * 1_000_003 + i
         return random.Random(f"digit-scenes-redraw:{self.seed}:{i}:{attempt}").getrandbits(32)
 
-    def _draw(self, g: torch.Generator) -> tuple[Tensor, list[list[int]], list[int]]:
-        """One scene from generator `g`: the canvas (S, S) in [0, 1], boxes (pixels xyxy) and classes."""
+    def _draw(self, g: torch.Generator) -> tuple[Tensor, Tensor, list[list[int]], list[int]]:
+        """One scene from generator `g`: the canvas (S, S) in [0, 1], its label map (S, S) (0 background,
+        1 + digit on each digit's ink where that digit is the brightest), boxes (pixels xyxy) and classes."""
         S = self.canvas
         canvas = torch.zeros(S, S)
+        label = torch.zeros(S, S, dtype=torch.uint8)
         k = int(torch.randint(self.min_digits, self.max_digits + 1, (1,), generator=g))
         placed: list[tuple] = []
         boxes, classes = [], []
@@ -135,11 +139,13 @@ class DigitScenes(ImageSet):
             if not ink.any():
                 continue
             rows, cols = ink.any(1).nonzero()[:, 0], ink.any(0).nonzero()[:, 0]
-            canvas[y:y + s, x:x + s] = torch.maximum(canvas[y:y + s, x:x + s], big)
+            region = canvas[y:y + s, x:x + s]
+            label[y:y + s, x:x + s][ink & (big >= region)] = int(self.labels_[j]) + 1
+            canvas[y:y + s, x:x + s] = torch.maximum(region, big)
             placed.append(sq)
             boxes.append([x + int(cols[0]), y + int(rows[0]), x + int(cols[-1]) + 1, y + int(rows[-1]) + 1])
             classes.append(int(self.labels_[j]))
-        return canvas, boxes, classes
+        return canvas, label, boxes, classes
 
     def question_rng(self, i: int) -> random.Random:
         """The generator of scene `i`'s question: its own stream, a pure function of (seed, index), so the

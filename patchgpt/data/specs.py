@@ -1,6 +1,6 @@
 """Parse data specs (``digits``, ``folder:PATH``, ``idx:PATH``, ``emoji``, ``coco:ANN.json[:DIR]``,
 ``coco-captions:CAPTIONS.json[:DIR]``, ``vqa:QUESTIONS.json:ANNOTATIONS.json[:DIR]``, ``digit-scenes[:OPTIONS]``,
-``videos:PATH``, ``moving-digits``, ``shards:PATTERN``) into train and validation sets.
+``masks:PATH``, ``videos:PATH``, ``moving-digits``, ``shards:PATTERN``) into train and validation sets.
 
 `DATASETS` maps each spec's name (the part before ``:``) to a `Source`: its builder and one line of help.
 """
@@ -61,6 +61,13 @@ def _folder(cfg: DataConfig, arg: str, classes: list[str] | None) -> Built:
                                    on_error=cfg.on_error))
 
 
+def _masks(cfg: DataConfig, arg: str, classes: list[str] | None) -> Built:
+    from .masks import MaskFolder
+
+    return _split(cfg, MaskFolder(arg, channels=cfg.channels or 3, size=cfg.image_size or 64, resize=cfg.resize,
+                                  on_error=cfg.on_error))
+
+
 def _idx(cfg: DataConfig, arg: str, classes: list[str] | None) -> Built:
     found = find_idx(arg)
     kw = dict(channels=cfg.channels, size=cfg.image_size, resize=cfg.resize)
@@ -87,7 +94,7 @@ def _coco(cfg: DataConfig, arg: str, classes: list[str] | None) -> Built:
 
     ann, images_dir = _coco_args(arg)
     return _split(cfg, CocoDetection(ann, images_dir, channels=cfg.channels or 3, size=cfg.image_size or 64,
-                                     resize=cfg.resize, on_error=cfg.on_error, classes=classes))
+                                     resize=cfg.resize, on_error=cfg.on_error, classes=classes, masks=cfg.masks))
 
 
 def _coco_captions(cfg: DataConfig, arg: str, classes: list[str] | None) -> Built:
@@ -156,6 +163,8 @@ DATASETS: dict[str, Source] = {
     "digits": Source(_digits, "scikit-learn's bundled 8x8 handwritten digits (1,797 images, 10 classes)"),
     "folder": Source(_folder, "your images: one subfolder per class, or a flat folder of unlabeled images; a "
                               "metadata.jsonl adds captions (text, question, answer)", "PATH"),
+    "masks": Source(_masks, "your segmentation data: images/ and masks/ with the same file stems, masks as 8-bit "
+                            "or palette PNG label maps (0 background, 255 ignore), optional classes.txt", "PATH"),
     "idx": Source(_idx, "a folder of MNIST-format IDX files (train-images-idx3-ubyte[.gz], ...)", "PATH"),
     "emoji": Source(_emoji, "colour emoji rendered from the Noto Color Emoji font, captioned with their Unicode "
                             "names"),

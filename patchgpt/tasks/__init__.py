@@ -19,6 +19,8 @@ from .classify import Classify
 from .detect import Detect
 from .generate_image import Generate
 from .pretrain import Pretrain
+from .restore import Restore
+from .segment import Segment
 from .video import VideoClassify, VideoPretrain
 from .vq import TrainVQ
 from .vqa import AnswerQuestions
@@ -33,6 +35,8 @@ TASKS: dict[str, type[Task]] = {
     "video-pretrain": VideoPretrain,
     "caption": Caption,
     "vqa": AnswerQuestions,
+    "segment": Segment,
+    "restore": Restore,
 }
 
 
@@ -69,7 +73,7 @@ def info_from_meta(meta: dict) -> DataInfo:
     st = meta["state"]
     return DataInfo(channels=st["channels"], image_size=tuple(st["image_size"]), classes=st["classes"],
                     captions=st.get("captions", False), boxes=st.get("boxes", False),
-                    category_ids=st.get("category_ids"), frames=st.get("frames", 0))
+                    category_ids=st.get("category_ids"), frames=st.get("frames", 0), masks=st.get("masks"))
 
 
 def load(path: str | Path, device: str | torch.device = "cpu") -> Task:
@@ -90,6 +94,6 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> Task:
     return task.to(device).eval()
 
 
-__all__ = ["TASKS", "AnswerQuestions", "Caption", "Classify", "Detect", "Generate", "Metric", "Pretrain", "Task",
-           "TrainVQ", "VideoClassify", "VideoPretrain", "config_from_dict", "default_config", "info_from_meta",
-           "load", "metric_files", "next_token_loss", "sections", "task_class"]
+__all__ = ["TASKS", "AnswerQuestions", "Caption", "Classify", "Detect", "Generate", "Metric", "Pretrain", "Restore",
+           "Segment", "Task", "TrainVQ", "VideoClassify", "VideoPretrain", "config_from_dict", "default_config",
+           "info_from_meta", "load", "metric_files", "next_token_loss", "sections", "task_class"]
