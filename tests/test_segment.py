@@ -202,6 +202,9 @@ def test_segment_on_a_masks_folder_through_the_cli(tmp_path, capsys):
     code, _, err = run_cli(capsys, "train", "segment", "--data", "digits", "--model", "nano", "--steps", "1",
                            "--quiet", "--out", str(tmp_path / "bad"))
     assert code != 0 and "segmentation needs masks" in err
+    code, _, err = run_cli(capsys, "train", "segment", "--model", "nano", "--steps", "1", "--quiet", "--out",
+                           str(tmp_path / "aug"), "--set", "data.augment=true")
+    assert code == 2 and "does not augment" in err
 
 
 def coco_file(tmp_path, segmentation):
@@ -259,3 +262,20 @@ def test_a_bad_coco_segmentation_is_one_line(tmp_path):
     with pytest.raises(DataError) as e:
         ds[0]
     assert "annotation" in str(e.value) and "bad segmentation" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_masks_are_scored_at_their_files_size(tmp_path):
+    from patchgpt.tasks.segment import SegmentMetric
+
+    a = np.zeros((30, 45), dtype=np.uint8)
+    a[5:20, 10:30] = 1
+    for i in range(3):
+        write_pair(tmp_path / "d", f"im{i}", size=(45, 30), labels=a)
+    cfg = tiny_config("segment", tmp_path / "s")
+    cfg.data.spec, cfg.data.image_size, cfg.tokenizer.patch_size = f"masks:{tmp_path / 'd'}", 16, 4
+    cfg.data.val_fraction = 0.5
+    train_set, val, info = build_datasets(cfg.data)
+    task = Segment(cfg, info).eval()
+    metric = SegmentMetric(task)
+    metric.update(collate([val[i] for i in range(len(val))]))
+    assert metric.original == len(val) and metric.confusion.sum() == len(val) * 30 * 45

@@ -110,4 +110,4 @@ class MaskFolder(ImageSet):
         image = to_tensor(resize(im, self.size, self.resize))
         m = np.asarray(resize(mask, self.size, self.resize, Image.NEAREST, fill=IGNORE_LABEL))
         return {"image": image, "label": -1, "mask": torch.from_numpy(m.copy()),           # (S, S) uint8
-                "meta": {"file": str(path), "width": im.size[0], "height": im.size[1]}}
+                "meta": {"file": str(path), "mask_file": str(mpath), "width": im.size[0], "height": im.size[1]}}

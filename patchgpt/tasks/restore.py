@@ -7,7 +7,8 @@ downsampled, then bicubic-upsampled) or ``colorize`` (luminance only).
 
 The corrupted image's patches and the task token are a bidirectional prefix; then one output token per patch
 cell, at that cell's grid position, writes the clean patch: a small head regresses it from the token's hidden
-state and the corrupted patch under it, as a correction added to that patch (mean-squared error in pixels).
+state and the corrupted patch under it, as a correction added to that patch (mean-squared error in pixels;
+inpainting keeps the known pixels and writes only the hole).
 The clean image is written as regressed patches, not colour or VQ tokens: a VQ tokenizer caps the result at
 its own reconstruction quality, and colour tokens quantize every pixel to the palette (both measured in
 docs/restoration.md); regression in one pass has no such ceiling.
@@ -144,8 +145,12 @@ class Restore(Task):
         seq = self._sequence(inputs)
         h = self.backbone(seq)[:, seq.prefix_len:]                                      # (B, N, C)
         patches = self.input.encode(inputs).patches                                      # (B, N, Din)
-        base = self.out.patchify(inputs[:, :self.info.channels])                         # (B, N, Dout)
-        return self.out.unpatchify(base + self.head(torch.cat([h, patches.to(h.dtype)], -1)))
+        bad = inputs[:, :self.info.channels]                                             # (B, C, H, W)
+        base = self.out.patchify(bad)                                                    # (B, N, Dout)
+        out = self.out.unpatchify(base + self.head(torch.cat([h, patches.to(h.dtype)], -1)))
+        if self.holes_in:   # inpainting keeps every known pixel: only the hole is written
+            out = torch.where(inputs[:, -1:] > 0, out, bad)
+        return out
 
     def forward(self, batch: dict, rng: RowRNG | None = None) -> tuple[Tensor, dict]:
         clean = batch["image"]

@@ -32,6 +32,7 @@ from torch.nn import functional as F
 from ..config import ConfigError, RunConfig
 from ..data.base import DataError, DataInfo, ImageSet
 from ..data.images import load_pil, unresize
+from ..data.masks import read_mask
 from ..files import atomic_open, atomic_write_text
 from ..report import save_panel_rows, tensor_to_pil
 from ..rng import RowRNG
@@ -113,6 +114,9 @@ class Segment(Task):
             raise ConfigError("segment.pixel_weight and segment.temperature must be >= 0, segment.alpha in [0, 1]")
         if cfg.tokenizer.kind != "patches":
             raise ConfigError(f"segment reads patches (tokenizer.kind=patches), not {cfg.tokenizer.kind}")
+        if cfg.data.augment:
+            raise ConfigError("segment does not augment (data.augment=false): the shifts and crops move the "
+                              "pixels, not their labels")
 
     def __init__(self, cfg: RunConfig, info: DataInfo) -> None:
         super().__init__(cfg, info)
@@ -258,19 +262,33 @@ class Segment(Task):
 
 class SegmentMetric:
     """Validation loss, and over all validation pixels (255 not scored) the confusion matrix: mean IoU over
-    the classes present in the ground truth or the prediction, per-class IoU and pixel accuracy."""
+    the classes present in the ground truth or the prediction, per-class IoU and pixel accuracy. Masks read
+    from files (``masks:PATH``) are scored at their own size, the prediction resized back (`unresize`);
+    generated ones (digit-scenes) and COCO's at the model's resolution (``at_original_size`` counts the
+    former)."""
 
     def __init__(self, task: Segment) -> None:
         self.task, self.loss_sum, self.n = task, 0.0, 0
         self.confusion = np.zeros((task.K, task.K), dtype=np.int64)   # rows: true, columns: predicted
+        self.original = 0   # images scored at their file's own size (masks:PATH)
 
     def update(self, batch: dict) -> None:
         loss, _ = self.task(batch)
         B = batch["image"].shape[0]
         self.loss_sum += float(loss) * B
         self.n += B
-        pred = self.task.predict(batch)["masks"].cpu().numpy().reshape(-1)
-        self.confusion += confusion(batch["mask"].cpu().numpy().reshape(-1), pred, self.task.K)
+        pred = self.task.predict(batch)["masks"].cpu().numpy().astype(np.uint8)        # (B, S, S)
+        metas = batch.get("meta") or [None] * B
+        for k, meta in enumerate(metas):
+            if isinstance(meta, dict) and "mask_file" in meta:   # the user's masks: scored at their own size
+                true = read_mask(Path(meta["mask_file"]))
+                full = unresize(Image.fromarray(pred[k], "L"), meta["width"], meta["height"],
+                                self.task.cfg.data.resize)
+                self.confusion += confusion(true.reshape(-1), np.asarray(full).reshape(-1), self.task.K)
+                self.original += 1
+            else:
+                self.confusion += confusion(batch["mask"][k].cpu().numpy().reshape(-1), pred[k].reshape(-1),
+                                            self.task.K)
 
     def compute(self) -> dict:
         iou = iou_per_class(self.confusion)
@@ -279,7 +297,8 @@ class SegmentMetric:
         return {"val_loss": self.loss_sum / max(self.n, 1), "n": self.n,
                 "miou": float(np.nanmean(iou)) if present.any() else 0.0,
                 "pixel_accuracy": float(np.trace(self.confusion) / max(self.confusion.sum(), 1)),
-                "per_class_iou": {names[k]: round(float(iou[k]), 4) for k in range(len(iou)) if present[k]}}
+                "per_class_iou": {names[k]: round(float(iou[k]), 4) for k in range(len(iou)) if present[k]},
+                "at_original_size": self.original}
 
 
 def confusion(true: np.ndarray, pred: np.ndarray, k: int) -> np.ndarray:
