@@ -559,7 +559,7 @@ def test_datasets_registry_builds_through_its_records(monkeypatch):
     assert patchgpt.DATASETS is DATASETS
     assert all(isinstance(s, Source) and callable(s.build) and s.help and "\n" not in s.help for s in DATASETS.values())
     assert {n for n, s in DATASETS.items() if s.takes_arg} == {"folder", "idx", "coco", "coco-captions", "vqa",
-                                                                "videos", "shards"}
+                                                                "videos", "shards", "masks"}
     calls = []
     fake = Source(lambda cfg, arg, classes: calls.append((arg, classes)) or ("t", "v", "i"), "made up", "WHAT")
     monkeypatch.setitem(DATASETS, "made-up", fake)

@@ -152,8 +152,9 @@ def test_detection_shards_hold_targets_exactly_and_train(tmp_path, capsys):
     _, src, _ = build_datasets(DataConfig(spec="digit-scenes"))
     paths = sorted(shards.glob("val-*.tar"))
     assert len(paths) == 5
-    assert tarfile.open(paths[0]).getnames()[:5] == [f"000000000.{e}" for e in
-                                                     ("npy", "cls", "boxes.npy", "classes.npy", "meta.json")]
+    assert tarfile.open(paths[0]).getnames()[:6] == [f"000000000.{e}" for e in
+                                                     ("npy", "cls", "mask.npy", "boxes.npy", "classes.npy",
+                                                      "meta.json")]
     train, val, info = build_datasets(DataConfig(spec=f"shards:{shards}/val-{{000000..000004}}.tar"))
     assert info.boxes and info.max_objects == src.info.max_objects and info.classes == src.info.classes
     for item, i in zip(train, range(400), strict=True):
@@ -169,7 +170,7 @@ def test_detection_shards_hold_targets_exactly_and_train(tmp_path, capsys):
     bad.mkdir()
     (bad / "meta.json").write_text((shards / "meta.json").read_text())
     with tarfile.open(paths[0]) as t, tarfile.open(bad / "val-000000.tar", "w") as w:
-        for m in t.getmembers()[:5]:
+        for m in t.getmembers()[:6]:                                 # the first sample's members
             data = t.extractfile(m).read()
             if m.name.endswith(".json"):
                 data = b"{not json"
@@ -207,7 +208,7 @@ def test_shards_of_the_earlier_format_still_read_exactly(tmp_path):
         legacy_shard(out / "train-000000.tar", [src[i] for i in range(30)])
         relist(out, {"train-000000.tar": 30}, sizes=False)               # a manifest of counts only, as it was
         got = all_items(*find_shards(str(out)))
-        new = ("question", "answer", "qtype")   # fields added to digit-scenes after the old format was written
+        new = ("question", "answer", "qtype", "mask")   # fields added to digit-scenes after the old format
         assert len(got) == 30 and all(same(got[i], {k: v for k, v in src[i].items() if k not in new})
                                       for i in range(30))
     bad = tmp_path / "bad"
