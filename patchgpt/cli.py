@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .checkpoint import CheckpointError
-from .config import SEEDS, ConfigError, RunConfig, apply_size, check, check_ranges, set_override
+from .config import SEEDS, ConfigError, DataConfig, RunConfig, apply_size, check, check_ranges, set_override
 from .data import DATASETS
 from .data.base import DataError
 from .dist import DeviceError
@@ -95,6 +95,9 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--pretrain-steps", type=POSITIVE, metavar="N",
                    help="first pretrain generatively for N steps on the same data (into OUT-pretrain), then train "
                    "this task from it (--init); --set pretrain.KEY=... configures that stage")
+    t.add_argument("--pretrain-task", metavar="TASK",
+                   help="with --pretrain-steps: the first stage's task instead of generative pretraining, e.g. "
+                   "segment (dense labels teach a small model to read objects; its --set SECTION.KEY go there)")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.add_argument("--overwrite", action="store_true",
@@ -183,8 +186,11 @@ def cmd_train(a: argparse.Namespace) -> None:
         cfg.train.time = parse_duration(a.time)
         if not any(x.strip().startswith("train.eval_every=") for x in a.set):
             cfg.train.eval_every = 0  # the budget is for training: evaluate at the end only, unless asked
+    if a.pretrain_task and not a.pretrain_steps:
+        raise ConfigError("--pretrain-task names the first stage of --pretrain-steps N: give both")
+    stage_keys = _stage_sections(cfg.task, _stage_task(cfg.task, a.pretrain_task)) if a.pretrain_steps else ()
     for s in a.set:
-        if not (a.pretrain_steps and s.strip().startswith("pretrain.")):
+        if not (stage_keys and s.strip().startswith(stage_keys)):
             set_override(cfg, s)
     # Checked here too, before `train` sets threads and picks the device, so that every bad value is one line.
     check(cfg)
@@ -206,6 +212,24 @@ def cmd_train(a: argparse.Namespace) -> None:
 _SHARED = ("train.seed=", "train.compile=")
 
 
+def _stage_task(task: str, asked: str | None) -> str:
+    """The first stage's task of ``--pretrain-steps``: `asked` (``--pretrain-task``) or `task`'s pretrainer; a
+    one-line error where there is none or it trains no backbone."""
+    name = asked or task_class(task).pretrainer
+    if name is None:
+        raise ConfigError(f"--pretrain-steps: {task} does not start from a pretrained backbone")
+    if task_class(name).pretrainer is None and name != "pretrain" or name == task:
+        raise ConfigError(f"--pretrain-task {name}: choose a task that trains a backbone for {task}, e.g. "
+                          "pretrain or segment")
+    return name
+
+
+def _stage_sections(task: str, stage: str) -> tuple[str, ...]:
+    """The ``--set`` prefixes that configure the first stage (``pretrain.`` and the stage task's section),
+    not the task itself."""
+    return tuple(sorted(f"{x}." for x in {"pretrain", task_class(stage).section} - {None, task_class(task).section}))
+
+
 def _pretrain_stage(cfg: RunConfig, a: argparse.Namespace) -> Path:
     """``train TASK --pretrain-steps N``: generative pretraining on the task's own data, in ``OUT-pretrain``
     (continued if an earlier call left it unfinished, reused if it finished, unless --overwrite); returns that
@@ -215,17 +239,17 @@ def _pretrain_stage(cfg: RunConfig, a: argparse.Namespace) -> Path:
 
     if cfg.init:
         raise ConfigError("--pretrain-steps starts from a fresh pretraining: drop --init, or drop --pretrain-steps")
-    name = task_class(cfg.task).pretrainer
-    if name is None:
-        raise ConfigError(f"--pretrain-steps: {cfg.task} does not start from a pretrained backbone")
+    name = _stage_task(cfg.task, a.pretrain_task)
     pre = default_config(name)
     pre.out = f"{str(cfg.out).rstrip('/')}-pretrain"
     pre.size, pre.model = cfg.size, dataclasses.replace(cfg.model)
-    pre.data, pre.tokenizer = dataclasses.replace(cfg.data), dataclasses.replace(cfg.tokenizer)
+    own = {f.name: getattr(pre.data, f.name) for f in dataclasses.fields(DataConfig) if f.name != "spec"
+           and getattr(pre.data, f.name) != getattr(DataConfig(), f.name)}   # what the stage's recipe needs
+    pre.data, pre.tokenizer = dataclasses.replace(cfg.data, **own), dataclasses.replace(cfg.tokenizer)
     pre.train.steps, pre.train.batch_size = a.pretrain_steps, cfg.train.batch_size
     pre.train.log_every, pre.train.threads, pre.train.device = cfg.train.log_every, cfg.train.threads, cfg.train.device
     for s in a.set:
-        if s.strip().startswith(_SHARED + ("pretrain.",)):
+        if s.strip().startswith(_SHARED + _stage_sections(cfg.task, name)):
             set_override(pre, s)
     check(pre)
     task_class(name).check(pre)

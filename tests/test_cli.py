@@ -135,3 +135,26 @@ def test_pretrain_steps_then_fine_tune_in_one_command(tmp_path, capsys):
     # Called again, it reuses the finished pretraining.
     code, out, err = run_cli(capsys, *[x for x in argv if x != "--quiet"], "--resume")
     assert code == 0 and "reusing the pretraining" in err, err
+
+
+def test_pretrain_task_segment_then_caption(tmp_path, capsys):
+    run_dir = tmp_path / "cap"
+    argv = ["train", "caption", "--data", "digit-scenes", "--model", "nano", "--out", str(run_dir), "--steps", "2",
+            "--pretrain-steps", "2", "--pretrain-task", "segment", "--quiet", "--set", "data.image_size=32",
+            "--set", "train.batch_size=4", "--set", "segment.pixel_weight=0.5", "--set", "caption.max_len=20"]
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 0, err
+    pre_cfg = json.loads((tmp_path / "cap-pretrain" / "config.json").read_text())
+    cfg = json.loads((run_dir / "config.json").read_text())
+    assert pre_cfg["task"] == "segment" and pre_cfg["segment"]["pixel_weight"] == 0.5
+    assert pre_cfg["data"]["augment"] is False and pre_cfg["data"]["image_size"] == 32   # the stage's recipe + yours
+    assert cfg["init"] == str(tmp_path / "cap-pretrain") and cfg["caption"]["max_len"] == 20
+    for bad, message in ((["--pretrain-task", "vq"], "choose a task that trains a backbone"),
+                         (["--pretrain-task", "caption"], "choose a task that trains a backbone"),
+                         (["--pretrain-task", "nope"], "unknown task")):
+        code, _, err = run_cli(capsys, "train", "caption", "--model", "nano", "--steps", "1", "--quiet", "--out",
+                               str(tmp_path / "x"), "--pretrain-steps", "1", *bad)
+        assert code == 2 and message in err, err
+    code, _, err = run_cli(capsys, "train", "caption", "--model", "nano", "--steps", "1", "--out", str(tmp_path / "y"),
+                           "--pretrain-task", "segment")
+    assert code == 2 and "give both" in err
