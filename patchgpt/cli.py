@@ -218,16 +218,18 @@ def _stage_task(task: str, asked: str | None) -> str:
     name = asked or task_class(task).pretrainer
     if name is None:
         raise ConfigError(f"--pretrain-steps: {task} does not start from a pretrained backbone")
-    if task_class(name).pretrainer is None and name != "pretrain" or name == task:
+    if task_class(name).pretrainer is None or name == task:   # no pretrainer: it trains no backbone (vq)
         raise ConfigError(f"--pretrain-task {name}: choose a task that trains a backbone for {task}, e.g. "
                           "pretrain or segment")
     return name
 
 
 def _stage_sections(task: str, stage: str) -> tuple[str, ...]:
-    """The ``--set`` prefixes that configure the first stage (``pretrain.`` and the stage task's section),
-    not the task itself."""
-    return tuple(sorted(f"{x}." for x in {"pretrain", task_class(stage).section} - {None, task_class(task).section}))
+    """The ``--set`` prefixes that configure the first stage (the stage task's section, and that of `task`'s
+    usual pretrainer), not the task itself."""
+    usual = task_class(task).pretrainer
+    sections = {task_class(stage).section, task_class(usual).section if usual else None}
+    return tuple(sorted(f"{x}." for x in sections - {None, task_class(task).section}))
 
 
 def _pretrain_stage(cfg: RunConfig, a: argparse.Namespace) -> Path:
