@@ -28,9 +28,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..tokenizers.masks import IGNORE_LABEL
 from .base import DataError, DataInfo, ImageSet, Item, skip_or_raise
 from .images import load_converted, resize, to_tensor
-from .masks import IGNORE_LABEL
 
 _TOLERANCE = 1.0  # pixels a box may stick out of its image (rounding in exporters) before it is an error
 

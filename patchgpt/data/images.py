@@ -99,8 +99,6 @@ def unresize(im: Image.Image, width: int, height: int, policy: str, fill: int = 
         s = size / min(width, height)
         nw, nh = max(size, round(width * s)), max(size, round(height * s))
         canvas = Image.new(im.mode, (nw, nh), fill)
-        if im.mode == "P":
-            canvas.putpalette(im.getpalette())
         canvas.paste(im, ((nw - size) // 2, (nh - size) // 2))
         return canvas.resize((width, height), Image.NEAREST)
     s = size / max(width, height)   # pad: cut the padding off, then scale back

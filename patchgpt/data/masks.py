@@ -18,10 +18,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..tokenizers.masks import IGNORE_LABEL
 from .base import DataError, DataInfo, ImageSet, Item, skip_or_raise
 from .images import IMAGE_EXTS, bomb_is_error, list_images, load_pil, resize, to_mode, to_tensor
-
-IGNORE_LABEL = 255
 
 
 def read_mask(path: Path) -> np.ndarray:

@@ -69,6 +69,15 @@ def build_backbone(cfg: RunConfig, vocab: Vocab, patch_dim: int, length: int, gr
                           "model.n_embd or model.n_layer") from None
 
 
+def scene_recipe(cfg: RunConfig) -> None:
+    """The recipe of the tasks that read 64 px scenes and write after them (captions, answers, masks, clean
+    images): digit-scenes, 8x8 patches (64 tokens), batches of 32, lr 1e-3, 2,000 steps, evaluations every 500."""
+    cfg.data.spec = "digit-scenes"
+    cfg.tokenizer.patch_size = 8
+    cfg.train.lr, cfg.train.steps, cfg.train.warmup, cfg.train.batch_size = 1e-3, 2000, 100, 32
+    cfg.train.eval_every = 500
+
+
 class Metric(Protocol):
     """What ``Task.metric()`` returns: fed validation batches one by one, then asked for its results."""
 

@@ -43,7 +43,7 @@ from ..rng import RowRNG
 from ..sequence import Sequence, concat, tokens
 from ..tokenizers.inputs import PixelInput
 from ..tokenizers.patches import Patches, grid_positions
-from .base import Task, build_backbone
+from .base import Task, build_backbone, scene_recipe
 
 
 @dataclass
@@ -69,11 +69,8 @@ class Restore(Task):
 
     @classmethod
     def defaults(cls, cfg: RunConfig) -> None:
-        cfg.data.spec = "digit-scenes"
+        scene_recipe(cfg)
         cfg.data.augment = False   # the corruption is the augmentation; shifts would only blur the clean target
-        cfg.tokenizer.patch_size = 8
-        cfg.train.lr, cfg.train.steps, cfg.train.warmup, cfg.train.batch_size = 1e-3, 2000, 100, 32
-        cfg.train.eval_every = 500
 
     @classmethod
     def check(cls, cfg: RunConfig) -> None:
@@ -144,7 +141,7 @@ class Restore(Task):
         """The model's input (B, C_in, H, W) -> restored images (B, C, H, W) in [-1, 1] (unclipped in training)."""
         seq = self._sequence(inputs)
         h = self.backbone(seq)[:, seq.prefix_len:]                                      # (B, N, C)
-        patches = self.input.encode(inputs).patches                                      # (B, N, Din)
+        patches = seq.patches[:, :self.N]                                                # (B, N, Din) the input's
         bad = inputs[:, :self.info.channels]                                             # (B, C, H, W)
         base = self.out.patchify(bad)                                                    # (B, N, Dout)
         out = self.out.unpatchify(base + self.head(torch.cat([h, patches.to(h.dtype)], -1)))

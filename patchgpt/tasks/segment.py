@@ -31,16 +31,16 @@ from torch.nn import functional as F
 
 from ..config import ConfigError, RunConfig
 from ..data.base import DataError, DataInfo, ImageSet
-from ..data.images import load_pil, unresize
+from ..data.images import load_converted, resize, to_tensor, unresize
 from ..data.masks import read_mask
 from ..files import atomic_open, atomic_write_text
 from ..report import save_panel_rows, tensor_to_pil
 from ..rng import RowRNG
 from ..sampling import SamplingParams, sample
 from ..sequence import IGNORE, Sequence, concat, tokens
-from ..tokenizers.masks import CellMasks
+from ..tokenizers.masks import IGNORE_LABEL, CellMasks
 from ..tokenizers.patches import grid_positions
-from .base import Task, build_backbone, next_token_loss
+from .base import Task, build_backbone, next_token_loss, scene_recipe
 
 
 @dataclass
@@ -69,7 +69,7 @@ def mask_image(mask: np.ndarray, k: int) -> Image.Image:
     im = Image.fromarray(mask.astype(np.uint8), "P")
     pal = np.zeros((256, 3), dtype=np.uint8)
     pal[:k] = palette(k)
-    pal[255] = 255
+    pal[IGNORE_LABEL] = 255
     im.putpalette(pal.reshape(-1).tolist())
     return im
 
@@ -78,7 +78,7 @@ def overlay(image: Image.Image, mask: np.ndarray, k: int, alpha: float = 0.5) ->
     """The image with its labels blended over it (background and ignore left as they are)."""
     rgb = np.asarray(image.convert("RGB"), dtype=np.float32)
     colours = palette(max(k, 1)).astype(np.float32)[np.clip(mask, 0, k - 1)]          # (H, W, 3)
-    on = ((mask > 0) & (mask != 255))[..., None]
+    on = ((mask > 0) & (mask != IGNORE_LABEL))[..., None]
     out = np.where(on, (1 - alpha) * rgb + alpha * colours, rgb)
     return Image.fromarray(out.round().astype(np.uint8), "RGB")
 
@@ -92,20 +92,16 @@ class Segment(Task):
     output_keys = ("masks",)
     metric_keys = ("miou", "pixel_accuracy", "per_class_iou")
     demo_data = "digit-scenes"
-    pretrainer = "pretrain"
     examples = ["patchgpt train segment --data digit-scenes --out runs/seg",
                 "patchgpt train segment --data masks:my_data --out runs/seg",
                 "patchgpt predict runs/seg photo.jpg --out masks/"]
 
     @classmethod
     def defaults(cls, cfg: RunConfig) -> None:
-        cfg.data.spec = "digit-scenes"
+        scene_recipe(cfg)
         cfg.data.augment = False   # the generic shifts would move the pixels away from their labels
         cfg.data.masks = True      # coco: read the segmentations
         cfg.data.resize = "pad"    # letterbox: the padding is marked ignore
-        cfg.tokenizer.patch_size = 8
-        cfg.train.lr, cfg.train.steps, cfg.train.warmup, cfg.train.batch_size = 1e-3, 2000, 100, 32
-        cfg.train.eval_every = 500
 
     @classmethod
     def check(cls, cfg: RunConfig) -> None:
@@ -161,10 +157,10 @@ class Segment(Task):
         prompt.labels[:, -1] = torch.where(classes[:, 0] >= 0, classes[:, 0] + self.class_ids.start, IGNORE)
         return concat(prompt, cells, prefix_len=prompt.prefix_len)
 
-    def _bits(self, h: Tensor, images: Tensor) -> Tensor:
+    def _bits(self, h: Tensor, seq: Sequence) -> Tensor:
         """Hidden states of the cell tokens (B, N, C) -> pixel-bit logits (B, N, P*P), from each cell's state and
-        its patch."""
-        patches = self.input.encode(images).patches                                      # (B, N, D)
+        its patch (the sequence's first N tokens are the image's patches, cell by cell)."""
+        patches = seq.patches[:, :self.N]                                                 # (B, N, D)
         return self.refine(torch.cat([h, patches.to(h.dtype)], dim=-1))
 
     def forward(self, batch: dict, rng: RowRNG | None = None) -> tuple[Tensor, dict]:
@@ -175,7 +171,7 @@ class Segment(Task):
         h = self.backbone(seq)                                                           # (B, T, C)
         tail = Sequence(ids=seq.ids[:, P0:], labels=seq.labels[:, P0:], pos=seq.pos[:, P0:])
         cell_loss = next_token_loss(self.backbone.logits(h[:, P0:]), tail)
-        logits = self._bits(h[:, P0 + 1:], images)                                       # (B, N, P*P)
+        logits = self._bits(h[:, P0 + 1:], seq)                                          # (B, N, P*P)
         on = valid & (classes[..., None] > 0)          # cells of a foreground class: which pixels are it
         bce = F.binary_cross_entropy_with_logits(logits, bits, reduction="none")       # (B, N, P*P)
         pixel_loss = (bce * on).sum() / on.sum().clamp(min=1)
@@ -202,7 +198,7 @@ class Segment(Task):
         classes = self.write_cells(images, seed)
         seq = self._with_cells(images, classes)
         h = self.backbone(seq)[:, seq.prefix_len:]                                      # (B, N, C) the cells
-        bits = torch.sigmoid(self._bits(h, images))
+        bits = torch.sigmoid(self._bits(h, seq))
         return {"masks": self.masks.decode(classes, bits), "cells": classes}
 
     def metric(self) -> SegmentMetric:
@@ -219,9 +215,11 @@ class Segment(Task):
         results: list[dict] = []
         for i in range(0, len(paths), 32):
             chunk = list(paths[i:i + 32])
-            masks = self.predict(self.read_files(chunk))["masks"].cpu().numpy().astype(np.uint8)
-            for p, m in zip(chunk, masks, strict=True):
-                src = load_pil(p)
+            sources = [load_converted(p, self.info.channels) for p in chunk]   # each file read once
+            images = torch.stack([to_tensor(resize(im, self.info.image_size[0], self.cfg.data.resize))
+                                  for im in sources]).to(self.device)             # (B, C, S, S), as read_files
+            masks = self.predict({"image": images})["masks"].cpu().numpy().astype(np.uint8)
+            for p, m, src in zip(chunk, masks, sources, strict=True):
                 full = np.asarray(unresize(Image.fromarray(m, "L"), src.size[0], src.size[1], self.cfg.data.resize))
                 counts = np.bincount(full.reshape(-1), minlength=self.K)[:self.K] / max(full.size, 1)
                 r = {"image": str(p), "size": [src.size[0], src.size[1]],
@@ -303,7 +301,7 @@ class SegmentMetric:
 
 def confusion(true: np.ndarray, pred: np.ndarray, k: int) -> np.ndarray:
     """(k, k) counts of (true, predicted) label pairs over pixels whose true label is not 255."""
-    keep = true != 255
+    keep = true != IGNORE_LABEL
     idx = true[keep].astype(np.int64) * k + np.clip(pred[keep].astype(np.int64), 0, k - 1)
     return np.bincount(idx, minlength=k * k).reshape(k, k)
 

@@ -14,15 +14,13 @@ from ..config import RunConfig
 from ..model import GPT
 from ..sampling import DecodeHook, SamplingParams, sample
 from ..sequence import Sequence
+from .base import scene_recipe
 
 
 def text_recipe(cfg: RunConfig) -> None:
-    """The recipe of tasks that answer an image in words: digit-scenes, 8x8 patches (64 tokens for 64 px),
-    batches of 32, evaluations every 500 steps."""
-    cfg.data.spec = "digit-scenes"
-    cfg.tokenizer.patch_size = 8
-    cfg.train.lr, cfg.train.steps, cfg.train.warmup, cfg.train.batch_size = 1e-3, 2000, 100, 32
-    cfg.train.eval_every = 500
+    """The recipe of tasks that answer an image in words: `scene_recipe` (digit-scenes, 8x8 patches, batches of
+    32, evaluations every 500 steps)."""
+    scene_recipe(cfg)
 
 
 @torch.no_grad()
