@@ -136,6 +136,20 @@ def _parser() -> argparse.ArgumentParser:
                    help="detectors: drop boxes scoring below this (0..1)")
     r.add_argument("--question", help="question answering: the question to ask of every image")
     r.add_argument("--mask", help="inpainting: a PNG the size of the image, white where pixels are missing")
+    k = sub.add_parser("ask", help="ask a checkpoint about an image: the prompt picks the task (caption, detect, "
+                       "segment, a question ...); prints JSON, pictures in --out")
+    k.add_argument("ckpt", help="checkpoint or run directory")
+    k.add_argument("image", nargs="?", help="image file (none for 'draw: TEXT' on an image generator)")
+    k.add_argument("prompt", nargs="?", help="what to do: a task (caption, detect, segment, classify, denoise ...), "
+                   "a question, or 'draw: TEXT' (default: the checkpoint's one task)")
+    k.add_argument("--out", help="directory for the answer's pictures (default: a temporary one, kept)")
+
+    v = sub.add_parser("serve", help="a local web page to try a checkpoint: drop an image, pick or type a prompt")
+    v.add_argument("ckpt", help="checkpoint or run directory")
+    v.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    v.add_argument("--port", type=_ranged(int, "[0, 65535]"), default=8000, help="port (default: 8000; 0 = any free)")
+    v.add_argument("--max-mb", type=_ranged(float, "(0, inf)"), default=10.0,
+                   help="largest upload accepted, in MB (default: 10)")
     _sampling_commands(sub)
     return p
 
@@ -308,7 +322,7 @@ def cmd_complete(a: argparse.Namespace) -> None:
 
 def cmd_eval(a: argparse.Namespace) -> None:
     from .checkpoint import run_dir as checkpoint_run_dir
-    from .data import build_datasets, eval_batches
+    from .data import eval_batches
     from .evaluate import evaluate
     from .files import atomic_write_text
     from .tasks import load
@@ -325,7 +339,7 @@ def cmd_eval(a: argparse.Namespace) -> None:
         val = whole_dataset(cfg.data, cfg.data.spec, task.info.classes)
         info = val.info
     else:
-        _, val, info = build_datasets(cfg.data, classes=task.info.classes)
+        _, val, info = type(task).datasets(cfg, classes=task.info.classes)
     if (info.channels, tuple(info.image_size)) != (task.info.channels, tuple(task.info.image_size)):
         raise DataError(f"{cfg.data.spec}: {info.channels}x{list(info.image_size)} images, the checkpoint reads "
                         f"{task.info.channels}x{list(task.info.image_size)}")
@@ -356,6 +370,22 @@ def cmd_predict(a: argparse.Namespace) -> None:
     results = task.predict_files(a.images, out=a.out, top=a.top, min_score=a.min_score, question=a.question,
                                  mask=a.mask)
     print(json.dumps(results, indent=2))
+
+
+def cmd_ask(a: argparse.Namespace) -> None:
+    from .tasks import load
+
+    if a.image is not None and a.prompt is None and not Path(a.image).exists() and Path(a.ckpt).exists():
+        a.image, a.prompt = None, a.image   # `ask CKPT "draw: a heart"`: a prompt, no image
+    if a.image is not None and not Path(a.image).is_file():
+        raise DataError(f"{a.image}: no such image file")
+    print(json.dumps(load(a.ckpt).ask(a.image, a.prompt, out=a.out), indent=2))
+
+
+def cmd_serve(a: argparse.Namespace) -> None:
+    from .serve import serve
+
+    serve(a.ckpt, host=a.host, port=a.port, max_bytes=int(a.max_mb * 1e6))
 
 
 def cmd_quickstart(a: argparse.Namespace) -> None:
@@ -396,7 +426,8 @@ def main(argv: list[str] | None = None) -> int:
         a = _parser().parse_args(argv)
         command = a.command
         {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "quickstart": cmd_quickstart,
-         "sample": cmd_sample, "complete": cmd_complete, "shard": cmd_shard}[a.command](a)
+         "sample": cmd_sample, "complete": cmd_complete, "shard": cmd_shard, "ask": cmd_ask,
+         "serve": cmd_serve}[a.command](a)
     except (ConfigError, DataError, CheckpointError, DeviceError) as e:
         print(f"patchgpt: error: {e}", file=sys.stderr)
         return 2

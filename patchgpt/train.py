@@ -30,7 +30,7 @@ from tqdm import tqdm
 from . import checkpoint, dist, rundir
 from .budget import TimeBudget
 from .config import ConfigError, RunConfig, TrainConfig, check
-from .data import build_datasets, eval_batches, train_batches
+from .data import eval_batches, train_batches
 from .data.base import DataError, DataInfo, ImageSet, auto_augmentation, batch_len, to_device
 from .data.shards import stream_batches
 from .ema import EMA
@@ -122,7 +122,7 @@ def prepare(cfg: RunConfig, fresh: bool = True) -> tuple[Task, ImageSet, ImageSe
             cfg.model.drop_path = recipe.get("drop_path", 0.0)
         if cfg.train.layer_decay == -1:
             cfg.train.layer_decay = recipe.get("layer_decay", 1.0)
-    train_set, val_set, info = build_datasets(cfg.data)
+    train_set, val_set, info = cls.datasets(cfg)
     if init_meta is not None:
         st = init_meta["state"]
         if (info.channels, tuple(info.image_size)) != (st["channels"], tuple(st["image_size"])):

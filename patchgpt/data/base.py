@@ -98,6 +98,7 @@ class DataInfo:
     max_objects: int = 0                  # detection: most (non-crowd) objects in one image of the source
     frames: int = 0                       # video: frames per clip (items are (F, C, H, W)); 0 = images
     masks: list[str] | None = None        # segmentation: the name of each label value of batch["mask"] (H, W)
+    parts: dict[str, DataInfo] | None = None  # a mixture (multi-task data): each task's own data, by task
 
     @property
     def num_classes(self) -> int:
@@ -234,14 +235,18 @@ def input_key(batch: dict) -> str:
 
 
 def batch_len(batch: dict) -> int:
-    """Items in a batch (0 for a batch whose every file was skipped)."""
+    """Items in a batch (0 for a batch whose every file was skipped); a batch of named batches (a `Mixture`'s)
+    counts the items of all."""
     x = batch.get(input_key(batch))
-    return x.shape[0] if x is not None and x.numel() else 0
+    if x is None:
+        return sum(batch_len(v) for v in batch.values() if isinstance(v, dict))
+    return x.shape[0] if x.numel() else 0
 
 
 def to_device(batch: dict, device: torch.device | str) -> dict:
-    """Move a batch's tensors to `device` (captions stay lists of str)."""
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+    """Move a batch's tensors to `device` (captions stay lists of str; named batches are moved inside)."""
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else to_device(v, device)
+            if isinstance(v, dict) else v for k, v in batch.items()}
 
 
 class StepSampler(torch.utils.data.Sampler):
@@ -288,14 +293,21 @@ def train_batches(ds: ImageSet, batch_size: int, seed: int, start: int, steps: i
                   pin_memory: bool = False) -> Iterator[dict]:
     """Micro-batches for micro-steps start..start+steps-1, in an order that depends only on (seed, step).
 
-    `batch_size` is the global micro-batch; this rank gets its ``batch_size // world`` slice of each."""
+    `batch_size` is the global micro-batch; this rank gets its ``batch_size // world`` slice of each. A set
+    that draws its own batches (a `Mixture`: its ``train_batches`` method) is asked to, with the same arguments."""
+    own = getattr(ds, "train_batches", None)
+    if callable(own):
+        return own(batch_size, seed, start, steps, num_workers, rank, world, shuffle, pin_memory)
     sampler = StepSampler(len(ds), batch_size, seed, start, steps, shuffle=shuffle, rank=rank, world=world)
     return one_line_errors(iter(DataLoader(ds, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers,
                                            persistent_workers=False, pin_memory=pin_memory)))
 
 
 def eval_batches(ds: ImageSet, batch_size: int, num_workers: int = 0) -> Iterator[dict]:
-    """One ordered pass over `ds`."""
+    """One ordered pass over `ds` (a set with its own ``eval_batches`` method, a `Mixture`, makes its own)."""
+    own = getattr(ds, "eval_batches", None)
+    if callable(own):
+        return own(batch_size, num_workers)
     return one_line_errors(iter(DataLoader(ds, batch_size=batch_size, shuffle=False, collate_fn=collate,
                                            num_workers=num_workers)))
 

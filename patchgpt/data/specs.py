@@ -51,9 +51,10 @@ def _split(cfg: DataConfig, ds: ImageSet) -> Built:
 
 
 def _digits(cfg: DataConfig, arg: str, classes: list[str] | None) -> Built:
-    if cfg.image_size not in (0, 8) or cfg.channels not in (0, 1):
-        raise DataError("digits are 8x8 grayscale; data.image_size/data.channels apply to other sources")
-    return _split(cfg, Digits())
+    if cfg.channels not in (0, 1) or cfg.image_size not in range(8, 1025) and cfg.image_size != 0:
+        raise DataError("digits are 8x8 grayscale: data.image_size may upsample them (8..1024), data.channels "
+                        "applies to other sources")
+    return _split(cfg, Digits(cfg.image_size or 8))
 
 
 def _folder(cfg: DataConfig, arg: str, classes: list[str] | None) -> Built:

@@ -18,6 +18,7 @@ from .caption import Caption
 from .classify import Classify
 from .detect import Detect
 from .generate_image import Generate
+from .multi import Multi
 from .pretrain import Pretrain
 from .restore import Restore
 from .segment import Segment
@@ -37,6 +38,7 @@ TASKS: dict[str, type[Task]] = {
     "vqa": AnswerQuestions,
     "segment": Segment,
     "restore": Restore,
+    "multi": Multi,
 }
 
 
@@ -49,8 +51,7 @@ def task_class(name: str) -> type[Task]:
 
 def sections(name: str) -> dict[str, type]:
     """The config sections task `name` brings (name -> dataclass)."""
-    cls = task_class(name)
-    return {cls.section: cls.Config} if cls.section and cls.Config else {}
+    return task_class(name).config_sections()
 
 
 def default_config(name: str) -> RunConfig:
@@ -71,9 +72,11 @@ def config_from_dict(d: dict) -> RunConfig:
 def info_from_meta(meta: dict) -> DataInfo:
     """What a saved task knew about its data, from its checkpoint's ``config.json``."""
     st = meta["state"]
+    parts = {k: info_from_meta({"state": v}) for k, v in st["parts"].items()} if st.get("parts") else None
     return DataInfo(channels=st["channels"], image_size=tuple(st["image_size"]), classes=st["classes"],
                     captions=st.get("captions", False), boxes=st.get("boxes", False),
-                    category_ids=st.get("category_ids"), frames=st.get("frames", 0), masks=st.get("masks"))
+                    category_ids=st.get("category_ids"), frames=st.get("frames", 0), masks=st.get("masks"),
+                    parts=parts)
 
 
 def load(path: str | Path, device: str | torch.device = "cpu") -> Task:
@@ -94,6 +97,6 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> Task:
     return task.to(device).eval()
 
 
-__all__ = ["TASKS", "AnswerQuestions", "Caption", "Classify", "Detect", "Generate", "Metric", "Pretrain", "Restore",
-           "Segment", "Task", "TrainVQ", "VideoClassify", "VideoPretrain", "config_from_dict", "default_config",
-           "info_from_meta", "load", "metric_files", "next_token_loss", "sections", "task_class"]
+__all__ = ["TASKS", "AnswerQuestions", "Caption", "Classify", "Detect", "Generate", "Metric", "Multi", "Pretrain",
+           "Restore", "Segment", "Task", "TrainVQ", "VideoClassify", "VideoPretrain", "config_from_dict",
+           "default_config", "info_from_meta", "load", "metric_files", "next_token_loss", "sections", "task_class"]

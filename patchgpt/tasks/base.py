@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from .. import checkpoint
 from ..config import ConfigError, RunConfig
-from ..data import load_image
+from ..data import build_datasets, load_image
 from ..data.base import DataError, DataInfo, ImageSet, augment, input_key, to_device
 from ..model import GPT
 from ..rng import RowRNG
@@ -124,11 +124,20 @@ class Task(nn.Module, metaclass=ABCMeta):
     augment_by_size: ClassVar[bool] = False
     epochs: ClassVar[float] = 10.0   # passes over the training set when ``train.steps=0`` (auto)
     pretrainer: ClassVar[str | None] = "pretrain"   # the task ``--pretrain-steps`` runs first (None: none)
+    # ``ask``: the prompts that pick this task (its name always does), whether a free question does (VQA), and
+    # whether ``predict_files(out=...)`` takes a directory (False: a JSON file)
+    prompt_words: ClassVar[tuple[str, ...]] = ()
+    answers_questions: ClassVar[bool] = False
+    writes_dir: ClassVar[bool] = True
+    # whether it can be a part of a multi-task model: it reads the image's patches as a prefix and writes after
+    # its own task token (or through a head), so it can share one backbone and vocabulary with other such tasks
+    shares_backbone: ClassVar[bool] = False
 
-    def __init__(self, cfg: RunConfig, info: DataInfo) -> None:
+    def __init__(self, cfg: RunConfig, info: DataInfo, vocab: Vocab | None = None) -> None:
+        """`vocab`: a vocabulary shared with other tasks on one backbone (`multi`); a fresh one by default."""
         super().__init__()
         self.cfg, self.info = cfg, info
-        self.vocab = Vocab()
+        self.vocab = Vocab() if vocab is None else vocab
         self.notes: list[str] = []   # choices made for the user (auto settings), printed at start-up
 
     # ---- configuration: class methods, used before a task exists -------------------------------------------
@@ -140,6 +149,16 @@ class Task(nn.Module, metaclass=ABCMeta):
     @classmethod
     def check(cls, cfg: RunConfig) -> None:
         """Validate the task's section against the whole config; raise a one-line `ConfigError`."""
+
+    @classmethod
+    def config_sections(cls) -> dict[str, type]:
+        """The config sections the task brings (name -> dataclass): its own section, if any."""
+        return {cls.section: cls.Config} if cls.section and cls.Config else {}
+
+    @classmethod
+    def datasets(cls, cfg: RunConfig, classes: list[str] | None = None) -> tuple[ImageSet, ImageSet, DataInfo]:
+        """The (train, validation, info) sets of ``cfg.data`` (`classes`: a checkpoint's class order)."""
+        return build_datasets(cfg.data, classes)
 
     # ---- building ------------------------------------------------------------------------------------------
 
@@ -278,6 +297,20 @@ class Task(nn.Module, metaclass=ABCMeta):
         out, one dict per file; with `out`, also written there (as the task documents)."""
         raise NotImplementedError(f"{self.name} has no predict_files")
 
+    def ask(self, image: Any, prompt: str | None = None, out: str | Path | None = None) -> dict:
+        """Answer `prompt` ("caption", "detect", "how many digits?" ...) about `image` (a path or PIL image)
+        with the task it picks: ``{"task", "prompt", "answer", "result", "pictures"}`` (see `prompts.ask`)."""
+        from .prompts import ask
+
+        return ask(self, image, prompt, out)
+
+    def ask_file(self, image: str | Path | None, out: Path, **options: Any) -> dict:
+        """This task's answer about one file, pictures written into the directory `out` (what ``ask`` calls
+        once the prompt picked this task; `options` carry a question or a ``word: text`` argument)."""
+        if image is None:
+            raise ConfigError(f"{self.name} needs an image")
+        return self.predict_files([image], out=out if self.writes_dir else None, **options)[0]
+
     def read_files(self, paths: SequenceOf[str | Path]) -> dict:
         """A batch from image (or video) files, decoded like the training data, on the task's device."""
         d, C, S = self.cfg.data, self.info.channels, self.info.image_size[0]
@@ -292,7 +325,8 @@ class Task(nn.Module, metaclass=ABCMeta):
 
     @property
     def device(self) -> torch.device:
-        return next(self.parameters()).device
+        backbone = self.__dict__.get("backbone")   # a part of a multi-task model holds its backbone unregistered
+        return next(iter(backbone.parameters()) if backbone is not None else self.parameters()).device
 
     def state(self) -> dict:
         """JSON-friendly state saved in config.json beside the weights (classes, vocab, ...)."""

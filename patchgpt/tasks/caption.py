@@ -29,7 +29,7 @@ from ..data.base import DataError, DataInfo, ImageSet
 from ..report import save_text_grid
 from ..rng import RowRNG
 from ..sampling import SamplingParams
-from ..sequence import IGNORE, Sequence, concat, tokens
+from ..sequence import IGNORE, Sequence, Vocab, concat, tokens
 from ..tokenizers import Bytes
 from .base import Task, build_backbone
 from .text import read_bytes, text_recipe, write_bytes
@@ -46,6 +46,8 @@ class Caption(Task):
     """Describe an image in words: image tokens, a task token, then the caption's bytes."""
 
     name = "caption"
+    shares_backbone = True
+    prompt_words = ("caption", "describe", "describe the image")
     section = "caption"
     Config = CaptionConfig
     output_keys = ("captions",)
@@ -65,8 +67,8 @@ class Caption(Task):
         if cfg.caption.temperature < 0 or not 0 < cfg.caption.top_p <= 1:
             raise ConfigError("caption.temperature must be >= 0 and caption.top_p in (0, 1]")
 
-    def __init__(self, cfg: RunConfig, info: DataInfo) -> None:
-        super().__init__(cfg, info)
+    def __init__(self, cfg: RunConfig, info: DataInfo, vocab: Vocab | None = None) -> None:
+        super().__init__(cfg, info, vocab)
         if not info.captions:
             raise DataError(f"captioning needs captions; {cfg.data.spec} has none (use digit-scenes, emoji, or a "
                             "folder with a metadata.jsonl of captions)")

@@ -23,7 +23,7 @@ from ..data.base import DataError, DataInfo, ImageSet
 from ..files import atomic_write_text
 from ..report import save_confusion, save_rows
 from ..rng import RowRNG
-from ..sequence import Sequence
+from ..sequence import Sequence, Vocab
 from .base import Task, build_backbone, recognition_target
 
 
@@ -57,6 +57,9 @@ class Classify(Task):
     """Predict one label per image from the GPT's features (``classify.mode``: finetune|linear|attentive)."""
 
     name = "classify"
+    shares_backbone = True
+    prompt_words = ("classify", "label", "what is this")
+    writes_dir = False
     section = "classify"
     Config = ClassifyConfig
     output_keys = ("logits", "probs", "pred")
@@ -98,8 +101,8 @@ class Classify(Task):
         if c.layer != -1 and c.layer < 1:
             raise ConfigError(f"classify.layer={c.layer}: choose a block 1..model.n_layer, or -1 for the last")
 
-    def __init__(self, cfg: RunConfig, info: DataInfo) -> None:
-        super().__init__(cfg, info)
+    def __init__(self, cfg: RunConfig, info: DataInfo, vocab: Vocab | None = None) -> None:
+        super().__init__(cfg, info, vocab)
         if not info.classes:
             raise DataError(f"classification needs labelled data; {cfg.data.spec} has no classes "
                             "(use one subfolder per class)")

@@ -38,7 +38,7 @@ from ..files import atomic_write_text
 from ..report import draw_boxes, save_boxes, save_detection_grid, tensor_to_pil
 from ..rng import RowRNG
 from ..sampling import DecodeHook, SamplingParams, sample
-from ..sequence import IGNORE, Sequence, concat
+from ..sequence import IGNORE, Sequence, Vocab, concat
 from ..tokenizers.boxes import TOKENS_PER_OBJECT, Boxes
 from .base import Task, build_backbone
 
@@ -130,6 +130,8 @@ class Detect(Task):
     """Predict boxes and classes as tokens after the image (``patchgpt train detect``)."""
 
     name = "detect"
+    shares_backbone = True
+    prompt_words = ("detect", "find objects", "boxes", "detection")
     section = "detect"
     Config = DetectConfig
     output_keys = ("detections",)
@@ -162,8 +164,8 @@ class Detect(Task):
                       "detect.temperature": (d.temperature, "[0, inf)"), "detect.top_p": (d.top_p, "(0, 1]"),
                       "detect.nms_iou": (d.nms_iou, "[0, 1]"), "detect.draw_score": (d.draw_score, "[0, 1]")})
 
-    def __init__(self, cfg: RunConfig, info: DataInfo) -> None:
-        super().__init__(cfg, info)
+    def __init__(self, cfg: RunConfig, info: DataInfo, vocab: Vocab | None = None) -> None:
+        super().__init__(cfg, info, vocab)
         if not info.boxes:
             raise DataError(f"detection needs boxes; {cfg.data.spec} has none (use coco:ANN.json[:IMAGES_DIR] "
                             "or digit-scenes)")

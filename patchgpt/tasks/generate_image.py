@@ -63,6 +63,7 @@ class Generate(Task):
     """Next-token prediction of discrete image tokens after an optional condition prefix."""
 
     name = "generate"
+    prompt_words = ("draw", "generate", "sample")
     section = "generate"
     Config = GenerateConfig
     output_keys = ("nll", "loss")
@@ -243,6 +244,18 @@ class Generate(Task):
         dims = self.info.channels * self.info.image_size[0] * self.info.image_size[1]
         return [{"image": str(p), "nll": float(v), "bits_per_dim": float(v) / (dims * math.log(2))}
                 for p, v in zip(paths, nll, strict=True)]
+
+    def ask_file(self, image: str | Path | None, out: Path, **options: Any) -> dict:
+        """``ask``: "draw: TEXT" (or "draw" for an unconditional model) samples 4 images into
+        ``out/samples.png`` (TEXT: a caption, or a class name of a class-conditional model); a bare prompt
+        with an image scores the image (`predict_files`)."""
+        text = options.get("text")
+        if text is None and image is not None:
+            return super().ask_file(image, out, **options)
+        n = 4
+        kw = {"prompts": [text]} if self.condition == "text" else {"classes": [text]} if text else {}
+        path = self.sample_png(out / "samples.png", n=n, **kw)
+        return {"samples": str(path), "prompt": text or "", "n": n}
 
     def report(self, out: Path, val_set: ImageSet, metrics: dict, prefix: str = "", judge: Task | None = None,
                per_class: int = 20, **kw: Any) -> dict:

@@ -40,7 +40,7 @@ from ..data.images import load_converted, to_tensor
 from ..files import atomic_open, atomic_write_text
 from ..report import save_panel_rows, tensor_to_pil
 from ..rng import RowRNG
-from ..sequence import Sequence, concat, tokens
+from ..sequence import Sequence, Vocab, concat, tokens
 from ..tokenizers.inputs import PixelInput
 from ..tokenizers.patches import Patches, grid_positions
 from .base import Task, build_backbone, scene_recipe
@@ -58,6 +58,8 @@ class Restore(Task):
     """Write the clean image after a corrupted one: one regressed patch per cell."""
 
     name = "restore"
+    shares_backbone = True
+    prompt_words = ("restore", *KINDS, "upscale", "colourise")   # an instance answers its own kind only
     section = "restore"
     Config = RestoreConfig
     output_keys = ("images",)
@@ -81,9 +83,10 @@ class Restore(Task):
         if cfg.tokenizer.kind != "patches":
             raise ConfigError(f"restore reads and writes patches (tokenizer.kind=patches), not {cfg.tokenizer.kind}")
 
-    def __init__(self, cfg: RunConfig, info: DataInfo) -> None:
-        super().__init__(cfg, info)
+    def __init__(self, cfg: RunConfig, info: DataInfo, vocab: Vocab | None = None) -> None:
+        super().__init__(cfg, info, vocab)
         r = cfg.restore
+        self.prompt_words = ("restore", r.kind, *{"superres": ("upscale",), "colorize": ("colourise",)}.get(r.kind, ()))
         if info.frames:
             raise DataError(f"restore works on images; {cfg.data.spec} holds clips")
         if r.kind == "colorize" and info.channels != 3:

@@ -37,7 +37,7 @@ from ..files import atomic_open, atomic_write_text
 from ..report import save_panel_rows, tensor_to_pil
 from ..rng import RowRNG
 from ..sampling import SamplingParams, sample
-from ..sequence import IGNORE, Sequence, concat, tokens
+from ..sequence import IGNORE, Sequence, Vocab, concat, tokens
 from ..tokenizers.masks import IGNORE_LABEL, CellMasks
 from ..tokenizers.patches import grid_positions
 from .base import Task, build_backbone, next_token_loss, scene_recipe
@@ -87,6 +87,8 @@ class Segment(Task):
     """Label every pixel: image tokens, a task token, one class token per cell, refined to pixels."""
 
     name = "segment"
+    shares_backbone = True
+    prompt_words = ("segment", "segmentation", "mask", "masks")
     section = "segment"
     Config = SegmentConfig
     output_keys = ("masks",)
@@ -114,8 +116,8 @@ class Segment(Task):
             raise ConfigError("segment does not augment (data.augment=false): the shifts and crops move the "
                               "pixels, not their labels")
 
-    def __init__(self, cfg: RunConfig, info: DataInfo) -> None:
-        super().__init__(cfg, info)
+    def __init__(self, cfg: RunConfig, info: DataInfo, vocab: Vocab | None = None) -> None:
+        super().__init__(cfg, info, vocab)
         if not info.masks:
             raise DataError(f"segmentation needs masks; {cfg.data.spec} has none (use digit-scenes, or "
                             "masks:PATH with images/ and masks/ label-map PNGs)")

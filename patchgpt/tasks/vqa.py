@@ -26,7 +26,7 @@ from ..config import ConfigError, RunConfig
 from ..data.base import DataError, DataInfo, ImageSet
 from ..report import save_text_grid
 from ..rng import RowRNG
-from ..sequence import IGNORE, Sequence, concat, tokens
+from ..sequence import IGNORE, Sequence, Vocab, concat, tokens
 from ..tokenizers import Bytes
 from .base import Task, build_backbone
 from .text import read_bytes, text_recipe, write_bytes
@@ -65,6 +65,9 @@ class AnswerQuestions(Task):
     metric_keys = ("accuracy", "per_type")
     demo_data = "digit-scenes"
     demo_options = {"question": "how many digits?"}
+    shares_backbone = True
+    prompt_words = ("vqa",)
+    answers_questions = True
     examples = ["patchgpt train vqa --data digit-scenes --out runs/vqa",
                 "patchgpt train vqa --data digit-scenes --out runs/vqa-blind --set vqa.blind=true"]
 
@@ -78,8 +81,8 @@ class AnswerQuestions(Task):
         if v.question_len < 1 or v.answer_len < 1:
             raise ConfigError(f"vqa.question_len={v.question_len}, vqa.answer_len={v.answer_len}: must be positive")
 
-    def __init__(self, cfg: RunConfig, info: DataInfo) -> None:
-        super().__init__(cfg, info)
+    def __init__(self, cfg: RunConfig, info: DataInfo, vocab: Vocab | None = None) -> None:
+        super().__init__(cfg, info, vocab)
         self.input = self.make_input()
         self.task_id = self.vocab.add("task_vqa", 1).start
         v = cfg.vqa
