@@ -11,7 +11,18 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .checkpoint import CheckpointError
-from .config import SEEDS, ConfigError, DataConfig, RunConfig, apply_size, check, check_ranges, set_override
+from .config import (
+    SEEDS,
+    ConfigError,
+    DataConfig,
+    RunConfig,
+    apply_recipe,
+    apply_size,
+    check,
+    check_ranges,
+    read_recipe,
+    set_override,
+)
 from .data import DATASETS
 from .data.base import DataError
 from .dist import DeviceError
@@ -83,7 +94,9 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--smoke", action="store_true", help="a tiny setting that runs in seconds (for tests)")
 
     t = sub.add_parser("train", help="train a task", epilog=_task_help())
-    t.add_argument("task", choices=list(TASKS))
+    t.add_argument("task", nargs="?", choices=list(TASKS), help="the task (or the recipe's `task`)")
+    t.add_argument("--config", metavar="FILE", help="a recipe file holding a whole run (TOML; YAML with PyYAML; a "
+                   "run's own config.json): its `task`, `size`, `out` and [sections]; flags and --set override it")
     t.add_argument("--data", help="data spec (default: digits)")
     t.add_argument("--model", choices=list(SIZES), help="backbone size (default: micro)")
     t.add_argument("--init", help="checkpoint or run directory to start from (backbone and tokenizer)")
@@ -184,7 +197,15 @@ def cmd_train(a: argparse.Namespace) -> None:
     from . import dist
     from .train import train
 
-    cfg = default_config(a.task)
+    recipe = read_recipe(a.config) if a.config else {}
+    task = a.task or recipe.get("task")
+    if not task:
+        raise ConfigError("train: name the task (patchgpt train TASK), or give a --config recipe with task = ...")
+    if a.task and recipe.get("task") and recipe["task"] != a.task:
+        raise ConfigError(f"--config {a.config}: its task is {recipe['task']!r}, the command asks for {a.task!r}")
+    cfg = default_config(task)
+    if recipe:
+        apply_recipe(cfg, recipe, where=str(a.config))
     if a.data:
         cfg.data.spec = a.data
     if a.model:

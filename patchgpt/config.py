@@ -13,6 +13,7 @@ import json
 import math
 import os
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 from .model import SIZES, GPTConfig
@@ -204,6 +205,69 @@ def set_override(cfg: RunConfig, assignment: str) -> None:
             obj = getattr(obj, part)
             if not dataclasses.is_dataclass(obj):
                 raise ConfigError(f"--set {key}: {part!r} is not a section")
+
+
+def read_recipe(path: str | Path) -> dict:
+    """A recipe file (a whole run's settings) as a dict: TOML (read by the standard library), JSON (a run's own
+    ``config.json`` is a recipe) or YAML (``.yaml``/``.yml``, when PyYAML is installed); one-line errors."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"--config {path}: no such file")
+    suffix = p.suffix.lower()
+    try:
+        text = p.read_text(encoding="utf-8")
+        if suffix == ".toml":
+            import tomllib
+
+            d = tomllib.loads(text)
+        elif suffix in (".yaml", ".yml"):
+            try:
+                import yaml
+            except ImportError:
+                raise ConfigError(f"--config {path}: YAML needs PyYAML (pip install pyyaml), or write TOML") from None
+            d = yaml.safe_load(text)
+        elif suffix == ".json":
+            d = json.loads(text)
+        else:
+            raise ConfigError(f"--config {path}: write the recipe as .toml, .json or .yaml")
+    except ConfigError:
+        raise
+    except (ValueError, UnicodeDecodeError) as e:   # tomllib, json and yaml errors are ValueErrors or wrap one
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"--config {path}: not valid {suffix[1:].upper()} ({first})") from None
+    except Exception as e:   # yaml.YAMLError does not derive from ValueError
+        raise ConfigError(f"--config {path}: not valid {suffix[1:].upper()} ({type(e).__name__})") from None
+    if not isinstance(d, dict):
+        raise ConfigError(f"--config {path}: expected a table of settings at the top, got {type(d).__name__}")
+    return d
+
+
+RECIPE_TOP = ("task", "out", "init", "size")   # the recipe's top-level keys; the rest are sections
+
+
+def apply_recipe(cfg: RunConfig, recipe: dict, where: str = "--config") -> None:
+    """Apply a recipe's sections (``[train] lr = 3e-4``) as `set_override` would, type-checked; its ``size``
+    first, then every ``section.key``; unknown sections and keys are one-line errors naming `where`."""
+    if "size" in recipe:
+        apply_size(cfg, str(recipe["size"]))
+    for key in ("out", "init"):
+        if key in recipe:
+            setattr(cfg, key, str(recipe[key]))
+    for section, values in recipe.items():
+        if section in RECIPE_TOP:
+            continue
+        if not isinstance(values, dict):
+            raise ConfigError(f"{where}: {section} = {values!r}: unknown top-level key (known: "
+                              f"{', '.join(RECIPE_TOP)}, and sections such as [train])")
+        for key, value in values.items():
+            if isinstance(value, (dict, list)):
+                raise ConfigError(f"{where}: {section}.{key}: expected a single value, got {type(value).__name__}")
+            text = str(value).lower() if isinstance(value, bool) else repr(value) if isinstance(value, float) \
+                else str(value)
+            try:
+                set_override(cfg, f"{section}.{key}={text}")
+            except ConfigError as e:
+                raise ConfigError(f"{where}: {str(e).removeprefix('--set ')}") from None
 
 
 SEEDS = "[0, 4294967295]"  # seeds as numpy takes them (32 bits), far from torch's 64-bit overflow when combined
