@@ -169,17 +169,79 @@ def list_checkpoints(out: str | Path) -> list[Path]:
     return sorted(done, key=lambda p: p.name.removeprefix(".old_"))
 
 
+BEST = "best"   # checkpoints/best: a copy (hard links) of the checkpoint with the best validation metric
+
+
 def resolve(path: str | Path) -> Path:
-    """A checkpoint directory, or a run directory (its newest complete checkpoint)."""
+    """A checkpoint directory, a run directory (its newest complete checkpoint), ``RUN/best`` (the checkpoint
+    with the best validation metric) or ``RUN/STEP`` (the checkpoint of that step)."""
     p = Path(path).expanduser()
     if (p / "config.json").is_file() and (p / "model.safetensors").is_file():
         return p
+    if not p.exists() and (p.name == BEST or p.name.isdigit()) and (p.parent / CKPT_DIR).is_dir():
+        want = p.parent / CKPT_DIR / (BEST if p.name == BEST else f"step_{int(p.name):07d}")
+        if (want / "config.json").is_file() and (want / "model.safetensors").is_file():
+            return want
+        have = ", ".join(c.name.removeprefix("step_").lstrip("0") or "0" for c in list_checkpoints(p.parent))
+        what = "best checkpoint (no evaluation yet)" if p.name == BEST else f"checkpoint of step {int(p.name)}"
+        raise CheckpointError(f"{p}: the run has no {what}; its steps: {have or 'none'}")
     found = list_checkpoints(p)
     if found:
         return found[-1]
     if not p.exists():
         raise CheckpointError(f"{p}: no such checkpoint or run directory")
     raise CheckpointError(f"{p}: no complete checkpoint here (expected config.json + model.safetensors)")
+
+
+def best_record(out: str | Path) -> dict | None:
+    """``{"metric", "mode", "value", "step"}`` of the run's best checkpoint, or None."""
+    f = Path(out) / CKPT_DIR / BEST / "best.json"
+    try:
+        return json.loads(f.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def update_best(out: str | Path, ckpt: Path, metric: str, mode: str, value: float, step: int) -> bool:
+    """Make `ckpt` the run's ``checkpoints/best`` if `value` beats the record (`mode`: "max" or "min"); True if
+    it did. The copy is staged (hard links, or copies across file systems) and renamed into place, so a reader
+    or a kill never sees half a best checkpoint."""
+    old = best_record(out)
+    if old is not None and old.get("metric") == metric:
+        if (value <= old["value"]) if mode == "max" else (value >= old["value"]):
+            return False
+    root = Path(out) / CKPT_DIR
+    for stale in root.glob(f".tmp_{BEST}_*"):   # left by a killed update
+        shutil.rmtree(stale, ignore_errors=True)
+    for aside in root.glob(f".old_{BEST}_*"):   # a kill between the two renames: put the old best back
+        if (root / BEST).exists():
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            aside.rename(root / BEST)
+    tmp = root / f".tmp_{BEST}_{os.getpid()}"
+    try:
+        tmp.mkdir(parents=True)
+        for f in ckpt.iterdir():
+            if f.is_file():
+                try:
+                    os.link(f, tmp / f.name)
+                except OSError:
+                    shutil.copy2(f, tmp / f.name)
+        _write_json(tmp / "best.json", {"metric": metric, "mode": mode, "value": value, "step": step})
+        final = root / BEST
+        if final.exists():
+            aside = root / f".old_{BEST}_{os.getpid()}"
+            final.rename(aside)
+            tmp.rename(final)
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            tmp.rename(final)
+        _fsync_dir(root)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"could not write {root / BEST} ({e.strerror or e}); the step checkpoints are "
+                              "intact") from None
+    return True
 
 
 def read_meta(path: str | Path) -> dict:

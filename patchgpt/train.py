@@ -486,6 +486,10 @@ def _save_and_evaluate(run: Run, step: int, do_eval: bool) -> dict | None:
                                 f"{saved_at}: fix the validation data, then --resume --out {run.out}") from None
         run.task.train()
         run.write_log({"step": step, **_scalars(metrics, "val/")})
+        key, mode = run.task.best_metric
+        value = metrics.get(key)
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            checkpoint.update_best(run.out, saved_at, key, mode, float(value), step)
     return metrics
 
 

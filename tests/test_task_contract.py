@@ -109,3 +109,5 @@ def test_every_task_documents_its_outputs():
     for name, cls in TASKS.items():
         assert cls.__doc__ and cls.output_keys and cls.demo_data, name
         assert cls.section is None or cls.Config is not None, name
+        key, mode = cls.best_metric   # what checkpoints/best follows is a number the metric reports
+        assert key in ("val_loss", *cls.metric_keys) and mode in ("max", "min"), name

@@ -132,6 +132,8 @@ class Task(nn.Module, metaclass=ABCMeta):
     # whether it can be a part of a multi-task model: it reads the image's patches as a prefix and writes after
     # its own task token (or through a head), so it can share one backbone and vocabulary with other such tasks
     shares_backbone: ClassVar[bool] = False
+    # the validation result ``checkpoints/best`` follows, and whether higher ("max") or lower ("min") is better
+    best_metric: ClassVar[tuple[str, str]] = ("val_loss", "min")
 
     def __init__(self, cfg: RunConfig, info: DataInfo, vocab: Vocab | None = None) -> None:
         """`vocab`: a vocabulary shared with other tasks on one backbone (`multi`); a fresh one by default."""

@@ -52,6 +52,7 @@ class Caption(Task):
     Config = CaptionConfig
     output_keys = ("captions",)
     metric_keys = ("bleu4", "cider", "exact_match")
+    best_metric = ("cider", "max")
     demo_data = "digit-scenes"
     examples = ["patchgpt train caption --data digit-scenes --out runs/cap",
                 "patchgpt predict runs/cap scene.png"]

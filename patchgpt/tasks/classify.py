@@ -64,6 +64,7 @@ class Classify(Task):
     Config = ClassifyConfig
     output_keys = ("logits", "probs", "pred")
     metric_keys = ("top1", "mean_per_class", "per_class", "confusion")
+    best_metric = ("top1", "max")
     examples = [
         'patchgpt train classify --data folder:~/photos --init runs/pre --out runs/cls',
         'patchgpt train classify --init runs/pre --set classify.mode=linear --set classify.layer=2',

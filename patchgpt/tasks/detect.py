@@ -136,6 +136,7 @@ class Detect(Task):
     Config = DetectConfig
     output_keys = ("detections",)
     metric_keys = ("AP", "AP50")
+    best_metric = ("AP", "max")
     demo_data = "digit-scenes"
     examples = [
         'patchgpt train detect --data digit-scenes --out runs/det',

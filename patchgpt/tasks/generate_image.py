@@ -68,6 +68,7 @@ class Generate(Task):
     Config = GenerateConfig
     output_keys = ("nll", "loss")
     metric_keys = ("bits_per_dim",)
+    best_metric = ("bits_per_dim", "min")
     examples = [
         'patchgpt train generate --data digits --set generate.condition=class --out runs/gen',
         'patchgpt sample runs/gen --class 7 --n 16 --cfg 1.5 --out sevens.png',

@@ -64,6 +64,7 @@ class Restore(Task):
     Config = RestoreConfig
     output_keys = ("images",)
     metric_keys = ("psnr", "ssim", "psnr_input", "ssim_input")
+    best_metric = ("psnr", "max")
     demo_data = "digit-scenes"
     examples = ["patchgpt train restore --data digit-scenes --set restore.kind=denoise --out runs/denoise",
                 "patchgpt train restore --data folder:photos --set restore.kind=superres --out runs/sr",

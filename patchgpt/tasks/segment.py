@@ -93,6 +93,7 @@ class Segment(Task):
     Config = SegmentConfig
     output_keys = ("masks",)
     metric_keys = ("miou", "pixel_accuracy", "per_class_iou")
+    best_metric = ("miou", "max")
     demo_data = "digit-scenes"
     examples = ["patchgpt train segment --data digit-scenes --out runs/seg",
                 "patchgpt train segment --data masks:my_data --out runs/seg",

@@ -51,6 +51,7 @@ class TrainVQ(Task):
     Config = VQTrainConfig
     output_keys = ("codes", "recon")
     metric_keys = ("psnr", "codebook_usage", "perplexity")
+    best_metric = ("psnr", "max")
     examples = [
         'patchgpt train vq --data emoji --out runs/vq',
         'patchgpt train generate --data emoji --set tokenizer.kind=vq --set tokenizer.vq=runs/vq',

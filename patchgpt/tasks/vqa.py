@@ -63,6 +63,7 @@ class AnswerQuestions(Task):
     Config = VQAConfig
     output_keys = ("answers",)
     metric_keys = ("accuracy", "per_type")
+    best_metric = ("accuracy", "max")
     demo_data = "digit-scenes"
     demo_options = {"question": "how many digits?"}
     shares_backbone = True
