@@ -169,12 +169,21 @@ def list_checkpoints(out: str | Path) -> list[Path]:
     return sorted(done, key=lambda p: p.name.removeprefix(".old_"))
 
 
+HUB_PREFIX = "hf:"   # a checkpoint on the Hugging Face hub (`patchgpt.hub`)
 BEST = "best"   # checkpoints/best: a copy (hard links) of the checkpoint with the best validation metric
 
 
 def resolve(path: str | Path) -> Path:
     """A checkpoint directory, a run directory (its newest complete checkpoint), ``RUN/best`` (the checkpoint
-    with the best validation metric) or ``RUN/STEP`` (the checkpoint of that step)."""
+    with the best validation metric), ``RUN/STEP`` (the checkpoint of that step) or ``hf:user/repo[@rev]`` (a
+    checkpoint on the Hugging Face hub, through its local cache)."""
+    if isinstance(path, str) and path.startswith(HUB_PREFIX):   # hf:user/repo[@revision]
+        from .hub import HubError, download
+
+        try:
+            return resolve(download(path))
+        except HubError as e:
+            raise CheckpointError(str(e)) from None
     p = Path(path).expanduser()
     if (p / "config.json").is_file() and (p / "model.safetensors").is_file():
         return p
@@ -330,7 +339,11 @@ def read_trainer(ckpt: Path) -> dict:
 
 def run_dir(path: str | Path) -> Path:
     """Where a checkpoint's run writes its files: the run directory for ``RUN/checkpoints/step_N`` (or a run
-    directory given as such), else the checkpoint directory itself (a checkpoint copied on its own)."""
+    directory given as such), else the checkpoint directory itself (a checkpoint copied on its own); for a hub
+    checkpoint, ``runs/USER--REPO`` (never the hub's cache)."""
+    if isinstance(path, str) and path.startswith(HUB_PREFIX):
+        resolve(path)
+        return Path("runs") / path[len(HUB_PREFIX):].partition("@")[0].replace("/", "--")
     p = Path(path).expanduser()
     ckpt = resolve(p)
     if ckpt.parent.name == CKPT_DIR and ckpt.parent.parent.is_dir():

@@ -163,6 +163,12 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--port", type=_ranged(int, "[0, 65535]"), default=8000, help="port (default: 8000; 0 = any free)")
     v.add_argument("--max-mb", type=_ranged(float, "(0, inf)"), default=10.0,
                    help="largest upload accepted, in MB (default: 10)")
+    u = sub.add_parser("push", help="upload a checkpoint to the Hugging Face hub with a generated model card "
+                       "(needs `pip install 'patchgpt[hf]'` and a token: `hf auth login`)")
+    u.add_argument("ckpt", help="checkpoint or run directory (RUN/best for the best one)")
+    u.add_argument("repo", help="USER/REPO on the hub (created if missing); load it back with hf:USER/REPO")
+    u.add_argument("--private", action="store_true", help="create the repository private")
+    u.add_argument("--message", help="commit message")
     _sampling_commands(sub)
     return p
 
@@ -409,6 +415,12 @@ def cmd_serve(a: argparse.Namespace) -> None:
     serve(a.ckpt, host=a.host, port=a.port, max_bytes=int(a.max_mb * 1e6))
 
 
+def cmd_push(a: argparse.Namespace) -> None:
+    from .push import push
+
+    print(push(a.ckpt, a.repo, private=a.private, message=a.message))
+
+
 def cmd_quickstart(a: argparse.Namespace) -> None:
     from .quickstart import quickstart
 
@@ -448,7 +460,7 @@ def main(argv: list[str] | None = None) -> int:
         command = a.command
         {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "quickstart": cmd_quickstart,
          "sample": cmd_sample, "complete": cmd_complete, "shard": cmd_shard, "ask": cmd_ask,
-         "serve": cmd_serve}[a.command](a)
+         "serve": cmd_serve, "push": cmd_push}[a.command](a)
     except (ConfigError, DataError, CheckpointError, DeviceError) as e:
         print(f"patchgpt: error: {e}", file=sys.stderr)
         return 2
