@@ -70,6 +70,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     seed: int = 0
     log_every: int = 10
+    log_to: str = "jsonl"         # jsonl (log.jsonl, always written) | tensorboard (also OUT/tensorboard events)
     eval_every: int = 0          # 0 = only at the end
     ckpt_every: int = 0          # 0 = at evaluations and at the end
     keep: int = 2                # checkpoints kept
@@ -282,6 +283,7 @@ def check(cfg: RunConfig) -> None:
         "data.resize": (cfg.data.resize, ("crop", "stretch", "pad")),
         "data.on_error": (cfg.data.on_error, ("stop", "skip")),
         "tokenizer.kind": (cfg.tokenizer.kind, ("patches", "colors", "vq")),
+        "train.log_to": (cfg.train.log_to, ("jsonl", "tensorboard")),
     })
     m, d, tok, t = cfg.model, cfg.data, cfg.tokenizer, cfg.train
     check_ranges({

@@ -41,6 +41,7 @@ from .report import save_curves
 from .rng import RowRNG
 from .tasks import Task, config_from_dict, load, task_class
 from .tokenizers.inputs import resolve_runs
+from .tracking import TensorBoard, open_tracker
 
 
 class TrainingError(RuntimeError):
@@ -222,6 +223,7 @@ class Run:
     last_ckpt: int = 0
     files: dict[str, Any] = field(default_factory=dict)  # the latest evaluation's large outputs
     ema: EMA | None = None      # with ``train.ema``: the averaged weights, evaluated and saved
+    tracker: TensorBoard | None = None   # ``train.log_to=tensorboard`` (rank 0)
 
     def averaged(self) -> contextlib.AbstractContextManager:
         """A block in which the task holds the weights to evaluate and save (the EMA's, if any)."""
@@ -231,6 +233,8 @@ class Run:
         if self.log is not None:
             self.log.write(json.dumps(row) + "\n")
             self.log.flush()
+        if self.tracker is not None:
+            self.tracker.scalars(row)
 
 
 def train(cfg: RunConfig, resume: bool = False, quiet: bool = False, until: int | None = None,
@@ -297,7 +301,11 @@ def train(cfg: RunConfig, resume: bool = False, quiet: bool = False, until: int 
             if not metrics:  # resumed a run that had already finished: evaluate its final checkpoint again
                 metrics, run.files = evaluate(final, eval_batches(run.val_set, 256, cfg.data.num_workers),
                                               env.device)
-            finish(final, cfg, run.out, metrics, run.val_set, run.files)
+            pictures = finish(final, cfg, run.out, metrics, run.val_set, run.files)
+            if run.tracker is not None:
+                run.tracker.pictures(pictures, step)
+    if run.tracker is not None:
+        run.tracker.close()
     dist.barrier()
     return run.out
 
@@ -373,6 +381,7 @@ def setup(cfg: RunConfig, resume: bool, quiet: bool, overwrite: bool = False) ->
     if env.main:
         atomic_write_text(out / "config.json", cfg.dumps())
         run.log = open(log_path, "a")
+        run.tracker = open_tracker(t.log_to, out, run.start)
     if t.compile:
         compile_networks(task)
     if not (quiet or not env.main):
@@ -549,8 +558,9 @@ def _scalars(metrics: dict, prefix: str = "") -> dict:
 
 
 def finish(task: Task, cfg: RunConfig, out: Path, metrics: dict, val_set: ImageSet,
-           files: dict[str, Any] | None = None) -> None:
-    """metrics.json, the metric's files (e.g. detections.json), the loss curve and the task's pictures."""
+           files: dict[str, Any] | None = None) -> dict[str, str]:
+    """metrics.json, the metric's files (e.g. detections.json), the loss curve and the task's pictures; returns
+    the pictures written (name -> PNG path)."""
     for name, content in (files or {}).items():
         atomic_write_text(out / name, json.dumps(content))
     atomic_write_text(out / "metrics.json", json.dumps(finite(metrics), indent=2))
@@ -558,7 +568,11 @@ def finish(task: Task, cfg: RunConfig, out: Path, metrics: dict, val_set: ImageS
     series = {"train loss": [(r["step"], r["loss"]) for r in rows if "loss" in r],
               "val loss": [(r["step"], r["val/val_loss"]) for r in rows if "val/val_loss" in r]}
     save_curves(out / "loss.png", series, title=f"{cfg.task} ({cfg.size}, {cfg.data.spec})")
+    pictures = {"loss": str(out / "loss.png")}
     try:
-        task.report(out, val_set, metrics)
+        made = task.report(out, val_set, metrics)
     except DataError as e:
         print(f"patchgpt: no pictures: {e}", file=sys.stderr)
+        made = {}
+    pictures.update({k.removesuffix("_png"): v for k, v in made.items() if isinstance(v, str) and v.endswith(".png")})
+    return pictures
