@@ -169,6 +169,13 @@ def _parser() -> argparse.ArgumentParser:
     u.add_argument("repo", help="USER/REPO on the hub (created if missing); load it back with hf:USER/REPO")
     u.add_argument("--private", action="store_true", help="create the repository private")
     u.add_argument("--message", help="commit message")
+    x = sub.add_parser("export", help="export a checkpoint for deployment: ONNX (a classifier's logits, or the "
+                       "backbone's features), dynamic batch")
+    x.add_argument("ckpt", help="checkpoint or run directory")
+    x.add_argument("--format", choices=["onnx"], default="onnx", help="file format (default: onnx)")
+    x.add_argument("--what", choices=["auto", "logits", "features"], default="auto",
+                   help="logits (classifiers; their default) or features (the backbone's token features)")
+    x.add_argument("--out", help="file to write (default: CKPT's run directory / model.onnx)")
     _sampling_commands(sub)
     return p
 
@@ -421,6 +428,14 @@ def cmd_push(a: argparse.Namespace) -> None:
     print(push(a.ckpt, a.repo, private=a.private, message=a.message))
 
 
+def cmd_export(a: argparse.Namespace) -> None:
+    from .checkpoint import run_dir
+    from .export import export_onnx
+
+    out = a.out or str(run_dir(a.ckpt) / "model.onnx")
+    print(json.dumps(export_onnx(a.ckpt, out, a.what)))
+
+
 def cmd_quickstart(a: argparse.Namespace) -> None:
     from .quickstart import quickstart
 
@@ -460,7 +475,8 @@ def main(argv: list[str] | None = None) -> int:
         command = a.command
         {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "quickstart": cmd_quickstart,
          "sample": cmd_sample, "complete": cmd_complete, "shard": cmd_shard, "ask": cmd_ask,
-         "serve": cmd_serve, "push": cmd_push}[a.command](a)
+         "serve": cmd_serve, "push": cmd_push,
+         "export": cmd_export}[a.command](a)
     except (ConfigError, DataError, CheckpointError, DeviceError) as e:
         print(f"patchgpt: error: {e}", file=sys.stderr)
         return 2
