@@ -172,10 +172,17 @@ def _parser() -> argparse.ArgumentParser:
     x = sub.add_parser("export", help="export a checkpoint for deployment: ONNX (a classifier's logits, or the "
                        "backbone's features), dynamic batch")
     x.add_argument("ckpt", help="checkpoint or run directory")
-    x.add_argument("--format", choices=["onnx"], default="onnx", help="file format (default: onnx)")
+    x.add_argument("--format", choices=["onnx", "hf-imagegpt"], default="onnx",
+                   help="onnx (default), or hf-imagegpt: a Hugging Face ImageGPT directory (colour-token generators "
+                   "with ImageGPT's options, e.g. an imported one)")
     x.add_argument("--what", choices=["auto", "logits", "features"], default="auto",
                    help="logits (classifiers; their default) or features (the backbone's token features)")
-    x.add_argument("--out", help="file to write (default: CKPT's run directory / model.onnx)")
+    x.add_argument("--out", help="file to write (default: CKPT's run directory / model.onnx, or / hf-imagegpt)")
+
+    m = sub.add_parser("import-hf", help="convert a Hugging Face ImageGPT directory (ImageGPTForCausalImageModeling "
+                       "or ImageGPTForImageClassification, with its preprocessor_config.json) into a patchgpt run")
+    m.add_argument("src", help="the directory (save_pretrained's, or a downloaded openai/imagegpt-small)")
+    m.add_argument("--out", required=True, help="run directory to write")
     _sampling_commands(sub)
     return p
 
@@ -243,6 +250,10 @@ def cmd_train(a: argparse.Namespace) -> None:
     # Checked here too, before `train` sets threads and picks the device, so that every bad value is one line.
     check(cfg)
     task_class(cfg.task).check(cfg)
+    if cfg.init.startswith("hf-imagegpt:"):   # convert once, beside the run, and start from that
+        from .imagegpt import import_imagegpt
+
+        cfg.init = str(import_imagegpt(cfg.init.removeprefix("hf-imagegpt:"), f"{str(cfg.out).rstrip('/')}-imagegpt"))
     try:
         if a.pretrain_steps:
             cfg.init = str(_pretrain_stage(cfg, a))
@@ -430,10 +441,22 @@ def cmd_push(a: argparse.Namespace) -> None:
 
 def cmd_export(a: argparse.Namespace) -> None:
     from .checkpoint import run_dir
+
+    if a.format == "hf-imagegpt":
+        from .imagegpt import export_imagegpt
+
+        print(json.dumps({"hf-imagegpt": str(export_imagegpt(a.ckpt, a.out or run_dir(a.ckpt) / "hf-imagegpt"))}))
+        return
     from .export import export_onnx
 
     out = a.out or str(run_dir(a.ckpt) / "model.onnx")
     print(json.dumps(export_onnx(a.ckpt, out, a.what)))
+
+
+def cmd_import_hf(a: argparse.Namespace) -> None:
+    from .imagegpt import import_imagegpt
+
+    print(f"patchgpt: imported {a.src} into {import_imagegpt(a.src, a.out)}", file=sys.stderr)
 
 
 def cmd_quickstart(a: argparse.Namespace) -> None:
@@ -476,7 +499,7 @@ def main(argv: list[str] | None = None) -> int:
         {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "quickstart": cmd_quickstart,
          "sample": cmd_sample, "complete": cmd_complete, "shard": cmd_shard, "ask": cmd_ask,
          "serve": cmd_serve, "push": cmd_push,
-         "export": cmd_export}[a.command](a)
+         "export": cmd_export, "import-hf": cmd_import_hf}[a.command](a)
     except (ConfigError, DataError, CheckpointError, DeviceError) as e:
         print(f"patchgpt: error: {e}", file=sys.stderr)
         return 2

@@ -284,6 +284,8 @@ def check(cfg: RunConfig) -> None:
         "data.on_error": (cfg.data.on_error, ("stop", "skip")),
         "tokenizer.kind": (cfg.tokenizer.kind, ("patches", "colors", "vq")),
         "train.log_to": (cfg.train.log_to, ("jsonl", "tensorboard")),
+        "model.norm": (cfg.model.norm, ("layer", "rms")),
+        "model.activation": (cfg.model.activation, ("gelu", "gelu_tanh", "quick_gelu")),
     })
     m, d, tok, t = cfg.model, cfg.data, cfg.tokenizer, cfg.train
     check_ranges({

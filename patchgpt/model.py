@@ -35,6 +35,12 @@ class GPTConfig:
     dropout: float = 0.0
     drop_path: float = -1.0      # stochastic depth, rising linearly to this rate at the last block
     bias: bool = False           # (-1: the task's fine-tuning recipe picks it when training from --init)
+    # Options other published GPTs over images use (OpenAI's ImageGPT: rms, quick_gelu, bias, no grid positions);
+    # patchgpt's own defaults are the fast ones measured here (docs/design.md).
+    norm: str = "layer"          # layer (LayerNorm) | rms (RMSNorm: not mean-centred, no bias)
+    norm_eps: float = 1e-5
+    activation: str = "gelu"     # gelu (exact, erf) | gelu_tanh | quick_gelu (x * sigmoid(1.702 x))
+    grid_pos: bool = True        # add the factorised (frame, row, col) embeddings; False: 1-D positions only
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -108,12 +114,39 @@ class Attention(nn.Module):
         return self.proj(y)
 
 
+class QuickGELU(nn.Module):
+    """``x * sigmoid(1.702 x)``: the GELU approximation of OpenAI's ImageGPT and CLIP."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+def activation(name: str) -> nn.Module:
+    """The MLP's non-linearity by name (`GPTConfig.activation`)."""
+    if name == "gelu":
+        return nn.GELU()  # exact erf GELU: much cheaper on CPU than the written-out tanh form
+    if name == "gelu_tanh":
+        return nn.GELU(approximate="tanh")
+    if name == "quick_gelu":
+        return QuickGELU()
+    raise ValueError(f"model.activation={name!r}: choose gelu, gelu_tanh or quick_gelu")
+
+
+def norm(cfg: GPTConfig) -> nn.Module:
+    """The pre-norm layer (`GPTConfig.norm`): LayerNorm (bias with ``cfg.bias``) or RMSNorm."""
+    if cfg.norm == "layer":
+        return nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps, bias=cfg.bias)
+    if cfg.norm == "rms":
+        return nn.RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
+    raise ValueError(f"model.norm={cfg.norm!r}: choose layer or rms")
+
+
 class MLP(nn.Module):
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
         hidden = int(cfg.mlp_ratio * cfg.n_embd)
         self.fc = nn.Linear(cfg.n_embd, hidden, bias=cfg.bias)
-        self.act = nn.GELU()  # exact erf GELU: much cheaper on CPU than the written-out tanh form
+        self.act = activation(cfg.activation)
         self.proj = nn.Linear(hidden, cfg.n_embd, bias=cfg.bias)
         self.drop = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
 
@@ -136,9 +169,9 @@ class Block(nn.Module):
     def __init__(self, cfg: GPTConfig, drop_path: float = 0.0) -> None:
         super().__init__()
         self.drop_path = drop_path
-        self.ln_1 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.ln_1 = norm(cfg)
         self.attn = Attention(cfg)
-        self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.ln_2 = norm(cfg)
         self.mlp = MLP(cfg)
 
     def forward(self, x: Tensor, mask: Tensor | None, is_causal: bool,
@@ -226,7 +259,7 @@ class GPT(nn.Module):
         self.drop = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
         L, rate = cfg.n_layer, max(0.0, cfg.drop_path)
         self.blocks = nn.ModuleList([Block(cfg, rate * i / max(1, L - 1)) for i in range(L)])
-        self.ln_f = nn.LayerNorm(C, bias=cfg.bias)
+        self.ln_f = norm(cfg)
         self.lm_head = nn.Linear(C, cfg.vocab_size, bias=False)
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
@@ -267,6 +300,8 @@ class GPT(nn.Module):
 
         Returns (..., C); what `embed` adds to a token's own embedding.
         """
+        if not self.cfg.grid_pos:   # 1-D positions only; broadcasts against the token embeddings
+            return self.wpe(t)
         grid = self.frame_emb(pos[..., 0]) + self.row_emb(pos[..., 1]) + self.col_emb(pos[..., 2])
         return self.wpe(t) + grid
 
