@@ -132,7 +132,7 @@ FLAGS = [  # argv (the checkpoint need not exist: flags are checked first), what
     (["shard", "--data", "digits", "--out", "OUT", "--per-shard", "0"], "--per-shard: must be >= 1"),
     (["predict", "RUN", "x.png", "--min-score", "2"], "--min-score: must be in [0, 1]"),
     (["sample", "RUN", "--n", "many"], "--n: expected an integer, got 'many'"),
-    (["train"], "train: the following arguments are required: task"),
+    (["train"], "train: name the task (patchgpt train TASK), or give a --config recipe"),
 ]
 
 
