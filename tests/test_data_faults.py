@@ -204,7 +204,6 @@ FAULTS = [
      ["train-000000.tar: 2 items, but the meta.json beside it records 4"], None),
     ("shard-unlisted", lambda t, m: changed(t, "train-000007.tar", b""), ["train-000007.tar: not listed in"],
      "classify"),
-    ("shard-meta-missing", lambda t, m: changed(t, "meta.json", None), ["meta.json: missing"], None),
     ("shard-meta-not-json", lambda t, m: changed(t, "meta.json", b"{"), ["meta.json: unreadable"], None),
     ("shard-meta-hostile-name", lambda t, m: changed(t, "meta.json", json.dumps(
         {"info": {"channels": 1, "image_size": [4, 4], "classes": None}, "shards": {"../../x.tar": 1}}).encode()),

@@ -19,6 +19,13 @@ items. A write replaces only shards its manifest lists (other ``{split}-*.tar`` 
 one-line refusal, and nothing is changed). Shards of the earlier format (a manifest of item counts without
 sizes) still read, their counts checked.
 
+Shards `patchgpt shard` did not write (the `webdataset` library's, img2dataset's: ``.jpg``/``.png``/``.webp``
+images with ``.cls``, ``.txt`` and ``.json`` members) read too: a pattern's shards in a directory without a
+``meta.json``, and ``pipe:COMMAND`` shards (the command's standard output is the tar; braces expand into one
+command per name), are opened by `wds` with the data settings (``data.image_size``, ``data.channels``,
+``data.resize``, ``data.on_error``), which turn their images into items as ``folder:`` does. Everything below
+(streaming, ranks and workers, shuffling, resume) is the same for both kinds.
+
 Reading: rank r of `world`, DataLoader worker w of `nw` is reader g = r * nw + w of G = world * nw. With at
 least G shards each reader takes shards g, g + G, ...; with fewer, every reader walks all shards and keeps
 items g, g + G, .... Each epoch the reader's shard order and a buffer shuffle (WebDataset's
@@ -48,10 +55,12 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from ..files import atomic_write_text
 from .base import MAX_CLASSES, DataError, DataInfo, ImageSet, Item, collate, input_key, one_line_errors
 from .members import decode, item_members
+from .wds import MAX_MEMBER, OPTIONS, WdsRead, is_pipe, open_set
+from .wds import decode as wds_decode
+from .wds import samples as wds_samples
 
 META = "meta.json"
 MAX_NAMES = 100_000      # shard names one spec may expand to: a brace range is expanded into every name
-MAX_MEMBER = 1 << 30     # bytes of one tar member read into memory (one field of one item)
 _NAME = re.compile(r"[^/\\\x00]+\.tar")  # a shard's name in a manifest: a plain file name
 
 
@@ -260,12 +269,14 @@ def write_shards(ds: ImageSet, out_dir: str | Path, per_shard: int = 1000, prefi
 
 @dataclass(frozen=True)
 class Shard:
-    """One shard of a set: its name (as a path), the file read, and what its manifest records."""
+    """One shard of a set: its name (as a path), the file read, and what its manifest records (for a
+    WebDataset shard, what opening the set found)."""
 
-    name: Path          # the shard as a spec names it: directory / train-NNNNNN.tar
-    path: Path          # the file read: `name`, or its staged file while a committed rename is pending
+    name: Path | str    # the shard as a spec names it: directory / train-NNNNNN.tar, or "pipe:COMMAND"
+    path: Path | str    # the file read: `name`, or its staged file while a committed rename is pending
     items: int          # item count recorded in meta.json
-    size: int | None    # size in bytes recorded in meta.json (None: written before sizes were recorded)
+    size: int | None    # size in bytes recorded in meta.json (None: written before sizes were recorded; a pipe)
+    wds: WdsRead | None = None   # a WebDataset shard (no meta.json lists it): how its samples become items
 
 
 class _Listing:
@@ -336,15 +347,19 @@ def _match(d: Path, pattern: str, cache: dict) -> list[Path]:
     return [d / n for n in sorted(names) if fnmatch.fnmatchcase(n, pattern) and not n.startswith(".")]
 
 
-def expand(spec: str) -> list[Path]:
-    """Shard paths from a directory, a glob, a brace pattern, or several of these joined by ``::``.
+def expand(spec: str) -> list[Path | str]:
+    """Shard paths from a directory, a glob, a brace pattern, a ``pipe:COMMAND`` (braces expanded: one
+    command per name, kept as a str), or several of these joined by ``::``.
 
     A directory means its ``train-*.tar`` shards if it has any (not the ``val-*`` ones beside them), else
     all its ``*.tar``. A directory's names are its files and those its ``meta.json`` lists, as the manifest
     says (see the module docstring)."""
-    paths: list[Path] = []
+    paths: list[Path | str] = []
     cache: dict = {}
     for part in spec.split("::"):
+        if is_pipe(part.strip()):
+            paths += _braces(part.strip(), spec)
+            continue
         part = os.path.expanduser(part.strip())
         if not part:
             raise DataError(f"shards:{spec}: an empty pattern (nothing between '::')")
@@ -373,56 +388,91 @@ def expand(spec: str) -> list[Path]:
     return paths
 
 
-def _file(s: Shard) -> Path:
+def _file(s: Shard) -> Path | str:
     """The file to read for `s`: its staged file, unless a write has renamed it into place meanwhile."""
-    return s.path if s.path == s.name or s.path.exists() else s.name
+    return s.path if s.path == s.name or Path(s.path).exists() else s.name
+
+
+def decode_sample(sample: dict, info: DataInfo) -> Item | None:
+    """A raw sample of `_samples` -> its item (None: a WebDataset member skipped as unreadable)."""
+    return wds_decode(sample, info) if OPTIONS in sample else decode(sample, info)
 
 
 def _check_size(s: Shard) -> None:
+    if is_pipe(s.path):
+        return
     try:
         n = _file(s).stat().st_size
     except FileNotFoundError:
-        raise DataError(f"{s.name}: listed in the {META} beside it, but missing") from None
+        raise DataError(f"{s.name}: listed in the {META} beside it, but missing" if s.wds is None else
+                        f"{s.name}: missing (it was there when the set was opened)") from None
+    if s.wds is not None and n != s.size:
+        raise DataError(f"{s.name}: {n:,} bytes, but {s.size:,} when the set was opened (changed since)")
     if s.size is not None and n != s.size:
         raise DataError(f"{s.name}: {n:,} bytes, but the {META} beside it records {s.size:,} (truncated, or "
                         "changed since `patchgpt shard` wrote it)")
 
 
-def find_shards(spec: str) -> tuple[list[Shard], DataInfo]:
+def find_shards(spec: str, read: WdsRead | None = None, classes: list[str] | None = None
+                ) -> tuple[list[Shard], DataInfo]:
     """The shards of ``shards:SPEC``, checked against their manifests, and their `DataInfo`.
 
-    Each shard must be listed in the ``meta.json`` of its directory, with the size recorded there; a shard
-    named twice, or directories whose manifests describe different data, are one-line `DataError`s too."""
+    A shard in a directory with a ``meta.json`` must be listed there, with the size recorded there. Pipes
+    and shards in directories without one are WebDataset shards, opened (scanned) by `wds.open_set` with
+    `read` (default: 3 channels, 32 px, crop, stop) and `classes`. A shard named twice, or shards that
+    describe different data, are one-line `DataError`s too."""
     cache: dict = {}
-    shards: list[Shard] = []
-    seen: dict[str, Path] = {}
-    info, first = None, None
+    entries: list[Shard | Path | str] = []   # a Shard, or a WebDataset shard to open
+    seen: set[str] = set()
     for p in expand(spec):
-        key = os.path.realpath(p)
+        key = p if is_pipe(p) else os.path.realpath(p)
         if key in seen:
             raise DataError(f"shards:{spec}: {p} is named twice (its items would be read twice)")
-        seen[key] = p
-        listing = _listing(p.parent, cache)
-        if listing is None:
-            raise DataError(f"{p.parent / META}: missing (shards written by `patchgpt shard` carry it)")
-        s = listing.shards.get(p.name)
-        if s is None:
-            raise DataError(f"{p}: not listed in {listing.meta_path}, so its items cannot be counted (not written "
-                            "there by `patchgpt shard`); write the set again with `patchgpt shard`")
-        _check_size(s)
+        seen.add(key)
+        listing = None if is_pipe(p) else _listing(p.parent, cache)
+        entries.append(p if listing is None else _listed(listing, p))
+    foreign = [e for e in entries if not isinstance(e, Shard)]
+    wds_info = None
+    if foreign:
+        found, wds_info, read = open_set(foreign, read or WdsRead(), classes, spec)
+        made = {e: Shard(e, e, n, size, read) for e, (n, size) in zip(foreign, found, strict=True)}
+        entries = [made[e] if not isinstance(e, Shard) else e for e in entries]
+    return entries, _one_info(spec, entries, cache, wds_info)
+
+
+def _one_info(spec: str, shards: list[Shard], cache: dict, info: DataInfo | None) -> DataInfo:
+    """The `DataInfo` all `shards` share (their manifests', and `info` of the WebDataset ones)."""
+    first = "the WebDataset shards" if info is not None else None
+    for s in shards:
+        if s.wds is not None:
+            continue
+        listing = _listing(s.name.parent, cache)
         if info is None:
             info, first = listing.info, listing.meta_path
-        elif listing.info != info:
+        elif _info_dict(listing.info) != _info_dict(info):
             raise DataError(f"shards:{spec}: {listing.meta_path} ({_describe(listing.info)}) and {first} "
                             f"({_describe(info)}) describe different data")
-        shards.append(s)
-    return shards, info
+    return info
+
+
+def _listed(listing: _Listing, p: Path) -> Shard:
+    """Shard `p` as its directory's manifest lists it, its size checked; a one-line `DataError` if unlisted."""
+    s = listing.shards.get(p.name)
+    if s is None:
+        raise DataError(f"{p}: not listed in {listing.meta_path}, so its items cannot be counted (not written "
+                        "there by `patchgpt shard`); write the set again with `patchgpt shard`, or move it to a "
+                        "directory without a meta.json to read it as a WebDataset shard")
+    _check_size(s)
+    return s
 
 
 def _samples(shard: Shard) -> Iterator[dict]:
     """Raw samples of one shard in tar order, {"__key__": key, "__url__": shard, ext: bytes, ...}; as many
-    as its manifest records, else a one-line `DataError`."""
+    as its manifest records, else a one-line `DataError` (a WebDataset shard: those `wds.samples` gives)."""
     _check_size(shard)
+    if shard.wds is not None:
+        yield from wds_samples(_file(shard), str(shard.name), shard.wds)
+        return
     where, n, path = shard.name, 0, _file(shard)
     try:
         size = path.stat().st_size
@@ -466,16 +516,19 @@ class ShardSet(IterableDataset):
         self.total = sum(s.items for s in self.shards)
 
     @property
-    def paths(self) -> list[Path]:
+    def paths(self) -> list[Path | str]:
         return [s.name for s in self.shards]
 
     def __len__(self) -> int:
         return self.total
 
     def __iter__(self) -> Iterator[Item]:
+        """The items in shard order (those skipped as unreadable left out)."""
         for s in self.shards:
             for x in _samples(s):
-                yield decode(x, self.info)
+                item = decode_sample(x, self.info)
+                if item is not None:
+                    yield item
 
     def images(self, n: int | None = None) -> torch.Tensor:
         """The first `n` images (N, C, H, W) or clips stacked (for fitting a colour palette)."""
@@ -502,12 +555,14 @@ class MemorySet(ImageSet):
         return self.items[i]
 
 
-def shard_sets(spec: str, val_fraction: float) -> tuple[ImageSet | ShardSet, ImageSet, DataInfo]:
-    """(train stream, validation set, info) for ``shards:SPEC``.
+def shard_sets(spec: str, val_fraction: float, read: WdsRead | None = None, classes: list[str] | None = None
+               ) -> tuple[ImageSet | ShardSet, ImageSet, DataInfo]:
+    """(train stream, validation set, info) for ``shards:SPEC`` (`read`, `classes`: for WebDataset shards,
+    see `find_shards`).
 
     With ``val_fraction == 0`` (a separate ``data.val_spec``) every shard trains; otherwise the last shard
     is held out for validation."""
-    shards, info = find_shards(spec)
+    shards, info = find_shards(spec, read, classes)
     if val_fraction == 0:
         return ShardSet(shards, info), MemorySet([], info), info
     if len(shards) < 2:
@@ -570,7 +625,7 @@ class _Batches(IterableDataset):
                     if skip > 0:
                         skip -= 1
                     else:
-                        yield collate([decode(x, self.ds.info) for x in batch])
+                        yield collate([decode_sample(x, self.ds.info) for x in batch])
                     batch = []
             if made == 0:
                 raise DataError(f"shards: reader {g} of {G} (rank {self.rank}) got fewer than {self.bs} items "

@@ -155,9 +155,12 @@ def _moving_digits(cfg: DataConfig, arg: str, classes: list[str] | None) -> Buil
 
 
 def _shards(cfg: DataConfig, arg: str, classes: list[str] | None) -> Built:
+    """``shards:PATTERN``: `patchgpt shard`'s shards as their meta.json describes them; WebDataset ones (no
+    meta.json; ``pipe:COMMAND``) decoded by the data settings, as folders are."""
     from .shards import shard_sets
+    from .wds import WdsRead
 
-    return shard_sets(arg, cfg.val_fraction)
+    return shard_sets(arg, cfg.val_fraction, WdsRead.of(cfg), classes)
 
 
 DATASETS: dict[str, Source] = {
@@ -187,8 +190,9 @@ DATASETS: dict[str, Source] = {
                               "folder", "PATH"),
     "moving-digits": Source(_moving_digits, "bundled digits moving and bouncing on a canvas, labelled by direction "
                                             "(8 classes)"),
-    "shards": Source(_shards, "streamed tar shards written by `patchgpt shard` (a dir, glob, or "
-                              "train-{000000..000009}.tar)", "PATTERN"),
+    "shards": Source(_shards, "streamed tar shards: `patchgpt shard`'s, or WebDataset/img2dataset ones (.jpg/"
+                              ".png/.webp with .cls, .txt, .json; a classes.txt beside them names classes) from a "
+                              "dir, glob, train-{000000..000009}.tar, or pipe:COMMAND", "PATTERN"),
 }
 
 
@@ -221,8 +225,9 @@ def whole_dataset(cfg: DataConfig, spec: str, classes: list[str] | None = None) 
     """Every item of `spec` (no train/validation split): for evaluating on a separate file or folder."""
     if spec.strip().startswith("shards:"):
         from .shards import all_items, find_shards
+        from .wds import WdsRead
 
-        return all_items(*find_shards(spec.strip()[len("shards:"):]))
+        return all_items(*find_shards(spec.strip()[len("shards:"):], WdsRead.of(cfg), classes))
     train, val, _ = _build(cfg, spec, classes, val_fraction=0.0)
     src = DATASETS.get(spec.strip().partition(":")[0])
     if src is not None and src.whole is not None:
