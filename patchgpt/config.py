@@ -218,8 +218,13 @@ def read_recipe(path: str | Path) -> dict:
     try:
         text = p.read_text(encoding="utf-8")
         if suffix == ".toml":
-            import tomllib
-
+            try:
+                import tomllib
+            except ImportError:   # Python 3.10
+                try:
+                    import tomli as tomllib
+                except ImportError:
+                    raise ConfigError(f"--config {path}: TOML needs Python 3.11+ or pip install tomli") from None
             d = tomllib.loads(text)
         elif suffix in (".yaml", ".yml"):
             try:

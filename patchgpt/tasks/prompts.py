@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 from ..config import ConfigError
 
+CONFIDENT = 0.5   # detections the one-line answer names
+
 if TYPE_CHECKING:
     from PIL import Image
 
@@ -64,12 +66,12 @@ def route(task: Task, prompt: str | None) -> tuple[Task, dict[str, Any]]:
             return part, {}
         if colon and head.strip() in words(part) and arg.strip():
             return part, {"text": text.split(":", 1)[1].strip()}
+    for name, cls in TASKS.items():   # a task's own words, before a free question: "segment" is not a question
+        if low in words(cls) or (colon and head.strip() in words(cls)):
+            raise ConfigError(f"this checkpoint was not trained for {name} ({text!r}); it answers {hint}")
     for part in held.values():
         if part.answers_questions:
             return part, {"question": text}
-    for name, cls in TASKS.items():
-        if low in words(cls) or (colon and head.strip() in words(cls)):
-            raise ConfigError(f"this checkpoint was not trained for {name} ({text!r}); it answers {hint}")
     raise ConfigError(f"{text!r} is not a prompt this checkpoint answers; try {hint}")
 
 
@@ -81,8 +83,8 @@ def summary(result: dict) -> str:
         return str(result["answer"])
     if "class" in result and "score" in result:
         return f"{result['class']} ({result['score']:.0%})"
-    if "objects" in result:
-        objs = result["objects"]
+    if "objects" in result:   # the confident ones (the full list, scores and all, is in the result)
+        objs = [o for o in result["objects"] if o["score"] >= CONFIDENT]
         found = ", ".join(f"{o['class']} {o['score']:.2f}" for o in objs[:8])
         return f"{len(objs)} object{'s' if len(objs) != 1 else ''}" + (f": {found}" if found else "")
     if "classes" in result and isinstance(result["classes"], dict):
@@ -107,13 +109,13 @@ def ask(task: Task, image: str | Path | Image.Image | None, prompt: str | None =
     part, options = route(task, prompt)
     out = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="patchgpt-ask-"))
     out.mkdir(parents=True, exist_ok=True)
-    if image is not None and not isinstance(image, (str, Path)):   # a PIL image: the tasks read files
-        path = out / "input.png"
-        image.save(path, format="PNG")
-        image = path
-    before = {p: p.stat().st_mtime_ns for p in out.glob("*.png")}
-    result = part.ask_file(image, out, **options)
-    pictures = sorted(str(p) for p in out.glob("*.png")
-                      if p.name != "input.png" and before.get(p) != p.stat().st_mtime_ns)
+    with tempfile.TemporaryDirectory(prefix="patchgpt-input-") as held_input:
+        if image is not None and not isinstance(image, (str, Path)):   # a PIL image: the tasks read files
+            path = Path(held_input) / "image.png"                        # outside `out`: a task may name its
+            image.save(path, format="PNG")                               # pictures after the input
+            image = path
+        before = {p: p.stat().st_mtime_ns for p in out.glob("*.png")}
+        result = part.ask_file(image, out, **options)
+    pictures = sorted(str(p) for p in out.glob("*.png") if before.get(p) != p.stat().st_mtime_ns)
     return {"task": part.name, "prompt": prompt or part.name, "answer": summary(result), "result": result,
             "pictures": pictures}
