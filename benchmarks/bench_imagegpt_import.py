@@ -7,7 +7,7 @@ random weights: the speed does not depend on their values, and nothing is downlo
 pixels of ``--batch`` images from the start-of-sequence token with plain sampling (temperature 1, no top-k),
 interleaved, after a warm-up; medians of tokens per second and of the per-repeat ratio.
 
-Run: ``PYTHONPATH=. python benchmarks/bench_imagegpt_import.py [--tokens 256 --batch 4 --repeats 3]``
+Run: ``PYTHONPATH=. python benchmarks/bench_imagegpt_import.py [--tokens 128 --batch 4 --repeats 3]``
 (``--quick``: a 2-layer model, 32 tokens, for a smoke test).
 """
 
@@ -33,7 +33,7 @@ K, SIDE = 512, 32
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--tokens", type=int, default=256, help="pixels sampled per image")
+    ap.add_argument("--tokens", type=int, default=128, help="pixels sampled per image")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
