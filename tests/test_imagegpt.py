@@ -96,3 +96,22 @@ def test_wrong_directories_and_models_are_one_line(hf_dir, tmp_path, capsys):
                    "--set", "train.eval_every=0")[0] == 0
     code, _, err = run_cli(capsys, "export", str(run), "--format", "hf-imagegpt")
     assert code == 2 and "ImageGPT's layout needs a generate task" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_classification_directory_imports_its_backbone(tmp_path, capsys):
+    from transformers import ImageGPTForImageClassification
+
+    torch.manual_seed(1)
+    model = ImageGPTForImageClassification(ImageGPTConfig(vocab_size=K + 1, n_positions=S * S, n_embd=32, n_layer=2,
+                                                          n_head=2, num_labels=3, resid_pdrop=0, embd_pdrop=0,
+                                                          attn_pdrop=0)).eval()
+    model.save_pretrained(tmp_path / "src")
+    clusters = np.random.default_rng(1).uniform(-1, 1, (K, 3)).tolist()
+    (tmp_path / "src" / "preprocessor_config.json").write_text(json.dumps({"clusters": clusters, "size": S}))
+    assert run_cli(capsys, "import-hf", str(tmp_path / "src"), "--out", str(tmp_path / "run"))[0] == 0
+    task = patchgpt.load(tmp_path / "run")
+    ids = torch.randint(0, K, (2, S * S))
+    with torch.no_grad():
+        hf = model.transformer(torch.cat([torch.full((2, 1), K), ids[:, :-1]], 1)).last_hidden_state
+        ours = task.backbone(task.sequence({"image": task.input.tok.dequantize(ids)}))[:, :S * S]
+    assert (hf - ours).abs().max() <= 1e-4                                    # the same features
