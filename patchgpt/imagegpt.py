@@ -84,6 +84,16 @@ def _linear(w: Tensor) -> Tensor:
     return w.t().contiguous()
 
 
+def block_names(theirs: str, ours: str) -> list[tuple[str, str, bool]]:
+    """One block's (ImageGPT name, patchgpt name, whether the weight is transposed), under the two prefixes."""
+    out = [(theirs + n, ours + n, False) for n in ("ln_1.weight", "ln_2.weight")]
+    for hf_name, own in (("attn.c_attn", "attn.qkv"), ("attn.c_proj", "attn.proj"), ("mlp.c_fc", "mlp.fc"),
+                         ("mlp.c_proj", "mlp.proj")):
+        out += [(f"{theirs}{hf_name}.weight", f"{ours}{own}.weight", True),
+                (f"{theirs}{hf_name}.bias", f"{ours}{own}.bias", False)]
+    return out
+
+
 def to_patchgpt(hf_weights: dict[str, Tensor], n_layer: int, K: int) -> dict[str, Tensor]:
     """ImageGPT state dict -> patchgpt backbone state dict (``backbone.`` names); ids: HF cluster c -> 1 + c,
     HF start-of-sequence K -> bos 0."""
@@ -96,12 +106,8 @@ def to_patchgpt(hf_weights: dict[str, Tensor], n_layer: int, K: int) -> dict[str
         head = hf_weights["lm_head.weight"]                                  # (K, C)
         out["lm_head.weight"] = torch.cat([torch.zeros_like(head[:1]), head])
     for i in range(n_layer):
-        h, b = f"h.{i}.", f"blocks.{i}."
-        out[b + "ln_1.weight"], out[b + "ln_2.weight"] = w[h + "ln_1.weight"], w[h + "ln_2.weight"]
-        for hf_name, ours in (("attn.c_attn", "attn.qkv"), ("attn.c_proj", "attn.proj"), ("mlp.c_fc", "mlp.fc"),
-                              ("mlp.c_proj", "mlp.proj")):
-            out[b + ours + ".weight"] = _linear(w[h + hf_name + ".weight"])
-            out[b + ours + ".bias"] = w[h + hf_name + ".bias"]
+        for theirs, ours, transpose in block_names(f"h.{i}.", f"blocks.{i}."):
+            out[ours] = _linear(w[theirs]) if transpose else w[theirs]
     return {f"backbone.{k}": v for k, v in out.items()}
 
 
@@ -162,12 +168,8 @@ def export_imagegpt(ckpt: str | Path, out: str | Path) -> Path:
           "transformer.wpe.weight": sd["wpe.weight"][:m.block_size - 1],
           "transformer.ln_f.weight": sd["ln_f.weight"], "lm_head.weight": sd["lm_head.weight"][1:]}
     for i in range(m.n_layer):
-        h, b = f"transformer.h.{i}.", f"blocks.{i}."
-        hf[h + "ln_1.weight"], hf[h + "ln_2.weight"] = sd[b + "ln_1.weight"], sd[b + "ln_2.weight"]
-        for hf_name, ours in (("attn.c_attn", "attn.qkv"), ("attn.c_proj", "attn.proj"), ("mlp.c_fc", "mlp.fc"),
-                              ("mlp.c_proj", "mlp.proj")):
-            hf[h + hf_name + ".weight"] = _linear(sd[b + ours + ".weight"])
-            hf[h + hf_name + ".bias"] = sd[b + ours + ".bias"]
+        for theirs, ours, transpose in block_names(f"transformer.h.{i}.", f"blocks.{i}."):
+            hf[theirs] = _linear(sd[ours]) if transpose else sd[ours]
     act = {v: k for k, v in reversed(ACTIVATIONS.items())}[m.activation]
     config = {"architectures": ["ImageGPTForCausalImageModeling"], "model_type": "imagegpt", "vocab_size": K + 1,
               "n_positions": m.block_size - 1, "n_embd": C, "n_layer": m.n_layer, "n_head": m.n_head,
