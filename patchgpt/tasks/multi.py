@@ -117,6 +117,7 @@ class Multi(Task):
     output_keys = ("outputs",)
     metric_keys = ("tasks",)
     demo_data = DEMO
+    pretrainer = None   # --pretrain-steps: pretrain a single task's run, then --init from it (the data differ)
     examples = ['patchgpt train multi --data "classify=digits,detect=digit-scenes,caption=digit-scenes,'
                 'vqa=digit-scenes" --out runs/multi --time 30m',
                 'patchgpt ask runs/multi scene.png "how many digits?"',
