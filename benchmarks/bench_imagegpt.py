@@ -45,6 +45,7 @@ from transformers import ImageGPTConfig, ImageGPTForCausalImageModeling
 from transformers.models.imagegpt.modeling_imagegpt import ImageGPTAttention
 
 from patchgpt.model import GPT, GPTConfig
+from patchgpt.quantize import quantize_int8
 from patchgpt.sampling import SamplingParams, sample
 from patchgpt.sequence import IGNORE, tokens
 from patchgpt.tokenizers.patches import grid_positions
@@ -141,18 +142,28 @@ def main() -> None:
             step()
         run_sample()
 
-    samples = {n: {"train": [], "sample": []} for n in models}
+    if dev.type == "cpu" and not args.bf16:  # the opt-in int8 weights (patchgpt.quantize), sampling only
+        int8 = quantize_int8(ours)
+        samp["patchgpt_int8"] = lambda: sample(int8, prompt, steps, SamplingParams(temperature=1.0, top_k=0),
+                                               positions=grid[:steps], generator=gen, allowed=[range(0, SOS)])
+        samp["patchgpt_int8"]()
+    samples = {n: {"train": [], "sample": []} for n in samp}
     for r in range(args.repeats):
         for name in list(models) if r % 2 == 0 else list(models)[::-1]:
             sync()
             samples[name]["train"].append(B / timed(lambda f=train[name]: (f(), sync())))
     for r in range(args.sample_repeats):
-        for name in list(models) if r % 2 == 0 else list(models)[::-1]:
+        for name in list(samp) if r % 2 == 0 else list(samp)[::-1]:
             sync()
             samples[name]["sample"].append(B / timed(lambda f=samp[name]: (f(), sync())))
         print(f"sampling repeat {r + 1}/{args.sample_repeats} done", flush=True)
+    if "patchgpt_int8" in samples:
+        int8_ratio = statistics.median(a / b for a, b in zip(samples["patchgpt_int8"]["sample"],
+                                                             samples["hf_imagegpt"]["sample"], strict=True))
+        print(f"int8 sampling: {statistics.median(samples['patchgpt_int8']['sample']):.3f} rows/s, "
+              f"{int8_ratio:.3f}x HF ImageGPT", flush=True)
 
-    med = {n: {m: statistics.median(v) for m, v in s.items()} for n, s in samples.items()}
+    med = {n: {m: statistics.median(v) for m, v in s.items() if v} for n, s in samples.items()}
     ratio = {m: statistics.median(a / b for a, b in zip(samples["patchgpt"][m], samples["hf_imagegpt"][m],
                                                         strict=True)) for m in ("train", "sample")}
     tok_s = {n: med[n]["sample"] * steps for n in models}

@@ -38,6 +38,7 @@ from common import timed, write_json
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from patchgpt.model import GPT, GPTConfig
+from patchgpt.quantize import quantize_int8
 from patchgpt.sampling import sample
 from patchgpt.sequence import tokens
 from tests.reference_sampling import reference_sample
@@ -110,6 +111,10 @@ def main() -> None:
     }
     if dev.type == "cuda":  # the same cached sampling with every step launched eagerly (no CUDA graph)
         runs["patchgpt cache, no graph"] = (lambda: ours_run(steps, True, graph=False), steps)
+    if dev.type == "cpu":  # the opt-in int8 weights (patchgpt.quantize): a quarter of the bytes per step
+        int8 = quantize_int8(ours)
+        runs["patchgpt cache, int8"] = (lambda: sample(int8, prompt, steps, positions=pos[:steps],
+                                                       generator=torch.Generator(dev).manual_seed(next(seed))), steps)
     # Warm-up, and the checks that make the numbers mean something.
     assert hf_run().shape == (BATCH, steps + 1), "HF generate stopped early"
     assert ours_run(steps, True).shape == (BATCH, steps)
@@ -134,6 +139,9 @@ def main() -> None:
     c_nc, nc = names[2], names[3]
     ratios = {"patchgpt_cache_over_hf": ratio(names[0], names[1]),
               f"cache_over_nocache_first_{nc_steps}": ratio(c_nc, nc)}
+    if dev.type == "cpu":
+        ratios["int8_over_hf"] = ratio("patchgpt cache, int8", names[1])
+        ratios["int8_over_fp32"] = ratio("patchgpt cache, int8", names[0])
     if dev.type == "cuda":
         ratios["graph_over_no_graph"] = ratio(names[0], "patchgpt cache, no graph")
         ratios["no_graph_over_hf"] = ratio("patchgpt cache, no graph", names[1])
@@ -155,6 +163,9 @@ def main() -> None:
     print(f"\npatchgpt cache / hf generate ({steps} tokens):          {ratios['patchgpt_cache_over_hf']:.2f}x")
     print(f"patchgpt cache / no-cache (first {nc_steps} tokens, both): "
           f"{ratios[f'cache_over_nocache_first_{nc_steps}']:.2f}x")
+    if dev.type == "cpu":
+        print(f"patchgpt cache, int8 / hf generate:                {ratios['int8_over_hf']:.2f}x")
+        print(f"patchgpt cache, int8 / fp32:                       {ratios['int8_over_fp32']:.2f}x")
     if dev.type == "cuda":
         print(f"patchgpt cache, CUDA graph / eager steps:          {ratios['graph_over_no_graph']:.2f}x")
         print(f"patchgpt cache, eager steps / hf generate:         {ratios['no_graph_over_hf']:.2f}x")

@@ -77,6 +77,8 @@ def _ranged(kind: type, interval: str) -> Callable[[str], int | float]:
     return parse
 
 
+INT8_HELP = ("decode with int8 weights on the CPU (fewer bytes per token: faster, slightly different "
+             "numbers; see the README's benchmarks)")
 POSITIVE = _ranged(int, "[1, inf)")
 NON_NEGATIVE = _ranged(int, "[0, inf)")
 FINITE = _ranged(float, "[-inf, inf]")
@@ -149,6 +151,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="detectors: drop boxes scoring below this (0..1)")
     r.add_argument("--question", help="question answering: the question to ask of every image")
     r.add_argument("--mask", help="inpainting: a PNG the size of the image, white where pixels are missing")
+    r.add_argument("--int8", action="store_true", help=INT8_HELP)
     k = sub.add_parser("ask", help="ask a checkpoint about an image: the prompt picks the task (caption, detect, "
                        "segment, a question ...); prints JSON, pictures in --out")
     k.add_argument("ckpt", help="checkpoint or run directory")
@@ -156,6 +159,7 @@ def _parser() -> argparse.ArgumentParser:
     k.add_argument("prompt", nargs="?", help="what to do: a task (caption, detect, segment, classify, denoise ...), "
                    "a question, or 'draw: TEXT' (default: the checkpoint's one task)")
     k.add_argument("--out", help="directory for the answer's pictures (default: a temporary one, kept)")
+    k.add_argument("--int8", action="store_true", help=INT8_HELP)
 
     v = sub.add_parser("serve", help="a local web page to try a checkpoint: drop an image, pick or type a prompt")
     v.add_argument("ckpt", help="checkpoint or run directory")
@@ -198,6 +202,7 @@ def _sampling_commands(sub) -> None:
         x.add_argument("--top-p", type=_ranged(float, "(0, 1]"), help="nucleus sampling mass in (0, 1] (1 = all)")
         x.add_argument("--cfg", type=FINITE, help="classifier-free guidance scale (0 = none)")
         x.add_argument("--seed", type=_ranged(int, SEEDS), default=0, help="sampler seed (default: 0)")
+        x.add_argument("--int8", action="store_true", help=INT8_HELP)
 
     s_ = sub.add_parser("sample", help="sample images from an image generator into a PNG grid")
     s_.add_argument("ckpt")
@@ -340,11 +345,20 @@ def cmd_shard(a: argparse.Namespace) -> None:
     print(f"wrote {len(paths)} shard(s); train with --data 'shards:{pattern}'")
 
 
-def _capable(path: str, method: str, what: str):
-    """Load the checkpoint at `path`; a one-line error unless its task can do `what` (has `method`)."""
+def _load(path: str, int8: bool = False):
+    """The checkpoint at `path`, decoding with int8 weights where asked (``--int8``)."""
     from .tasks import load
 
     task = load(path)
+    for m in task.modules():
+        if hasattr(m, "decode_int8"):
+            m.decode_int8 = int8
+    return task
+
+
+def _capable(path: str, method: str, what: str, int8: bool = False):
+    """Load the checkpoint at `path`; a one-line error unless its task can do `what` (has `method`)."""
+    task = _load(path, int8)
     if not callable(getattr(task, method, None)):
         raise ConfigError(f"{path}: a {task.name!r} checkpoint cannot {what}")
     return task
@@ -355,12 +369,12 @@ def _sampling_kwargs(a: argparse.Namespace) -> dict:
 
 
 def cmd_sample(a: argparse.Namespace) -> None:
-    task = _capable(a.ckpt, "sample_png", "sample images")
+    task = _capable(a.ckpt, "sample_png", "sample images", a.int8)
     print(task.sample_png(a.out, classes=a.cls, prompts=a.prompt, n=a.n, **_sampling_kwargs(a)))
 
 
 def cmd_complete(a: argparse.Namespace) -> None:
-    task = _capable(a.ckpt, "complete_png", "complete images")
+    task = _capable(a.ckpt, "complete_png", "complete images", a.int8)
     print(task.complete_png(a.image, a.out, keep=a.keep, classes=a.cls, prompts=a.prompt, n=a.n,
                             **_sampling_kwargs(a)))
 
@@ -409,22 +423,18 @@ def cmd_eval(a: argparse.Namespace) -> None:
 
 
 def cmd_predict(a: argparse.Namespace) -> None:
-    from .tasks import load
-
-    task = load(a.ckpt)
+    task = _load(a.ckpt, a.int8)
     results = task.predict_files(a.images, out=a.out, top=a.top, min_score=a.min_score, question=a.question,
                                  mask=a.mask)
     print(json.dumps(results, indent=2))
 
 
 def cmd_ask(a: argparse.Namespace) -> None:
-    from .tasks import load
-
     if a.image is not None and a.prompt is None and not Path(a.image).exists() and Path(a.ckpt).exists():
         a.image, a.prompt = None, a.image   # `ask CKPT "draw: a heart"`: a prompt, no image
     if a.image is not None and not Path(a.image).is_file():
         raise DataError(f"{a.image}: no such image file")
-    print(json.dumps(load(a.ckpt).ask(a.image, a.prompt, out=a.out), indent=2))
+    print(json.dumps(_load(a.ckpt, a.int8).ask(a.image, a.prompt, out=a.out), indent=2))
 
 
 def cmd_serve(a: argparse.Namespace) -> None:

@@ -214,7 +214,7 @@ def _add_linear(x: Tensor, h: Tensor, linear: nn.Linear) -> Tensor:
     Under autocast the sum is left to type promotion, as in `forward`: a fused ``addmm`` would round the
     residual stream itself to bf16.
     """
-    if torch.is_autocast_enabled(x.device.type):
+    if torch.is_autocast_enabled(x.device.type) or not isinstance(linear, nn.Linear):   # autocast, or int8
         return x + linear(h)
     return torch.addmm(x if linear.bias is None else x + linear.bias, h, linear.weight.t())
 
@@ -249,6 +249,7 @@ class GPT(nn.Module):
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
         self.cfg = cfg
+        self.decode_int8 = False   # sampling and decoding on the CPU with int8 weights (`patchgpt.quantize`)
         C = cfg.n_embd
         self.wte = nn.Embedding(cfg.vocab_size, C)
         self.wpe = nn.Embedding(cfg.block_size, C)

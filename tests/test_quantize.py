@@ -1,0 +1,62 @@
+"""The opt-in int8 decoding path: int8 weights stay close to fp32, the int8 model's own cached decoding equals
+its uncached reference, the fp32 model is untouched, --int8 reaches the sampler, and bits/dim on validation
+data moves by less than 1%."""
+
+import json
+
+import torch
+
+import patchgpt
+from patchgpt.data import eval_batches
+from patchgpt.model import GPT, GPTConfig
+from patchgpt.quantize import Int8Linear, quantize_int8
+from patchgpt.sampling import SamplingParams, sample
+from patchgpt.sequence import tokens
+
+from .helpers import run_cli
+from .reference_sampling import reference_sample
+
+
+def test_int8_weights_are_close_and_the_fp32_model_is_untouched():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 48)
+    q = Int8Linear(lin)
+    assert q.qweight.dtype == torch.int8 and (q.dequantized() - lin.weight).abs().max() <= q.scales.max() / 2 + 1e-7
+    x = torch.randn(5, 7, 64)
+    assert torch.allclose(q(x), lin(x), atol=0.05)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, vocab_size=40, block_size=80)).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    int8 = quantize_int8(model)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert isinstance(int8.blocks[0].mlp.fc, Int8Linear) and isinstance(int8.lm_head, Int8Linear)
+    prompt = tokens(torch.zeros(3, 1, dtype=torch.long))
+    params = SamplingParams(temperature=0.8)
+    a = sample(int8, prompt, 30, params, generator=torch.Generator().manual_seed(1))
+    b = reference_sample(int8, prompt, 30, params, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(a, b)                                   # the int8 model's cache is exact, as fp32's is
+    model.decode_int8 = True                                   # the opt-in, as --int8 sets it
+    c = sample(model, prompt, 30, params, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(a, c)
+
+
+def test_int8_keeps_bits_per_dim_within_one_percent_and_the_cli_flag(tmp_path, capsys):
+    run = tmp_path / "gen"
+    code, _, err = run_cli(capsys, "train", "generate", "--model", "nano", "--steps", "60", "--out", str(run),
+                           "--quiet", "--set", "train.eval_every=0", "--set", "train.batch_size=32")
+    assert code == 0, err
+    task = patchgpt.load(run)
+    batch = next(eval_batches(task_val(task, run), 256))
+    fp32 = task.predict(batch)["nll"].mean()
+    task.backbone = quantize_int8(task.backbone)
+    int8 = task.predict(batch)["nll"].mean()
+    assert abs(float(int8 / fp32) - 1) < 0.01
+    code, out, err = run_cli(capsys, "sample", str(run), "--n", "2", "--int8", "--prompt", "the digit seven",
+                             "--out", str(tmp_path / "s.png"))
+    assert code == 0 and (tmp_path / "s.png").exists(), err
+
+
+def task_val(task, run):
+    from patchgpt.tasks import task_class
+
+    cfg = patchgpt.tasks.config_from_dict(json.loads((run / "config.json").read_text()))
+    return task_class(cfg.task).datasets(cfg)[1]
