@@ -140,6 +140,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="image generators: samples per class (or per held-out caption) to judge")
     e.add_argument("--cfg", type=FINITE, help="image generators: guidance scale for the samples")
     e.add_argument("--temperature", type=TEMPERATURE, help="image generators: temperature for the samples")
+    e.add_argument("--int8", action="store_true", help=INT8_HELP)
 
     r = sub.add_parser("predict", help="run a checkpoint on image (or video) files; prints JSON")
     r.add_argument("ckpt", help="checkpoint or run directory")
@@ -386,7 +387,7 @@ def cmd_eval(a: argparse.Namespace) -> None:
     from .files import atomic_write_text
     from .tasks import load
 
-    task = load(a.ckpt)
+    task = _load(a.ckpt, a.int8)
     cfg: RunConfig = task.cfg
     if a.data:  # decode the other data as the checkpoint's own: its size, channels and frames
         cfg.data.spec, cfg.data.val_spec = a.data, ""
