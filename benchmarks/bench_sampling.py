@@ -115,6 +115,10 @@ def main() -> None:
         int8 = quantize_int8(ours)
         runs["patchgpt cache, int8"] = (lambda: sample(int8, prompt, steps, positions=pos[:steps],
                                                        generator=torch.Generator(dev).manual_seed(next(seed))), steps)
+        int8_bf16 = quantize_int8(ours, torch.bfloat16)
+        runs["patchgpt cache, int8, bf16 kv"] = (lambda: sample(int8_bf16, prompt, steps, positions=pos[:steps],
+                                                                generator=torch.Generator(dev).manual_seed(
+                                                                    next(seed))), steps)
     # Warm-up, and the checks that make the numbers mean something.
     assert hf_run().shape == (BATCH, steps + 1), "HF generate stopped early"
     assert ours_run(steps, True).shape == (BATCH, steps)
@@ -142,6 +146,7 @@ def main() -> None:
     if dev.type == "cpu":
         ratios["int8_over_hf"] = ratio("patchgpt cache, int8", names[1])
         ratios["int8_over_fp32"] = ratio("patchgpt cache, int8", names[0])
+        ratios["int8_bf16kv_over_hf"] = ratio("patchgpt cache, int8, bf16 kv", names[1])
     if dev.type == "cuda":
         ratios["graph_over_no_graph"] = ratio(names[0], "patchgpt cache, no graph")
         ratios["no_graph_over_hf"] = ratio("patchgpt cache, no graph", names[1])
@@ -166,6 +171,7 @@ def main() -> None:
     if dev.type == "cpu":
         print(f"patchgpt cache, int8 / hf generate:                {ratios['int8_over_hf']:.2f}x")
         print(f"patchgpt cache, int8 / fp32:                       {ratios['int8_over_fp32']:.2f}x")
+        print(f"patchgpt cache, int8 + bf16 kv / hf generate:      {ratios['int8_bf16kv_over_hf']:.2f}x")
     if dev.type == "cuda":
         print(f"patchgpt cache, CUDA graph / eager steps:          {ratios['graph_over_no_graph']:.2f}x")
         print(f"patchgpt cache, eager steps / hf generate:         {ratios['no_graph_over_hf']:.2f}x")

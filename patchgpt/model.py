@@ -109,7 +109,10 @@ class Attention(nn.Module):
             k = cache.k[layer, :, :, :start + T]   # (B, H, L, hd)
             v = cache.v[layer, :, :, :start + T]
         drop = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=drop)
+        if k.dtype != q.dtype:   # a cache kept in another dtype (bf16): attend in it
+            y = F.scaled_dot_product_attention(q.to(k.dtype), k, v, attn_mask=mask, is_causal=is_causal).to(q.dtype)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=drop)
         y = y.transpose(1, 2).reshape(B, T, C)     # (B, H, T, hd) -> (B, T, C)
         return self.proj(y)
 
@@ -203,7 +206,10 @@ class Block(nn.Module):
             # (under autocast k and v can be bf16 while the cache keeps the weights' dtype)
             keys = cache.k[layer].index_copy_(2, at, k.to(cache.k.dtype))
             values = cache.v[layer].index_copy_(2, at, v.to(cache.v.dtype))
-        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible)          # (B, H, 1, hd)
+        if keys.dtype != q.dtype:   # a bf16 cache: attend in bf16, back to the stream's dtype
+            y = F.scaled_dot_product_attention(q.to(keys.dtype), keys, values, attn_mask=visible).to(q.dtype)
+        else:
+            y = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible)      # (B, H, 1, hd)
         x = _add_linear(x, y.view(B, C), attn.proj)      # (B, H, 1, hd) -> (B, C): H-major, as in forward
         return _add_linear(x, mlp.act(mlp.fc(self.ln_2(x))), mlp.proj)
 
@@ -371,5 +377,8 @@ class GPT(nn.Module):
         return self.lm_head(hidden)
 
     def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
+        """A preallocated cache in the weights' dtype, or ``self.kv_dtype`` where set (a bf16 cache: half the
+        bytes each decoding step reads; `patchgpt.quantize`)."""
         p = next(self.parameters())
-        return KVCache(self.cfg, batch_size, max_len, device=p.device, dtype=p.dtype)
+        dtype = getattr(self, "kv_dtype", None) or p.dtype
+        return KVCache(self.cfg, batch_size, max_len, device=p.device, dtype=dtype)
