@@ -103,19 +103,25 @@ def save(out: str | Path, task: torch.nn.Module, cfg, step: int,
         shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(f"could not write checkpoint step {step} in {root} ({e.strerror or e}); "
                               "the previous checkpoints are intact") from None
-    if final.exists():
-        old = root / f".old_{final.name}_{os.getpid()}"
-        final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(final)
-    _fsync_dir(root)
+    _swap_in(tmp, final)
     run = (trainer or {}).get("run")
     mine = [c for c in list_checkpoints(out) if _run_of(c) == run]
     for stale in mine[:-keep] if keep > 0 else []:
         shutil.rmtree(stale, ignore_errors=True)
     return final
+
+
+def _swap_in(tmp: Path, final: Path) -> None:
+    """Rename the staged directory `tmp` to `final`; an existing `final` is set aside as ``.old_NAME_PID`` first
+    (readers and the next save put it back if a kill lands between the two renames), then removed."""
+    if final.exists():
+        old = final.parent / f".old_{final.name}_{os.getpid()}"
+        final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(final)
+    _fsync_dir(final.parent)
 
 
 def _run_of(ckpt: Path) -> str | None:
@@ -237,15 +243,7 @@ def update_best(out: str | Path, ckpt: Path, metric: str, mode: str, value: floa
                 except OSError:
                     shutil.copy2(f, tmp / f.name)
         _write_json(tmp / "best.json", {"metric": metric, "mode": mode, "value": value, "step": step})
-        final = root / BEST
-        if final.exists():
-            aside = root / f".old_{BEST}_{os.getpid()}"
-            final.rename(aside)
-            tmp.rename(final)
-            shutil.rmtree(aside, ignore_errors=True)
-        else:
-            tmp.rename(final)
-        _fsync_dir(root)
+        _swap_in(tmp, root / BEST)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(f"could not write {root / BEST} ({e.strerror or e}); the step checkpoints are "
