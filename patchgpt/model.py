@@ -76,6 +76,8 @@ class KVCache:
         shape = (cfg.n_layer, batch_size, cfg.n_head, max_len, hd)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
+        # per-layer (B, H, max_len, hd) views, made once: the decoding step indexes them with one `narrow`
+        self.layers = list(zip(self.k.unbind(0), self.v.unbind(0), strict=True))
         self.length = 0
         self.max_len = max_len
         self.prefix_len = 0  # the bidirectional prefix set at prefill
@@ -199,9 +201,10 @@ class Block(nn.Module):
         qkv = attn.qkv(self.ln_1(x))                                        # (B, 3C)
         q, k, v = qkv.view(B, 3, attn.n_head, 1, C // attn.n_head).unbind(1)  # 3 x (B, H, 1, hd)
         if at is None:
-            cache.k[layer, :, :, n:n + 1] = k
-            cache.v[layer, :, :, n:n + 1] = v
-            keys, values = cache.k[layer, :, :, :n + 1], cache.v[layer, :, :, :n + 1]   # (B, H, n + 1, hd)
+            keys, values = cache.layers[layer]                                          # (B, H, max_len, hd)
+            keys.narrow(2, n, 1).copy_(k)
+            values.narrow(2, n, 1).copy_(v)
+            keys, values = keys.narrow(2, 0, n + 1), values.narrow(2, 0, n + 1)         # (B, H, n + 1, hd)
         else:
             # (under autocast k and v can be bf16 while the cache keeps the weights' dtype)
             keys = cache.k[layer].index_copy_(2, at, k.to(cache.k.dtype))

@@ -33,7 +33,7 @@ from torch import Tensor
 
 from .decode_graph import GraphedDecode
 from .model import GPT, KVCache
-from .quantize import quantize_int8
+from .quantize import int8_copy
 from .sequence import Sequence
 
 __all__ = ["SamplingParams", "DecodeHook", "top_k_filter", "top_p_filter", "allowed_mask", "draw", "sample"]
@@ -338,7 +338,7 @@ def sample(model: GPT, prompt: Sequence, steps: int, params: SamplingParams = Sa
     hook = hook or DecodeHook()
     B, device, V = prompt.shape[0], prompt.ids.device, model.cfg.vocab_size
     if getattr(model, "decode_int8", False) and device.type == "cpu":
-        model = quantize_int8(model)   # opt-in: a quarter of the weight bytes per step (patchgpt.quantize)
+        model = int8_copy(model)   # opt-in: a quarter of the weight bytes per step (patchgpt.quantize)
     out = _Output(B, steps, V, device, hook, return_logits)
     if steps <= 0:
         return out.result()

@@ -39,6 +39,7 @@ def test_caption_trains_evaluates_and_predicts_through_the_cli(tmp_path, capsys)
 def test_cached_caption_decoding_equals_uncached_and_bytes_round_trip(tmp_path):
     cfg = tiny_config("caption", tmp_path / "c")
     cfg.data.image_size, cfg.caption.max_len = 32, 24
+    cfg.caption.ground = "off"   # the plain layout (grounded captions: tests/test_ground.py)
     _, val, info = build_datasets(cfg.data)
     task = Caption(cfg, info).eval()
     batch = collate([val[i] for i in range(4)])

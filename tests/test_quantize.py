@@ -8,8 +8,8 @@ import torch
 
 import patchgpt
 from patchgpt.data import eval_batches
-from patchgpt.model import GPT, GPTConfig
-from patchgpt.quantize import Int8Linear, quantize_int8
+from patchgpt.model import GPT, Block, GPTConfig
+from patchgpt.quantize import Int8Block, Int8Linear, int8_copy, quantize_int8
 from patchgpt.sampling import SamplingParams, sample
 from patchgpt.sequence import tokens
 
@@ -37,6 +37,22 @@ def test_int8_weights_are_close_and_the_fp32_model_is_untouched():
     model.decode_int8 = True                                   # the opt-in, as --int8 sets it
     c = sample(model, prompt, 30, params, generator=torch.Generator().manual_seed(1))
     assert torch.equal(a, c)
+    for block in int8.blocks:                                  # the general step on the same int8 layers
+        assert type(block) is Int8Block
+        block.__class__ = Block
+    d = sample(int8, prompt, 30, params, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(a, d)                                   # Int8Block's fewer operations: the same tokens
+
+
+def test_the_int8_copy_is_made_once_per_set_of_weights():
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, vocab_size=20, block_size=10)).eval()
+    first = int8_copy(model)
+    assert int8_copy(model) is first and "_int8" not in model.state_dict()
+    assert all("_int8" not in vars(m) for m in first.modules())   # the copy does not nest the cache
+    with torch.no_grad():
+        model.lm_head.weight.mul_(2)                           # an optimizer step would do the same
+    again = int8_copy(model)
+    assert again is not first and torch.allclose(again.lm_head.dequantized(), model.lm_head.weight, atol=0.05)
 
 
 def test_int8_keeps_bits_per_dim_within_one_percent_and_the_cli_flag(tmp_path, capsys):

@@ -112,6 +112,7 @@ def test_vqa_trains_predicts_and_loads(tmp_path):
 def test_cached_decoding_equals_uncached_and_the_sequence(tmp_path):
     cfg = tiny_config("vqa", tmp_path / "v")
     cfg.data.image_size, cfg.vqa.question_len, cfg.vqa.answer_len = 32, 24, 6
+    cfg.vqa.ground = "off"   # the plain layout (grounded answers: tests/test_ground.py)
     _, val, info = build_datasets(cfg.data)
     task = AnswerQuestions(cfg, info).eval()
     batch = collate([val[i] for i in range(4)])

@@ -32,6 +32,8 @@ from ..sampling import SamplingParams
 from ..sequence import IGNORE, Sequence, Vocab, concat, tokens
 from ..tokenizers import Bytes
 from .base import Task, build_backbone
+from .detect import DetectConfig
+from .ground import Grounding, wants_grounding
 from .text import read_bytes, text_recipe, write_bytes
 
 
@@ -40,6 +42,8 @@ class CaptionConfig:
     max_len: int = 48            # caption bytes written (longer captions are cut for training)
     temperature: float = 0.0     # decoding: 0 = greedy; > 0 samples (with top_p for nucleus sampling)
     top_p: float = 1.0
+    ground: str = "auto"         # write the objects' boxes first, then the caption: auto (when the data have
+                                 # boxes) | on | off (`patchgpt.tasks.ground`)
 
 
 class Caption(Task):
@@ -62,6 +66,11 @@ class Caption(Task):
         text_recipe(cfg)
 
     @classmethod
+    def config_sections(cls) -> dict[str, type]:
+        """``caption``, and ``detect`` for the boxes of a grounded caption (``detect.bins``, ...)."""
+        return {"caption": CaptionConfig, "detect": DetectConfig}
+
+    @classmethod
     def check(cls, cfg: RunConfig) -> None:
         if cfg.caption.max_len < 1:
             raise ConfigError(f"caption.max_len={cfg.caption.max_len}: must be positive")
@@ -79,8 +88,21 @@ class Caption(Task):
         self.bytes = self.text.ids
         self.end = self.vocab.add("caption_end", 1).start
         self.max_len = cfg.caption.max_len
-        length = self.input.length + 1 + self.max_len + 1
+        grounded = wants_grounding(cfg.caption.ground, info, "caption.ground")
+        cfg.caption.ground = "on" if grounded else "off"       # what the checkpoint was trained as
+        self.ground = Grounding(cfg, info, self.vocab) if grounded else None
+        length = self.input.length + (self.ground.length if self.ground else 0) + 1 + self.max_len + 1
         self.backbone = build_backbone(cfg, self.vocab, self.input.patch_dim, length, self.input.grid)
+        if self.ground:
+            self.ground.attach(self)
+
+    def state(self) -> dict:
+        extra = {"boxes": True, "category_ids": self.info.category_ids} if self.ground else {}
+        return {**super().state(), **extra}
+
+    def augment(self, batch: dict, rng: RowRNG) -> dict:
+        """The generic shifts, or none when grounded (they would move the pixels away from the boxes)."""
+        return batch if self.ground else super().augment(batch, rng)
 
     # ---- sequences ------------------------------------------------------------------------------------
 
@@ -98,7 +120,8 @@ class Caption(Task):
         return ids, labels
 
     def sequence(self, batch: dict, rng: RowRNG | None = None) -> Sequence:
-        """Image prefix + task token + caption bytes + end; labels on the caption and its end."""
+        """Image prefix + task token + caption bytes + end; labels on the caption and its end. Grounded: image
+        prefix + the objects (`Grounding.tokens`, labelled) + task token + caption bytes + end."""
         images = batch["image"]
         img = self.input.encode(images)
         texts = list(batch["text"])
@@ -108,6 +131,9 @@ class Caption(Task):
                                                                                  strict=True)]
         ids, labels = self.encode_text(texts)
         text = tokens(ids.to(images.device), labels.to(images.device))
+        if self.ground:
+            objs = self.ground.tokens(batch["boxes"], batch["classes"], images)
+            return concat(img, objs, text, prefix_len=img.ids.shape[1] + 1)
         return concat(img, text, prefix_len=img.ids.shape[1] + 1)
 
     def forward(self, batch: dict, rng: RowRNG | None = None) -> tuple[Tensor, dict]:
@@ -119,13 +145,18 @@ class Caption(Task):
     @torch.no_grad()
     def predict(self, batch: dict, seed: int = 0) -> dict:
         """``{"captions": [str, ...], "ids": (B, steps)}`` for ``batch["image"]`` (B, C, H, W); greedy unless
-        ``caption.temperature`` > 0."""
+        ``caption.temperature`` > 0. Grounded: the objects are detected first (also returned, as
+        ``"objects"``: per image ``[{"box", "label"}]``) and the caption is written after them."""
         c = self.cfg.caption
         images = batch["image"]
-        prompt = self.task_prompt(images, self.task_id)
+        prompt, found = self.task_prompt(images, self.task_id), {}
+        if self.ground:
+            boxes, classes = self.ground.detect(images)
+            prompt = self.ground.prompt(self.input.encode(images), boxes, classes, images, self.task_id)
+            found = {"objects": self.ground.objects(boxes, classes)}
         params = SamplingParams(temperature=c.temperature, top_p=c.top_p)
         ids = write_bytes(self.backbone, prompt, self.max_len + 1, self.bytes, self.end, params, seed)
-        return {"captions": [self.decode(row) for row in ids.tolist()], "ids": ids}          # ids (B, max_len + 1)
+        return {"captions": [self.decode(row) for row in ids.tolist()], "ids": ids, **found}   # ids (B, max_len + 1)
 
     def decode(self, ids: list[int]) -> str:
         """Generated ids -> the caption: bytes up to the first end token, as UTF-8."""
@@ -144,8 +175,11 @@ class Caption(Task):
         for i in range(0, len(paths), 64):
             chunk = list(paths[i:i + 64])
             batch = self.read_files(chunk)
-            caps = self.predict(batch)["captions"]
-            results += [{"image": str(p), "caption": c} for p, c in zip(chunk, caps, strict=True)]
+            pred = self.predict(batch)
+            caps = pred["captions"]
+            objs = pred.get("objects", [None] * len(caps))
+            results += [{"image": str(p), "caption": c, **({"objects": o} if o is not None else {})}
+                        for p, c, o in zip(chunk, caps, objs, strict=True)]
             if out and i == 0:
                 Path(out).mkdir(parents=True, exist_ok=True)
                 self.captions_png(batch["image"][:16], caps[:16], None, Path(out) / "captions.png")

@@ -52,7 +52,7 @@ class DetectConfig:
     scale_jitter: float = 0.0    # training zoom by a factor in [1 - s, 1 + s] about a random point (0 = off)
     noise_weight: float = 1.0    # loss weight of the noise class token
     class_weight: float = 1.0    # loss weight of real class tokens (coordinates weigh 1)
-    order: str = "random"        # object order in training: random | area | raster
+    order: str = "random"        # object order in training: random | area | raster | x (left to right)
     coord_pos: bool = True       # coordinate tokens carry the patch-grid row/column they point at
     glimpse: bool = True         # an input-only token with the box's pixels (one patch) precedes each class
     temperature: float = 0.0     # decoding: 0 = greedy; > 0 samples (with top_p for nucleus sampling)
@@ -153,7 +153,7 @@ class Detect(Task):
     @classmethod
     def check(cls, cfg: RunConfig) -> None:
         d = cfg.detect
-        check_choices({"detect.order": (d.order, ("random", "area", "raster"))})
+        check_choices({"detect.order": (d.order, ("random", "area", "raster", "x"))})
         if not 0 <= d.scale_jitter < 1:
             raise ConfigError(f"detect.scale_jitter={d.scale_jitter}: must be in [0, 1) (0.3 zooms by 0.7-1.3)")
         if d.bins < 2:
@@ -212,6 +212,9 @@ class Detect(Task):
             perm = torch.randperm(n, generator=gen) if gen is not None else torch.arange(n)
         elif d.order == "area":
             perm = ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])).argsort(descending=True)
+        elif d.order == "x":   # left to right (by x_min, ties by y_min)
+            by_y = boxes[:, 1].argsort()
+            perm = by_y[boxes[by_y, 0].argsort(stable=True)]
         else:  # raster: top to bottom, then left to right (by y_min, ties by x_min)
             by_x = boxes[:, 0].argsort()
             perm = by_x[boxes[by_x, 1].argsort(stable=True)]

@@ -29,6 +29,8 @@ from ..rng import RowRNG
 from ..sequence import IGNORE, Sequence, Vocab, concat, tokens
 from ..tokenizers import Bytes
 from .base import Task, build_backbone
+from .detect import DetectConfig
+from .ground import Grounding, wants_caption, wants_grounding
 from .text import read_bytes, text_recipe, write_bytes
 
 NO_QUESTIONS = ("vqa needs items with a question and an answer; {} has none (use digit-scenes, or a folder whose "
@@ -40,6 +42,11 @@ class VQAConfig:
     question_len: int = 32       # question bytes read (longer questions are cut)
     answer_len: int = 8          # answer bytes written (longer answers are cut for training)
     blind: bool = False          # the question-only baseline: every image replaced by a constant one
+    ground: str = "auto"         # detect the objects first, then answer after them: auto (when the data
+                                 # have boxes) | on | off (`patchgpt.tasks.ground`)
+    describe: str = "auto"       # grounded answers: write the scene's caption after the objects, before the
+                                 # question: auto (when the items carry captions too) | on | off
+    caption_len: int = 48        # the caption's bytes (describe)
 
 
 def soft_accuracy(predicted: str, humans: SequenceOf[str]) -> float:
@@ -77,10 +84,16 @@ class AnswerQuestions(Task):
         text_recipe(cfg)
 
     @classmethod
+    def config_sections(cls) -> dict[str, type]:
+        """``vqa``, and ``detect`` for the boxes of grounded answers (``detect.bins``, ...)."""
+        return {"vqa": VQAConfig, "detect": DetectConfig}
+
+    @classmethod
     def check(cls, cfg: RunConfig) -> None:
         v = cfg.vqa
-        if v.question_len < 1 or v.answer_len < 1:
-            raise ConfigError(f"vqa.question_len={v.question_len}, vqa.answer_len={v.answer_len}: must be positive")
+        if v.question_len < 1 or v.answer_len < 1 or v.caption_len < 1:
+            raise ConfigError(f"vqa.question_len={v.question_len}, vqa.answer_len={v.answer_len}, "
+                              f"vqa.caption_len={v.caption_len}: must be positive")
 
     def __init__(self, cfg: RunConfig, info: DataInfo, vocab: Vocab | None = None) -> None:
         super().__init__(cfg, info, vocab)
@@ -91,8 +104,28 @@ class AnswerQuestions(Task):
         self.bytes, self.pad = self.text.ids, self.text.pad
         self.end = self.vocab.add("answer_end", 1).start
         self.question_len, self.answer_len, self.blind = v.question_len, v.answer_len, v.blind
-        length = self.input.length + 1 + self.question_len + self.answer_len + 1
+        # the question-only baseline sees no boxes either: they would come from the image
+        grounded = wants_grounding(v.ground, info, "vqa.ground") and not v.blind
+        v.ground = "on" if grounded else "off"                 # what the checkpoint was trained as
+        self.ground = Grounding(cfg, info, self.vocab) if grounded else None
+        self.describe = grounded and wants_caption(v.describe, info)
+        v.describe = "on" if self.describe else "off"
+        if self.describe:   # the caption's own prompt and end tokens (shared with a captioner beside it)
+            self.caption_id = self.vocab.add("task_caption", 1).start
+            self.caption_end = self.vocab.add("caption_end", 1).start
+        length = (self.input.length + (self.ground.length if self.ground else 0) + 1 + self.question_len
+                  + self.answer_len + 1 + (v.caption_len + 2 if self.describe else 0))
         self.backbone = build_backbone(cfg, self.vocab, self.input.patch_dim, length, self.input.grid)
+        if self.ground:
+            self.ground.attach(self)
+
+    def state(self) -> dict:
+        extra = {"boxes": True, "category_ids": self.info.category_ids} if self.ground else {}
+        return {**super().state(), **extra}
+
+    def augment(self, batch: dict, rng: RowRNG) -> dict:
+        """The generic shifts, or none when grounded (they would move the pixels away from the boxes)."""
+        return batch if self.ground else super().augment(batch, rng)
 
     def fit(self, train_set: ImageSet, seed: int = 0) -> None:
         """Checks that the data asks questions (its first readable item has "question" and "answer"), then fits
@@ -130,15 +163,35 @@ class AnswerQuestions(Task):
                 labels[i, Q:len(r) - 1] = torch.tensor(r[Q + 1:])
         return ids, labels
 
+    def encode_caption(self, texts: list[str]) -> tuple[Tensor, Tensor]:
+        """Captions -> (ids, labels), each (B, caption_len + 2): the caption token, the bytes, the caption's end
+        token, then end tokens as padding; labels (the next token) on the bytes and the first end."""
+        C = self.cfg.vqa.caption_len
+        ids = torch.full((len(texts), C + 2), self.caption_end, dtype=torch.long)
+        labels = torch.full((len(texts), C + 2), IGNORE, dtype=torch.long)
+        for i, t in enumerate(texts):
+            row = [self.caption_id] + [self.bytes.start + b for b in _cut(t, C)] + [self.caption_end]
+            ids[i, :len(row)] = torch.tensor(row)
+            labels[i, :len(row) - 1] = torch.tensor(row[1:])
+        return ids, labels
+
     def sequence(self, batch: dict, rng: RowRNG | None = None) -> Sequence:
         """Image prefix + task token + question bytes (all bidirectional) + answer bytes + end; labels on the
-        answer and its end."""
+        answer and its end. Grounded: image prefix + the objects (labelled) [+ the caption (labelled), with
+        ``vqa.describe``] + task token + question + answer + end."""
         if "question" not in batch or "answer" not in batch:
             raise DataError(NO_QUESTIONS.format(self.cfg.data.spec))
         images = self.pixels(batch["image"])
         img = self.input.encode(images)
         ids, labels = self.encode_qa(list(batch["question"]), list(batch["answer"]))
         qa = tokens(ids.to(images.device), labels.to(images.device))
+        if self.ground:   # image prefix + the objects (labelled) [+ caption] + task token + question + answer
+            objs = self.ground.tokens(batch["boxes"], batch["classes"], images)
+            if self.describe:
+                c_ids, c_labels = self.encode_caption(list(batch["text"]))
+                cap = tokens(c_ids.to(images.device), c_labels.to(images.device))
+                return concat(img, objs, cap, qa, prefix_len=img.ids.shape[1] + 1)
+            return concat(img, objs, qa, prefix_len=img.ids.shape[1] + 1)
         return concat(img, qa, prefix_len=img.ids.shape[1] + 1 + self.question_len)
 
     def forward(self, batch: dict, rng: RowRNG | None = None) -> tuple[Tensor, dict]:
@@ -150,14 +203,27 @@ class AnswerQuestions(Task):
     @torch.no_grad()
     def predict(self, batch: dict) -> dict:
         """``{"answers": [str, ...], "ids": (B, answer_len + 1)}``: greedy answers to ``batch["question"]``
-        (one string per image) about ``batch["image"]`` (B, C, H, W)."""
+        (one string per image) about ``batch["image"]`` (B, C, H, W). Grounded: the objects are detected first
+        (also returned, as ``"objects"``: per image ``[{"box", "label"}]``) and the answer follows them."""
         images = self.pixels(batch["image"])
         dev = images.device
         img = self.input.encode(images)
         ids, _ = self.encode_qa(list(batch["question"]))
-        prompt = concat(img, tokens(ids.to(dev)), prefix_len=img.ids.shape[1] + ids.shape[1])
+        found = {}
+        if self.ground:
+            boxes, classes = self.ground.detect(images)
+            found = {"objects": self.ground.objects(boxes, classes)}
+            if self.describe:   # the caption first, then the question after it
+                prompt = self.ground.prompt(img, boxes, classes, images, self.caption_id)
+                cap = write_bytes(self.backbone, prompt, self.cfg.vqa.caption_len + 1, self.bytes, self.caption_end)
+                found["captions"] = [read_bytes(row, self.bytes, self.caption_end) for row in cap.tolist()]
+                prompt = concat(prompt, tokens(cap), tokens(ids.to(dev)), prefix_len=prompt.prefix_len)
+            else:
+                prompt = self.ground.prompt(img, boxes, classes, images, tokens(ids.to(dev)))
+        else:
+            prompt = concat(img, tokens(ids.to(dev)), prefix_len=img.ids.shape[1] + ids.shape[1])
         out = write_bytes(self.backbone, prompt, self.answer_len + 1, self.bytes, self.end)  # (B, answer_len + 1)
-        return {"answers": [self.decode(row) for row in out.tolist()], "ids": out}
+        return {"answers": [self.decode(row) for row in out.tolist()], "ids": out, **found}
 
     def decode(self, ids: list[int]) -> str:
         """Generated ids -> the answer: bytes up to the first end token, as UTF-8."""
@@ -184,9 +250,12 @@ class AnswerQuestions(Task):
         for i in range(0, len(paths), 64):
             chunk, qs = list(paths[i:i + 64]), questions[i:i + 64]
             batch = self.read_files(chunk)
-            answers = self.predict({**batch, "question": qs})["answers"]
-            results += [{"image": str(p), "question": q, "answer": a} for p, q, a in zip(chunk, qs, answers,
-                                                                                       strict=True)]
+            pred = self.predict({**batch, "question": qs})
+            answers = pred["answers"]
+            extra = [{k: pred[k][j] for k in ("objects", "captions") if k in pred} for j in range(len(answers))]
+            results += [{"image": str(p), "question": q, "answer": a,
+                         **{("caption" if k == "captions" else k): v for k, v in e.items()}}
+                        for p, q, a, e in zip(chunk, qs, answers, extra, strict=True)]
             if out and i == 0:
                 Path(out).mkdir(parents=True, exist_ok=True)
                 self.answers_png(batch["image"][:16], qs[:16], answers[:16], None, Path(out) / "answers.png")

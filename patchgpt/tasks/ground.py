@@ -1,0 +1,133 @@
+"""Boxes before words: tasks that answer in words first write the image's objects, as a detector does.
+
+A grounded caption or answer is one sequence: the image and a grounding task token (a bidirectional
+prefix), the objects as Pix2Seq box tokens, each class read from a glimpse of its box (`Detect`), left to
+right and padded with end tokens to a fixed length, then the task's own token and its words. Training
+teacher-forces the true boxes and puts the loss on the objects and the words; decoding first detects with
+the KV cache, then writes the words after the objects it found. Reading a small digit anywhere in the image
+is what a plain captioner of 1M parameters learns last (README, Captioning); reading it from the glimpse of a
+box it has just placed is what the detector already does well, and the words then only have to be read off
+the boxes. It is the grounded-caption idea of Kosmos-2 and of Pix2Seq v2's shared box tokens, used here as
+a chain of thought: the boxes are also returned with the words.
+
+Used by `Caption` and `AnswerQuestions` when their data carry boxes (``caption.ground``, ``vqa.ground``).
+"""
+
+from __future__ import annotations
+
+import copy
+from functools import partial
+
+import torch
+from torch import Tensor, nn
+
+from ..config import ConfigError, RunConfig
+from ..data.base import DataError, DataInfo
+from ..sampling import SamplingParams, sample
+from ..sequence import IGNORE, Sequence, Vocab, concat, tokens
+from ..tokenizers.boxes import TOKENS_PER_OBJECT
+from .detect import Detect, DetectHook
+
+CHOICES = ("auto", "on", "off")
+
+
+def wants_grounding(setting: str, info: DataInfo, key: str) -> bool:
+    """Whether a task grounds its words in boxes: ``on`` (the data must have boxes), ``off``, or ``auto``
+    (whenever the data have boxes)."""
+    if setting not in CHOICES:
+        raise ConfigError(f"{key}={setting!r}: must be one of {', '.join(CHOICES)}")
+    if setting == "on" and not info.boxes:
+        raise DataError(f"{key}=on needs data with boxes (digit-scenes, coco:...); this data has none")
+    return setting == "on" or (setting == "auto" and bool(info.boxes))
+
+
+def wants_caption(setting: str, info: DataInfo) -> bool:
+    """Whether grounded answers also write the scene's caption before the question (``vqa.describe``): ``on``
+    (the data must have captions), ``off``, or ``auto`` (whenever they have)."""
+    if setting not in CHOICES:
+        raise ConfigError(f"vqa.describe={setting!r}: must be one of {', '.join(CHOICES)}")
+    if setting == "on" and not info.captions:
+        raise DataError("vqa.describe=on needs data with captions (digit-scenes); this data has none")
+    return setting == "on" or (setting == "auto" and bool(info.captions))
+
+
+class Grounding:
+    """The object part of a grounded sequence, on the calling task's vocabulary, backbone and input.
+
+    Args:
+        cfg: the task's config; its ``detect`` section sets the bins, glimpses and ``max_objects`` (0: the
+            data's most, filled in here so the checkpoint keeps it). Objects go left to right, without
+            Pix2Seq's noise objects: the words that follow are trained on real boxes only.
+        info: the data (must have boxes); vocab: the task's shared vocabulary (box tokens are added to it).
+    """
+
+    def __init__(self, cfg: RunConfig, info: DataInfo, vocab: Vocab) -> None:
+        if cfg.detect.max_objects <= 0:
+            cfg.detect.max_objects = max(info.max_objects, 1)
+        sub = copy.deepcopy(cfg)
+        sub.detect.order, sub.detect.noise, sub.detect.temperature = "x", False, 0.0
+        self.det = Detect(sub, info, vocab)     # its own backbone and input are replaced in `attach`
+        # its own prompt token: a detector trained beside it (multi-task) keeps its random order and noise boxes
+        self.det.task_id = vocab.add("task_ground", 1).start
+        self.max_objects, self.period = sub.detect.max_objects, self.det.period
+        self.length = 1 + self.period * self.max_objects + 1   # task token, objects, end (then padding)
+
+    def attach(self, owner: nn.Module) -> None:
+        """Decode with `owner`'s backbone and input tokenizer, whatever they are at the time: a multi-task model
+        replaces its parts' own with shared ones after building them."""
+        self.owner = owner
+        self._sync()
+
+    def _sync(self) -> None:
+        for attr in ("backbone", "input"):
+            self.det._modules.pop(attr, None)
+            self.det.__dict__[attr] = getattr(self.owner, attr)   # kept unregistered here: saved once
+
+    def tokens(self, boxes: list[Tensor] | Tensor, classes: list[Tensor] | Tensor, images: Tensor) -> Sequence:
+        """Each image's (N, 4) normalized xyxy boxes and (N,) classes (-1: none) -> the (B, length) object part:
+        the grounding task token, the objects left to right with glimpses, the end token, then end tokens as
+        padding. Labels (the next token) on the coordinates, classes and the first end token."""
+        self._sync()
+        dev = images.device
+        rows = [self.det._targets(b.reshape(-1, 4), c.reshape(-1), None)
+                for b, c in zip(boxes, classes, strict=True)]
+        L = self.length
+        ids = torch.full((len(rows), L), self.det.boxes.end, dtype=torch.long)
+        labels = torch.full((len(rows), L), IGNORE, dtype=torch.long)
+        for r, (i, lab) in enumerate(rows):
+            ids[r, :len(i)], labels[r, :len(lab)] = i, lab
+        pos = torch.cat([torch.zeros(len(rows), 1, 3, dtype=torch.long), self.det._positions(ids[:, 1:])], dim=1)
+        seq = Sequence(ids=ids.to(dev), labels=labels.to(dev), pos=pos.to(dev))
+        return self.det._with_glimpses(seq, images) if self.det.glimpse else seq
+
+    @torch.no_grad()
+    def detect(self, images: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+        """Greedy detection of (B, C, H, W) images on the KV cache -> per image (N, 4) boxes and (N,) classes."""
+        self._sync()
+        prompt = self.det.task_prompt(images, self.det.task_id)
+        M = self.max_objects
+        ids = sample(self.det.backbone, prompt, TOKENS_PER_OBJECT * M + 1, SamplingParams(temperature=0.0),
+                     allowed=partial(self.det.boxes.allowed, max_objects=M), hook=DetectHook(self.det, images, M))
+        out = [self.det.boxes.decode(row.cpu()) for row in ids]
+        return [b for b, _ in out], [c for _, c in out]
+
+    def prompt(self, img: Sequence, boxes: list[Tensor], classes: list[Tensor], images: Tensor,
+               *task: Sequence | int) -> Sequence:
+        """The image's tokens (prefix), the object part for `boxes` and `classes`, then the calling task's token
+        (an int) and any further input-only sequences (a question): what the words are decoded after."""
+        B, dev = images.shape[0], images.device
+        tail = [tokens(torch.full((B, 1), t, dtype=torch.long, device=dev)) if isinstance(t, int) else t
+                for t in task]
+        return concat(img, self.tokens(boxes, classes, images), *tail, prefix_len=img.ids.shape[1] + 1)
+
+    def objects(self, boxes: list[Tensor], classes: list[Tensor]) -> list[list[dict]]:
+        """Decoded boxes and classes -> per image ``[{"box": [x0, y0, x1, y1] (normalized), "label": name}]``,
+        left to right."""
+        names = self.det.info.classes
+        out = []
+        for b, c in zip(boxes, classes, strict=True):
+            order = b[:, 0].argsort(stable=True) if len(b) else torch.zeros(0, dtype=torch.long)
+            out.append([{"box": [round(v, 4) for v in b[k].tolist()],
+                         "label": names[int(c[k])] if 0 <= int(c[k]) < len(names) else str(int(c[k]))}
+                        for k in order.tolist()])
+        return out

@@ -1,0 +1,135 @@
+"""Grounded words: captions and answers written after the objects the model detects (`patchgpt.tasks.ground`)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import patchgpt.tasks.ground as ground_module
+import patchgpt.tasks.text as text_module
+from patchgpt.cli import main
+from patchgpt.data import build_datasets, collate
+from patchgpt.data.base import DataError, DataInfo
+from patchgpt.sequence import IGNORE
+from patchgpt.tasks import AnswerQuestions, Caption, config_from_dict, load
+from patchgpt.train import train
+
+from .helpers import tiny_config
+from .reference_sampling import uncached
+
+COMMON = ["--data", "digit-scenes", "--model", "nano", "--steps", "3", "--quiet", "--set", "train.batch_size=8",
+          "--set", "data.image_size=32", "--set", "train.eval_every=0", "--set", "caption.max_len=24"]
+
+
+@pytest.fixture(scope="module")
+def scenes():
+    cfg = tiny_config("caption", "unused")
+    cfg.data.image_size = 32
+    _, val, info = build_datasets(cfg.data)
+    return collate([val[i] for i in range(6)]), info
+
+
+def caption_task(tmp_path, info) -> Caption:
+    cfg = tiny_config("caption", tmp_path / "c")
+    cfg.data.image_size, cfg.caption.max_len = 32, 24
+    return Caption(cfg, info).eval()
+
+
+def test_the_object_part_lists_the_true_boxes_left_to_right_with_glimpses(tmp_path, scenes):
+    batch, info = scenes
+    task = caption_task(tmp_path, info)
+    g = task.ground
+    assert g is not None and task.cfg.caption.ground == "on"                   # auto on data with boxes
+    objs = g.tokens(batch["boxes"], batch["classes"], batch["image"])
+    assert objs.ids.shape == objs.labels.shape == (6, g.length)
+    P, boxes_tok = g.period, g.det.boxes
+    for r in range(6):
+        keep = batch["classes"][r] >= 0
+        boxes, classes = batch["boxes"][r][keep], batch["classes"][r][keep]
+        n = len(classes)
+        order = boxes[:, 0].argsort(stable=True)
+        got = objs.ids[r, 1:1 + P * n].view(n, P)                               # x0 y0 x1 y1 glimpse class
+        assert objs.ids[r, 0] == g.det.task_id
+        assert (got[:, 5] - boxes_tok.classes.start).tolist() == classes[order].tolist()
+        assert torch.allclose(boxes_tok.dequantize(got[:, :4]), boxes[order], atol=0.5 / (boxes_tok.bins - 1))
+        assert (got[:, 4] == g.det.glimpse_id).all() and int(objs.is_patch[r].sum()) == n
+        assert objs.labels[r, P * n] == boxes_tok.end and (objs.labels[r, P * n + 1:] == IGNORE).all()
+        assert (objs.ids[r, 1 + P * n:] == boxes_tok.end).all()                 # the end, then end padding
+    seq = task.sequence(batch)
+    T = task.input.length + g.length
+    assert seq.prefix_len == task.input.length + 1 and (seq.ids[:, T] == task.task_id).all()
+    for r, text in enumerate(batch["text"]):                                   # the caption after the objects
+        assert task.decode(seq.labels[r, T:].tolist()) == text[:24]                  # caption.max_len=24
+
+
+def test_grounded_decoding_with_the_cache_equals_without(tmp_path, scenes):
+    batch, info = scenes
+    task = caption_task(tmp_path, info)
+    a = task.predict(batch)
+    with uncached(text_module, ground_module):
+        b = task.predict(batch)
+    assert torch.equal(a["ids"], b["ids"]) and a["objects"] == b["objects"]
+    cfg = tiny_config("vqa", tmp_path / "v")
+    cfg.data.image_size, cfg.vqa.question_len, cfg.vqa.answer_len = 32, 24, 6
+    vqa = AnswerQuestions(cfg, info).eval()
+    assert vqa.ground is not None
+    a = vqa.predict(batch)
+    with uncached(text_module, ground_module):
+        b = vqa.predict(batch)
+    assert torch.equal(a["ids"], b["ids"]) and a["objects"] == b["objects"]
+    assert vqa.describe and len(a["captions"]) == 6                            # digit-scenes have captions
+    seq = vqa.sequence(batch)
+    T = vqa.input.length + vqa.ground.length
+    C = cfg.vqa.caption_len + 2                                                # the caption, then the question
+    assert (seq.ids[:, T] == vqa.caption_id).all() and (seq.ids[:, T + C] == vqa.task_id).all()
+    for r, text in enumerate(batch["text"]):
+        assert vqa.decode(seq.labels[r, T:T + C].tolist()) == text
+    assert (seq.labels[:, T + C:T + C + 24] == IGNORE).all()                   # no loss on the question
+
+
+def test_grounded_caption_trains_predicts_boxes_and_loads(tmp_path, capsys):
+    run = tmp_path / "cap"
+    assert main(["train", "caption", "--out", str(run), *COMMON]) == 0
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["caption"]["ground"] == "on" and cfg["detect"]["max_objects"] >= 1
+    capsys.readouterr()
+    img = tmp_path / "scene.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 50), dtype=np.uint8)).save(img)
+    assert main(["predict", str(run), str(img)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert isinstance(out[0]["caption"], str) and isinstance(out[0]["objects"], list)
+    assert all(set(o) == {"box", "label"} for o in out[0]["objects"])
+    assert load(run).ground is not None
+
+
+def test_vqa_grounds_its_answers_but_not_the_blind_baseline(tmp_path):
+    cfg = tiny_config("vqa", tmp_path / "vqa")
+    cfg.data.image_size, cfg.train.batch_size, cfg.train.eval_every = 32, 8, 0
+    run = train(cfg, quiet=True)
+    task = load(run)
+    assert task.ground is not None and task.cfg.vqa.ground == "on"
+    img = tmp_path / "scene.png"
+    Image.new("L", (40, 50), 30).save(img)
+    out = task.predict_files([str(img)], question="how many digits?")
+    assert isinstance(out[0]["answer"], str) and isinstance(out[0]["objects"], list)
+    assert isinstance(out[0]["caption"], str) and task.cfg.vqa.describe == "on"
+    blind = tiny_config("vqa", tmp_path / "b")
+    blind.data.image_size, blind.vqa.blind = 32, True
+    _, _, info = build_datasets(blind.data)
+    assert AnswerQuestions(blind, info).ground is None and blind.vqa.ground == "off"
+
+
+def test_grounding_needs_boxes_and_old_checkpoints_stay_plain(tmp_path):
+    cfg = tiny_config("caption", tmp_path / "c")
+    cfg.caption.ground = "on"
+    info = DataInfo(channels=1, image_size=(32, 32), captions=True)
+    with pytest.raises(DataError, match="caption.ground=on needs data with boxes"):
+        Caption(cfg, info)
+    cfg.caption.ground = "auto"                                                # no boxes: plain captions
+    assert Caption(cfg, info).ground is None and cfg.caption.ground == "off"
+    d = tiny_config("caption", tmp_path / "o").to_dict()
+    del d["caption"]["ground"]            # written before grounding: its state has no boxes, so it stays plain
+    old = config_from_dict(d)
+    assert old.caption.ground == "auto" and Caption(old, info).ground is None
