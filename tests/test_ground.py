@@ -79,7 +79,7 @@ def test_grounded_decoding_with_the_cache_equals_without(tmp_path, scenes):
     with uncached(text_module, ground_module):
         b = vqa.predict(batch)
     assert torch.equal(a["ids"], b["ids"]) and a["objects"] == b["objects"]
-    assert vqa.describe and len(a["captions"]) == 6                            # digit-scenes have captions
+    assert vqa.caption_first and len(a["captions"]) == 6                            # digit-scenes have captions
     seq = vqa.sequence(batch)
     T = vqa.input.length + vqa.ground.length
     C = cfg.vqa.caption_len + 2                                                # the caption, then the question
@@ -110,6 +110,7 @@ def test_vqa_grounds_its_answers_but_not_the_blind_baseline(tmp_path):
     run = train(cfg, quiet=True)
     task = load(run)
     assert task.ground is not None and task.cfg.vqa.ground == "on"
+    assert task.describe() == "GPT nano"                                       # the start-up line's method
     img = tmp_path / "scene.png"
     Image.new("L", (40, 50), 30).save(img)
     out = task.predict_files([str(img)], question="how many digits?")

@@ -108,13 +108,13 @@ class AnswerQuestions(Task):
         grounded = wants_grounding(v.ground, info, "vqa.ground") and not v.blind
         v.ground = "on" if grounded else "off"                 # what the checkpoint was trained as
         self.ground = Grounding(cfg, info, self.vocab) if grounded else None
-        self.describe = grounded and wants_caption(v.describe, info)
-        v.describe = "on" if self.describe else "off"
-        if self.describe:   # the caption's own prompt and end tokens (shared with a captioner beside it)
+        self.caption_first = grounded and wants_caption(v.describe, info)
+        v.describe = "on" if self.caption_first else "off"
+        if self.caption_first:   # the caption's own prompt and end tokens (shared with a captioner beside it)
             self.caption_id = self.vocab.add("task_caption", 1).start
             self.caption_end = self.vocab.add("caption_end", 1).start
         length = (self.input.length + (self.ground.length if self.ground else 0) + 1 + self.question_len
-                  + self.answer_len + 1 + (v.caption_len + 2 if self.describe else 0))
+                  + self.answer_len + 1 + (v.caption_len + 2 if self.caption_first else 0))
         self.backbone = build_backbone(cfg, self.vocab, self.input.patch_dim, length, self.input.grid)
         if self.ground:
             self.ground.attach(self)
@@ -187,7 +187,7 @@ class AnswerQuestions(Task):
         qa = tokens(ids.to(images.device), labels.to(images.device))
         if self.ground:   # image prefix + the objects (labelled) [+ caption] + task token + question + answer
             objs = self.ground.tokens(batch["boxes"], batch["classes"], images)
-            if self.describe:
+            if self.caption_first:
                 c_ids, c_labels = self.encode_caption(list(batch["text"]))
                 cap = tokens(c_ids.to(images.device), c_labels.to(images.device))
                 return concat(img, objs, cap, qa, prefix_len=img.ids.shape[1] + 1)
@@ -213,7 +213,7 @@ class AnswerQuestions(Task):
         if self.ground:
             boxes, classes = self.ground.detect(images)
             found = {"objects": self.ground.objects(boxes, classes)}
-            if self.describe:   # the caption first, then the question after it
+            if self.caption_first:   # the caption first, then the question after it
                 prompt = self.ground.prompt(img, boxes, classes, images, self.caption_id)
                 cap = write_bytes(self.backbone, prompt, self.cfg.vqa.caption_len + 1, self.bytes, self.caption_end)
                 found["captions"] = [read_bytes(row, self.bytes, self.caption_end) for row in cap.tolist()]
