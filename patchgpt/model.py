@@ -77,7 +77,7 @@ class KVCache:
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         # per-layer (B, H, max_len, hd) views, made once: the decoding step indexes them with one `narrow`
-        self.layers = list(zip(self.k.unbind(0), self.v.unbind(0), strict=True))
+        self.layers = [(self.k[i], self.v[i]) for i in range(cfg.n_layer)]   # `select`: in-place safe
         self.length = 0
         self.max_len = max_len
         self.prefix_len = 0  # the bidirectional prefix set at prefill
