@@ -33,7 +33,7 @@ from ..sequence import IGNORE, Sequence, Vocab, concat, tokens
 from ..tokenizers import Bytes
 from .base import Task, build_backbone
 from .detect import DetectConfig
-from .ground import Grounding, wants_grounding
+from .ground import GroundedWords, Grounding, wants
 from .text import read_bytes, text_recipe, write_bytes
 
 
@@ -46,7 +46,7 @@ class CaptionConfig:
                                  # boxes) | on | off (`patchgpt.tasks.ground`)
 
 
-class Caption(Task):
+class Caption(GroundedWords, Task):
     """Describe an image in words: image tokens, a task token, then the caption's bytes."""
 
     name = "caption"
@@ -88,21 +88,13 @@ class Caption(Task):
         self.bytes = self.text.ids
         self.end = self.vocab.add("caption_end", 1).start
         self.max_len = cfg.caption.max_len
-        grounded = wants_grounding(cfg.caption.ground, info, "caption.ground")
+        grounded = wants(cfg.caption.ground, bool(info.boxes), "caption.ground", "boxes")
         cfg.caption.ground = "on" if grounded else "off"       # what the checkpoint was trained as
         self.ground = Grounding(cfg, info, self.vocab) if grounded else None
         length = self.input.length + (self.ground.length if self.ground else 0) + 1 + self.max_len + 1
         self.backbone = build_backbone(cfg, self.vocab, self.input.patch_dim, length, self.input.grid)
         if self.ground:
             self.ground.attach(self)
-
-    def state(self) -> dict:
-        extra = {"boxes": True, "category_ids": self.info.category_ids} if self.ground else {}
-        return {**super().state(), **extra}
-
-    def augment(self, batch: dict, rng: RowRNG) -> dict:
-        """The generic shifts, or none when grounded (they would move the pixels away from the boxes)."""
-        return batch if self.ground else super().augment(batch, rng)
 
     # ---- sequences ------------------------------------------------------------------------------------
 

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from ..config import ConfigError, RunConfig
 from ..data.base import DataError, DataInfo
+from ..rng import RowRNG
 from ..sampling import SamplingParams, sample
 from ..sequence import IGNORE, Sequence, Vocab, concat, tokens
 from ..tokenizers.boxes import TOKENS_PER_OBJECT
@@ -31,24 +32,29 @@ from .detect import Detect, DetectHook
 CHOICES = ("auto", "on", "off")
 
 
-def wants_grounding(setting: str, info: DataInfo, key: str) -> bool:
-    """Whether a task grounds its words in boxes: ``on`` (the data must have boxes), ``off``, or ``auto``
-    (whenever the data have boxes)."""
+def wants(setting: str, available: bool, key: str, what: str) -> bool:
+    """Whether an optional part of a sequence is on: ``on`` (the data must have `what`, or a one-line error),
+    ``off``, or ``auto`` (whenever the data have it). `key` names the setting in messages."""
     if setting not in CHOICES:
         raise ConfigError(f"{key}={setting!r}: must be one of {', '.join(CHOICES)}")
-    if setting == "on" and not info.boxes:
-        raise DataError(f"{key}=on needs data with boxes (digit-scenes, coco:...); this data has none")
-    return setting == "on" or (setting == "auto" and bool(info.boxes))
+    if setting == "on" and not available:
+        raise DataError(f"{key}=on needs data with {what} (digit-scenes); this data has none")
+    return setting == "on" or (setting == "auto" and available)
 
 
-def wants_caption(setting: str, info: DataInfo) -> bool:
-    """Whether grounded answers also write the scene's caption before the question (``vqa.describe``): ``on``
-    (the data must have captions), ``off``, or ``auto`` (whenever they have)."""
-    if setting not in CHOICES:
-        raise ConfigError(f"vqa.describe={setting!r}: must be one of {', '.join(CHOICES)}")
-    if setting == "on" and not info.captions:
-        raise DataError("vqa.describe=on needs data with captions (digit-scenes); this data has none")
-    return setting == "on" or (setting == "auto" and bool(info.captions))
+class GroundedWords:
+    """What grounded tasks (`Caption`, `AnswerQuestions`) share beside `Grounding`: they save that their data
+    had boxes, and skip the generic pixel shifts, which would move the pixels away from the boxes. Mix in
+    before `Task`; the task sets ``self.ground`` (a `Grounding` or None)."""
+
+    ground: Grounding | None
+
+    def state(self) -> dict:
+        extra = {"boxes": True, "category_ids": self.info.category_ids} if self.ground else {}
+        return {**super().state(), **extra}
+
+    def augment(self, batch: dict, rng: RowRNG) -> dict:
+        return batch if self.ground else super().augment(batch, rng)
 
 
 class Grounding:

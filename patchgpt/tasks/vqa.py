@@ -30,7 +30,7 @@ from ..sequence import IGNORE, Sequence, Vocab, concat, tokens
 from ..tokenizers import Bytes
 from .base import Task, build_backbone
 from .detect import DetectConfig
-from .ground import Grounding, wants_caption, wants_grounding
+from .ground import GroundedWords, Grounding, wants
 from .text import read_bytes, text_recipe, write_bytes
 
 NO_QUESTIONS = ("vqa needs items with a question and an answer; {} has none (use digit-scenes, or a folder whose "
@@ -61,7 +61,7 @@ def _cut(text: str, n: int) -> bytes:
     return text.encode("utf-8")[:n].decode("utf-8", errors="ignore").encode("utf-8")
 
 
-class AnswerQuestions(Task):
+class AnswerQuestions(GroundedWords, Task):
     """Answer a question about an image: image tokens, a task token and the question's bytes, then the answer's
     bytes and an end token."""
 
@@ -105,10 +105,10 @@ class AnswerQuestions(Task):
         self.end = self.vocab.add("answer_end", 1).start
         self.question_len, self.answer_len, self.blind = v.question_len, v.answer_len, v.blind
         # the question-only baseline sees no boxes either: they would come from the image
-        grounded = wants_grounding(v.ground, info, "vqa.ground") and not v.blind
+        grounded = wants(v.ground, bool(info.boxes), "vqa.ground", "boxes") and not v.blind
         v.ground = "on" if grounded else "off"                 # what the checkpoint was trained as
         self.ground = Grounding(cfg, info, self.vocab) if grounded else None
-        self.caption_first = grounded and wants_caption(v.describe, info)
+        self.caption_first = grounded and wants(v.describe, bool(info.captions), "vqa.describe", "captions")
         v.describe = "on" if self.caption_first else "off"
         if self.caption_first:   # the caption's own prompt and end tokens (shared with a captioner beside it)
             self.caption_id = self.vocab.add("task_caption", 1).start
@@ -118,14 +118,6 @@ class AnswerQuestions(Task):
         self.backbone = build_backbone(cfg, self.vocab, self.input.patch_dim, length, self.input.grid)
         if self.ground:
             self.ground.attach(self)
-
-    def state(self) -> dict:
-        extra = {"boxes": True, "category_ids": self.info.category_ids} if self.ground else {}
-        return {**super().state(), **extra}
-
-    def augment(self, batch: dict, rng: RowRNG) -> dict:
-        """The generic shifts, or none when grounded (they would move the pixels away from the boxes)."""
-        return batch if self.ground else super().augment(batch, rng)
 
     def fit(self, train_set: ImageSet, seed: int = 0) -> None:
         """Checks that the data asks questions (its first readable item has "question" and "answer"), then fits
