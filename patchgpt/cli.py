@@ -77,8 +77,16 @@ def _ranged(kind: type, interval: str) -> Callable[[str], int | float]:
     return parse
 
 
-INT8_HELP = ("decode with int8 weights on the CPU (fewer bytes per token: faster, slightly different "
-             "numbers; see the README's benchmarks)")
+PRECISION_HELP = ("how sampling and decoding run: int8 weights on the CPU (fewer bytes per token: faster, "
+                  "slightly different numbers; see the README's benchmarks), fp32 (exact), or auto: int8 on the "
+                  "CPU, fp32 on a GPU (default: %(default)s)")
+
+
+def _precision_flags(x: argparse.ArgumentParser, default: str) -> None:
+    """``--precision auto|fp32|int8``, and ``--int8`` / ``--fp32`` as its short forms."""
+    x.add_argument("--precision", choices=["auto", "fp32", "int8"], default=default, help=PRECISION_HELP)
+    x.add_argument("--int8", dest="precision", action="store_const", const="int8", help="same as --precision int8")
+    x.add_argument("--fp32", dest="precision", action="store_const", const="fp32", help="same as --precision fp32")
 POSITIVE = _ranged(int, "[1, inf)")
 NON_NEGATIVE = _ranged(int, "[0, inf)")
 FINITE = _ranged(float, "[-inf, inf]")
@@ -140,7 +148,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="image generators: samples per class (or per held-out caption) to judge")
     e.add_argument("--cfg", type=FINITE, help="image generators: guidance scale for the samples")
     e.add_argument("--temperature", type=TEMPERATURE, help="image generators: temperature for the samples")
-    e.add_argument("--int8", action="store_true", help=INT8_HELP)
+    _precision_flags(e, "fp32")   # figures are measured on the exact path unless asked
 
     r = sub.add_parser("predict", help="run a checkpoint on image (or video) files; prints JSON")
     r.add_argument("ckpt", help="checkpoint or run directory")
@@ -152,7 +160,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="detectors: drop boxes scoring below this (0..1)")
     r.add_argument("--question", help="question answering: the question to ask of every image")
     r.add_argument("--mask", help="inpainting: a PNG the size of the image, white where pixels are missing")
-    r.add_argument("--int8", action="store_true", help=INT8_HELP)
+    _precision_flags(r, "auto")
     k = sub.add_parser("ask", help="ask a checkpoint about an image: the prompt picks the task (caption, detect, "
                        "segment, a question ...); prints JSON, pictures in --out")
     k.add_argument("ckpt", help="checkpoint or run directory")
@@ -160,7 +168,7 @@ def _parser() -> argparse.ArgumentParser:
     k.add_argument("prompt", nargs="?", help="what to do: a task (caption, detect, segment, classify, denoise ...), "
                    "a question, or 'draw: TEXT' (default: the checkpoint's one task)")
     k.add_argument("--out", help="directory for the answer's pictures (default: a temporary one, kept)")
-    k.add_argument("--int8", action="store_true", help=INT8_HELP)
+    _precision_flags(k, "auto")
 
     v = sub.add_parser("serve", help="a local web page to try a checkpoint: drop an image, pick or type a prompt")
     v.add_argument("ckpt", help="checkpoint or run directory")
@@ -203,7 +211,7 @@ def _sampling_commands(sub) -> None:
         x.add_argument("--top-p", type=_ranged(float, "(0, 1]"), help="nucleus sampling mass in (0, 1] (1 = all)")
         x.add_argument("--cfg", type=FINITE, help="classifier-free guidance scale (0 = none)")
         x.add_argument("--seed", type=_ranged(int, SEEDS), default=0, help="sampler seed (default: 0)")
-        x.add_argument("--int8", action="store_true", help=INT8_HELP)
+        _precision_flags(x, "auto")
 
     s_ = sub.add_parser("sample", help="sample images from an image generator into a PNG grid")
     s_.add_argument("ckpt")
@@ -346,20 +354,16 @@ def cmd_shard(a: argparse.Namespace) -> None:
     print(f"wrote {len(paths)} shard(s); train with --data 'shards:{pattern}'")
 
 
-def _load(path: str, int8: bool = False):
-    """The checkpoint at `path`, decoding with int8 weights where asked (``--int8``)."""
+def _load(path: str, precision: str = "auto"):
+    """The checkpoint at `path`, decoding at `precision` (``--precision``)."""
     from .tasks import load
 
-    task = load(path)
-    for m in task.modules():
-        if hasattr(m, "decode_int8"):
-            m.decode_int8 = int8
-    return task
+    return load(path, precision=precision)
 
 
-def _capable(path: str, method: str, what: str, int8: bool = False):
+def _capable(path: str, method: str, what: str, precision: str = "auto"):
     """Load the checkpoint at `path`; a one-line error unless its task can do `what` (has `method`)."""
-    task = _load(path, int8)
+    task = _load(path, precision)
     if not callable(getattr(task, method, None)):
         raise ConfigError(f"{path}: a {task.name!r} checkpoint cannot {what}")
     return task
@@ -370,12 +374,12 @@ def _sampling_kwargs(a: argparse.Namespace) -> dict:
 
 
 def cmd_sample(a: argparse.Namespace) -> None:
-    task = _capable(a.ckpt, "sample_png", "sample images", a.int8)
+    task = _capable(a.ckpt, "sample_png", "sample images", a.precision)
     print(task.sample_png(a.out, classes=a.cls, prompts=a.prompt, n=a.n, **_sampling_kwargs(a)))
 
 
 def cmd_complete(a: argparse.Namespace) -> None:
-    task = _capable(a.ckpt, "complete_png", "complete images", a.int8)
+    task = _capable(a.ckpt, "complete_png", "complete images", a.precision)
     print(task.complete_png(a.image, a.out, keep=a.keep, classes=a.cls, prompts=a.prompt, n=a.n,
                             **_sampling_kwargs(a)))
 
@@ -387,7 +391,7 @@ def cmd_eval(a: argparse.Namespace) -> None:
     from .files import atomic_write_text
     from .tasks import load
 
-    task = _load(a.ckpt, a.int8)
+    task = _load(a.ckpt, a.precision)
     cfg: RunConfig = task.cfg
     if a.data:  # decode the other data as the checkpoint's own: its size, channels and frames
         cfg.data.spec, cfg.data.val_spec = a.data, ""
@@ -410,8 +414,8 @@ def cmd_eval(a: argparse.Namespace) -> None:
     for name, content in files.items():
         path = atomic_write_text(run_dir / f"eval_{name}", json.dumps(content))
         metrics[name.replace(".", "_")] = str(path)
-    options = {"judge": load(a.judge) if a.judge else None, "per_class": a.per_class, "cfg_scale": a.cfg,
-               "temperature": a.temperature}
+    judge = load(a.judge, precision="fp32") if a.judge else None     # the judge reads exactly, whatever is judged
+    options = {"judge": judge, "per_class": a.per_class, "cfg_scale": a.cfg, "temperature": a.temperature}
     metrics.update(task.report(run_dir, val, metrics, prefix="eval_", **options))
     if a.json:
         print(json.dumps(metrics))
@@ -424,7 +428,7 @@ def cmd_eval(a: argparse.Namespace) -> None:
 
 
 def cmd_predict(a: argparse.Namespace) -> None:
-    task = _load(a.ckpt, a.int8)
+    task = _load(a.ckpt, a.precision)
     results = task.predict_files(a.images, out=a.out, top=a.top, min_score=a.min_score, question=a.question,
                                  mask=a.mask)
     print(json.dumps(results, indent=2))
@@ -435,7 +439,7 @@ def cmd_ask(a: argparse.Namespace) -> None:
         a.image, a.prompt = None, a.image   # `ask CKPT "draw: a heart"`: a prompt, no image
     if a.image is not None and not Path(a.image).is_file():
         raise DataError(f"{a.image}: no such image file")
-    print(json.dumps(_load(a.ckpt, a.int8).ask(a.image, a.prompt, out=a.out), indent=2))
+    print(json.dumps(_load(a.ckpt, a.precision).ask(a.image, a.prompt, out=a.out), indent=2))
 
 
 def cmd_serve(a: argparse.Namespace) -> None:

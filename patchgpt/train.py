@@ -296,7 +296,7 @@ def train(cfg: RunConfig, resume: bool = False, quiet: bool = False, until: int 
         if run.log is not None:
             run.log.close()
     if step == t.steps and env.main:
-        final = load(checkpoint.resolve(run.out), env.device) if t.fsdp else run.task
+        final = load(checkpoint.resolve(run.out), env.device, "fp32") if t.fsdp else run.task
         with run.averaged() if final is run.task else contextlib.nullcontext():
             if not metrics:  # resumed a run that had already finished: evaluate its final checkpoint again
                 metrics, run.files = evaluate(final, eval_batches(run.val_set, 256, cfg.data.num_workers),

@@ -1,12 +1,14 @@
-"""The opt-in int8 decoding path: int8 weights stay close to fp32, the int8 model's own cached decoding equals
-its uncached reference, the fp32 model is untouched, --int8 reaches the sampler, and bits/dim on validation
-data moves by less than 1%."""
+"""The int8 decoding path (the CPU default of loaded checkpoints): int8 weights stay close to fp32, the int8
+model's own cached decoding equals its uncached reference, the fp32 model is untouched, --precision reaches
+the sampler, and bits/dim on validation data moves by less than 1%."""
 
 import json
 
+import pytest
 import torch
 
 import patchgpt
+from patchgpt.config import ConfigError
 from patchgpt.data import eval_batches
 from patchgpt.model import GPT, Block, GPTConfig
 from patchgpt.quantize import Int8Block, Int8Linear, int8_copy, quantize_int8
@@ -60,15 +62,23 @@ def test_int8_keeps_bits_per_dim_within_one_percent_and_the_cli_flag(tmp_path, c
     code, _, err = run_cli(capsys, "train", "generate", "--model", "nano", "--steps", "60", "--out", str(run),
                            "--quiet", "--set", "train.eval_every=0", "--set", "train.batch_size=32")
     assert code == 0, err
-    task = patchgpt.load(run)
+    task = patchgpt.load(run, precision="fp32")
+    assert not task.backbone.decode_int8 and patchgpt.load(run).backbone.decode_int8   # int8: the CPU default
+    with pytest.raises(ConfigError, match="precision"):
+        patchgpt.load(run, precision="fp16")
     batch = next(eval_batches(task_val(task, run), 256))
     fp32 = task.predict(batch)["nll"].mean()
     task.backbone = quantize_int8(task.backbone)
     int8 = task.predict(batch)["nll"].mean()
     assert abs(float(int8 / fp32) - 1) < 0.01
-    code, out, err = run_cli(capsys, "sample", str(run), "--n", "2", "--int8", "--prompt", "the digit seven",
-                             "--out", str(tmp_path / "s.png"))
-    assert code == 0 and (tmp_path / "s.png").exists(), err
+    pngs = {}
+    for flags in [[], ["--int8"], ["--fp32"], ["--precision", "fp32"]]:    # the default on the CPU is int8
+        png = tmp_path / f"s{len(pngs)}.png"
+        code, out, err = run_cli(capsys, "sample", str(run), "--n", "2", *flags, "--prompt", "the digit seven",
+                                 "--out", str(png))
+        assert code == 0 and png.exists(), err
+        pngs[" ".join(flags)] = png.read_bytes()
+    assert pngs[""] == pngs["--int8"] and pngs["--fp32"] == pngs["--precision fp32"]
 
 
 def task_val(task, run):

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from .. import checkpoint
 from ..config import ConfigError, RunConfig, apply_size
@@ -79,9 +80,19 @@ def info_from_meta(meta: dict) -> DataInfo:
                     parts=parts)
 
 
-def load(path: str | Path, device: str | torch.device = "cpu") -> Task:
+PRECISIONS = ("auto", "fp32", "int8")
+
+
+def load(path: str | Path, device: str | torch.device = "cpu", precision: str = "auto") -> Task:
     """Rebuild the task saved at `path` (a checkpoint directory, or a run directory: its newest checkpoint) —
-    backbone, heads and tokenizer state — in eval mode on `device`. Nothing is downloaded."""
+    backbone, heads and tokenizer state — in eval mode on `device`. Nothing is downloaded.
+
+    `precision` picks how sampling and decoding (captions, boxes, answers, images) run: ``"fp32"`` exactly;
+    ``"int8"`` with int8 weights on the CPU (`patchgpt.quantize`: faster, slightly different numbers);
+    ``"auto"`` (the default) int8 on the CPU, fp32 elsewhere. Teacher-forced scores (losses, logits,
+    classification, features) are always fp32."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     ckpt = checkpoint.resolve(path)
     meta = checkpoint.read_meta(ckpt)
     if not isinstance(meta, dict) or meta.get("task") not in TASKS:
@@ -94,9 +105,19 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> Task:
         raise checkpoint.CheckpointError(f"{ckpt}/config.json: incomplete or edited ({type(e).__name__}: {e}); "
                                          f"it was written by patchgpt {meta.get('patchgpt', '?')}") from None
     checkpoint.load_weights(task, ckpt)
+    set_precision(task, precision)
     return task.to(device).eval()
+
+
+def set_precision(task: nn.Module, precision: str) -> None:
+    """Decode `task`'s backbones with int8 weights on the CPU (``"int8"``, ``"auto"``) or in fp32 (``"fp32"``);
+    on a GPU int8 is never used (`patchgpt.sampling`)."""
+    for m in task.modules():
+        if hasattr(m, "decode_int8"):
+            m.decode_int8 = precision != "fp32"
 
 
 __all__ = ["TASKS", "AnswerQuestions", "Caption", "Classify", "Detect", "Generate", "Metric", "Multi", "Pretrain",
            "Restore", "Segment", "Task", "TrainVQ", "VideoClassify", "VideoPretrain", "config_from_dict",
-           "default_config", "info_from_meta", "load", "metric_files", "next_token_loss", "sections", "task_class"]
+           "PRECISIONS", "default_config", "info_from_meta", "load", "metric_files", "next_token_loss", "sections",
+           "set_precision", "task_class"]
