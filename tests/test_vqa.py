@@ -63,6 +63,10 @@ def test_scene_answers_follow_the_boxes(scenes):
             seen.add(it["qtype"])
             again = ds[i]                                                   # a pure function of (seed, index)
             assert (again["question"], again["answer"]) == (it["question"], it["answer"])
+            assert it["qa"][0] == {k: it[k] for k in ("question", "answer", "qtype")} and again["qa"] == it["qa"]
+            assert len({q["qtype"] for q in it["qa"]}) == len(it["qa"])     # every type at most once
+            for q in it["qa"]:
+                assert q["answer"] == expected_answer(q["question"], boxes, classes), (i, q)
     assert len(seen) >= 4
 
 
@@ -77,7 +81,7 @@ PINNED = {("train", 0): (-3057.7778, [[33, 35, 53, 62], [22, 21, 39, 44], [6, 2,
 def test_scene_fields_are_unchanged(scenes):
     train_set, val_set = scenes
     assert set(train_set[0]) == {"image", "label", "boxes", "classes", "meta", "text", "question", "answer",
-                                 "qtype", "mask"}
+                                 "qtype", "mask", "qa"}
     for (part, i), (checksum, px, classes) in PINNED.items():
         it = (train_set if part == "train" else val_set)[i]
         assert round(float(it["image"].double().sum()), 4) == checksum
@@ -130,6 +134,35 @@ def test_cached_decoding_equals_uncached_and_the_sequence(tmp_path):
         assert seq.labels[i, P - 1 + n] == task.end and (seq.labels[i, P + n:] == -1).all()
     ids, _ = task.encode_qa(["x" * 30])                                       # cut to question_len
     assert ids.shape == (1, 25)
+
+
+def test_several_questions_train_as_turns_and_predict_asks_one(tmp_path):
+    cfg = tiny_config("vqa", tmp_path / "t")
+    cfg.data.image_size, cfg.vqa.question_len, cfg.vqa.answer_len = 32, 24, 8
+    cfg.vqa.ground = "off"
+    _, val, info = build_datasets(cfg.data)
+    task = AnswerQuestions(cfg, info)
+    assert task.turns == cfg.vqa.turns == len(QTYPES) == info.questions     # -1: as many as the data offers
+    batch = collate([val[i] for i in range(6)])
+    T, P = task.turn_len, task.input.length + 1 + 24
+    seq = task.train().sequence(batch)
+    assert seq.ids.shape[1] == task.input.length + len(QTYPES) * T and seq.prefix_len == P
+    for i, qa in enumerate(batch["qa"]):
+        for t in range(len(QTYPES)):
+            start = task.input.length + t * T                                # the turn's task token
+            ids = seq.ids[i, start:start + T]
+            if t >= len(qa):                                                 # a turn this scene lacks: no loss
+                assert (ids == task.end).all() and (seq.labels[i, start - 1:start + T - 1] == -1).all()
+                continue
+            assert ids[0] == task.task_id and task.decode(ids[1:].tolist()).startswith(qa[t]["question"])
+            answer = seq.labels[i, start + 24:start + T].tolist()            # from the last question position
+            assert task.decode(answer) == qa[t]["answer"]
+            assert (seq.labels[i, start - 1:start + 24] == -1).all()         # no loss on the question
+    one = task.eval().sequence(batch)                # validation: the one question, which is the first turn
+    L = one.ids.shape[1]
+    assert L <= task.input.length + T and torch.equal(one.ids, seq.ids[:, :L])
+    cfg.vqa.turns = 1
+    assert AnswerQuestions(cfg, info).train().sequence(batch).ids.shape == one.ids.shape
 
 
 def test_the_blind_baseline_ignores_the_image(tmp_path):

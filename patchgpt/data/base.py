@@ -92,6 +92,8 @@ class DataInfo:
     image_size: tuple[int, int]
     classes: list[str] | None = None      # None for unlabeled data
     captions: bool = False                # items carry a caption (batch["text"])
+    questions: int = 0                    # items carry up to this many questions about their image (batch["qa"]:
+                                          # per item a list of {"question", "answer"}); 0 = none or one
     skipped: list[str] = field(default_factory=list)  # files skipped as unreadable ("path: reason")
     boxes: bool = False                   # items carry detection targets (batch["boxes"], ["classes"])
     category_ids: list[int] | None = None  # COCO category id of each class (detection output)

@@ -47,7 +47,8 @@ class DigitScenes(ImageSet):
     """Scenes with boxes; items are {"image": (1, S, S) in [-1, 1], "label": -1, "boxes": (N, 4) normalized
     xyxy, "classes": (N,), "meta": image id, the canvas size, and the ground truth in pixels as COCO annotations
     for evaluation, "text": a caption naming the digits and their layout (`describe`), "question", "answer" and
-    "qtype": one question about the scene, its answer and its type (`ask`)}.
+    "qtype": one question about the scene, its answer and its type (`ask`), "qa": every question `ask_all`
+    can ask about it, that one first (``[{"question", "answer", "qtype"}, ...]``)}.
 
     Args:
         digits: the source digits (images in [-1, 1], ink bright) and labels.
@@ -75,7 +76,7 @@ class DigitScenes(ImageSet):
         self.holdout = frozenset(holdout)
         self.info = DataInfo(channels=1, image_size=(size, size), classes=[str(i) for i in range(10)],
                              boxes=True, category_ids=list(range(1, 11)), max_objects=max_digits, captions=True,
-                             masks=["background"] + [str(i) for i in range(10)])
+                             questions=len(QTYPES), masks=["background"] + [str(i) for i in range(10)])
 
     def __len__(self) -> int:
         return self.n
@@ -100,10 +101,11 @@ class DigitScenes(ImageSet):
               for b, c in zip(boxes, classes, strict=True)]
         if out != S:   # COCO annotations in pixels of the image
             gt = [{**a, "bbox": [v * out / S for v in a["bbox"]]} for a in gt]
+        qa = ask_all(boxes, classes, S, self.question_rng(i))
         meta = {"image_id": i, "width": out, "height": out, "scale": (1.0, 1.0), "offset": (0.0, 0.0), "gt": gt}
         return {"image": image * 2 - 1, "label": -1, "mask": label.to(torch.uint8),   # (1, S, S) in [-1, 1]; (S, S)
                 "boxes": px / S, "classes": torch.tensor(classes, dtype=torch.long), "meta": meta,
-                "text": describe(boxes, classes, S), **ask(boxes, classes, S, self.question_rng(i))}
+                "text": describe(boxes, classes, S), **qa[0], "qa": qa}
 
     def _seed(self, i: int, attempt: int) -> int:
         """The generator seed of scene `i`'s draw number `attempt` (0: the scene without a holdout; torch's CPU
@@ -300,7 +302,15 @@ def _apart(values: list[float], k: int, others: list[int], margin: float) -> boo
 
 def ask(boxes: list[list[int]], classes: list[int], S: int, r: random.Random) -> dict[str, str]:
     """One question about a scene, with its answer, from exact boxes (pixels xyxy) and classes:
-    ``{"qtype", "question", "answer"}``. The type is drawn uniformly among those whose answer is unambiguous:
+    ``{"qtype", "question", "answer"}``, its type drawn uniformly among those `ask_all` can ask."""
+    return ask_all(boxes, classes, S, r)[0]
+
+
+def ask_all(boxes: list[list[int]], classes: list[int], S: int, r: random.Random) -> list[dict[str, str]]:
+    """Every question `ask` could ask about a scene, one per type, with its answer, from exact boxes (pixels
+    xyxy) and classes: ``[{"qtype", "question", "answer"}, ...]``. The first one's type is drawn uniformly (it is
+    `ask`'s question), the others follow in random order. The types, each asked only when its answer is
+    unambiguous:
 
     - count: "how many digits?" -> "3";
     - presence: "is there a 5?" -> "yes" / "no" (each half the time);
@@ -339,8 +349,9 @@ def ask(boxes: list[list[int]], classes: list[int], S: int, r: random.Random) ->
         if clear and (not left or _apart(cx, left[0], [j for j in left if classes[j] != classes[left[0]]], margin)):
             options["left_of"] = (f"what is left of the {classes[k]}?", str(classes[left[0]]) if left else "nothing")
     qtype = r.choice([t for t in QTYPES if t in options])
-    question, answer = options[qtype]
-    return {"question": question, "answer": answer, "qtype": qtype}
+    rest = [t for t in QTYPES if t in options and t != qtype]
+    r.shuffle(rest)
+    return [{"question": options[t][0], "answer": options[t][1], "qtype": t} for t in [qtype, *rest]]
 
 
 def digit_scenes(size: int = 64, n_train: int = 16000, n_val: int = 500, val_fraction: float = 0.2,

@@ -47,6 +47,8 @@ class VQAConfig:
     describe: str = "auto"       # grounded answers: write the scene's caption after the objects, before the
                                  # question: auto (when the items carry captions too) | on | off
     caption_len: int = 48        # the caption's bytes (describe)
+    turns: int = -1              # questions per training sequence, asked one after another about one image,
+                                 # where items carry several (batch["qa"]); -1 = as many as the data offers
 
 
 def soft_accuracy(predicted: str, humans: SequenceOf[str]) -> float:
@@ -94,6 +96,8 @@ class AnswerQuestions(GroundedWords, Task):
         if v.question_len < 1 or v.answer_len < 1 or v.caption_len < 1:
             raise ConfigError(f"vqa.question_len={v.question_len}, vqa.answer_len={v.answer_len}, "
                               f"vqa.caption_len={v.caption_len}: must be positive")
+        if v.turns == 0 or v.turns < -1:
+            raise ConfigError(f"vqa.turns={v.turns}: must be -1 (as many as the data offers) or positive")
 
     def __init__(self, cfg: RunConfig, info: DataInfo, vocab: Vocab | None = None) -> None:
         super().__init__(cfg, info, vocab)
@@ -113,8 +117,13 @@ class AnswerQuestions(GroundedWords, Task):
         if self.caption_first:   # the caption's own prompt and end tokens (shared with a captioner beside it)
             self.caption_id = self.vocab.add("task_caption", 1).start
             self.caption_end = self.vocab.add("caption_end", 1).start
-        length = (self.input.length + (self.ground.length if self.ground else 0) + 1 + self.question_len
-                  + self.answer_len + 1 + (v.caption_len + 2 if self.caption_first else 0))
+        # several questions per training sequence where the items carry them: the image (and objects, caption)
+        # is read once for all of them; every turn has the same length, the first one is what `predict` asks
+        v.turns = max(1, info.questions) if v.turns == -1 else v.turns
+        self.turns = v.turns
+        self.turn_len = 1 + self.question_len + self.answer_len + 1
+        length = (self.input.length + (self.ground.length if self.ground else 0) + self.turns * self.turn_len
+                  + (v.caption_len + 2 if self.caption_first else 0))
         self.backbone = build_backbone(cfg, self.vocab, self.input.patch_dim, length, self.input.grid)
         if self.ground:
             self.ground.attach(self)
@@ -133,27 +142,43 @@ class AnswerQuestions(GroundedWords, Task):
         """The images the model sees: themselves, or a constant (all -1) image for the blind baseline."""
         return torch.full_like(images, -1.0) if self.blind else images
 
-    def encode_qa(self, questions: list[str], answers: list[str] | None = None) -> tuple[Tensor, Tensor]:
+    def encode_qa(self, questions: SequenceOf[str | None], answers: SequenceOf[str | None] | None = None,
+                  width: int | None = None) -> tuple[Tensor, Tensor]:
         """Questions (and answers) -> (ids, labels), each (B, 1 + question_len [+ L]): the task token, the
         question's bytes padded with the pad token to question_len, then the answer's bytes and the end token,
-        padded with end tokens that carry no loss. Labels are the next token, on the answer and its end only
-        (from the last question position on)."""
+        padded with end tokens that carry no loss (to `width` tokens in all, where given). Labels are the next
+        token, on the answer and its end only (from the last question position on). A None question (a turn
+        that row does not have) is end tokens only, without loss."""
         Q = self.question_len
         rows = []
         for k, q in enumerate(questions):
+            if q is None:
+                rows.append([])
+                continue
             qb = [self.bytes.start + b for b in _cut(q, Q)]
             row = [self.task_id] + qb + [self.pad] * (Q - len(qb))
             if answers is not None:
                 row += [self.bytes.start + b for b in _cut(answers[k], self.answer_len)] + [self.end]
             rows.append(row)
-        L = max(len(r) for r in rows)
+        L = width or max(len(r) for r in rows)
         ids = torch.full((len(rows), L), self.end, dtype=torch.long)
         labels = torch.full((len(rows), L), IGNORE, dtype=torch.long)
         for i, r in enumerate(rows):
+            if not r:
+                continue
             ids[i, :len(r)] = torch.tensor(r)
             if answers is not None:
                 labels[i, Q:len(r) - 1] = torch.tensor(r[Q + 1:])
         return ids, labels
+
+    def encode_turns(self, qa: list[list[dict]]) -> tuple[Tensor, Tensor]:
+        """Per image a list of ``{"question", "answer"}`` -> (ids, labels), each (B, turns * turn_len): the
+        first `turns` of them one after another, each as `encode_qa` writes one (fixed length), rows with fewer
+        filled with end tokens that carry no loss."""
+        parts = [self.encode_qa([row[t]["question"] if t < len(row) else None for row in qa],
+                                [row[t]["answer"] if t < len(row) else "" for row in qa], width=self.turn_len)
+                 for t in range(self.turns)]
+        return torch.cat([p[0] for p in parts], 1), torch.cat([p[1] for p in parts], 1)
 
     def encode_caption(self, texts: list[str]) -> tuple[Tensor, Tensor]:
         """Captions -> (ids, labels), each (B, caption_len + 2): the caption token, the bytes, the caption's end
@@ -170,12 +195,17 @@ class AnswerQuestions(GroundedWords, Task):
     def sequence(self, batch: dict, rng: RowRNG | None = None) -> Sequence:
         """Image prefix + task token + question bytes (all bidirectional) + answer bytes + end; labels on the
         answer and its end. Grounded: image prefix + the objects (labelled) [+ the caption (labelled), with
-        ``vqa.describe``] + task token + question + answer + end."""
+        ``vqa.describe``] + task token + question + answer + end. In training, where the items carry several
+        questions (``batch["qa"]``) and ``vqa.turns`` > 1, the turns (task token, question, answer, end) follow
+        one another after the image (the first turn's question stays in the bidirectional prefix)."""
         if "question" not in batch or "answer" not in batch:
             raise DataError(NO_QUESTIONS.format(self.cfg.data.spec))
         images = self.pixels(batch["image"])
         img = self.input.encode(images)
-        ids, labels = self.encode_qa(list(batch["question"]), list(batch["answer"]))
+        if self.training and self.turns > 1 and "qa" in batch:   # every question the items carry, in turn
+            ids, labels = self.encode_turns(list(batch["qa"]))
+        else:
+            ids, labels = self.encode_qa(list(batch["question"]), list(batch["answer"]))
         qa = tokens(ids.to(images.device), labels.to(images.device))
         if self.ground:   # image prefix + the objects (labelled) [+ caption] + task token + question + answer
             objs = self.ground.tokens(batch["boxes"], batch["classes"], images)
