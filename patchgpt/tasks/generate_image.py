@@ -32,8 +32,12 @@ from ..rng import RowRNG
 from ..sampling import SamplingParams, sample
 from ..sequence import IGNORE, Sequence, concat, tokens
 from ..tokenizers import Bytes, ClassLabel
+from ..tokenizers.patches import grid_positions
 from .base import Task, build_backbone, next_token_loss
 from .compose import compose_report
+from .detect import DetectConfig
+from .ground import wants
+from .layout import BoxLayout
 
 
 @dataclass
@@ -45,6 +49,8 @@ class GenerateConfig:
     top_k: int = 0
     top_p: float = 1.0
     cfg_scale: float = 0.0       # guidance: logits = cond + s * (cond - uncond); 0 = plain conditional
+    layout: str = "auto"         # text-to-image: write the objects' boxes (and their class map) before the
+                                 # image: auto (when the data have captions and boxes) | on | off (tasks/layout.py)
 
 
 def resolve_condition(cfg: RunConfig, info: DataInfo) -> str:
@@ -83,6 +89,11 @@ class Generate(Task):
         cfg.data.augment = False  # a shifted digit is a different image to generate
 
     @classmethod
+    def config_sections(cls) -> dict[str, type]:
+        """``generate``, and ``detect`` for the boxes of a layout-first model (``detect.bins``, ...)."""
+        return {"generate": GenerateConfig, "detect": DetectConfig}
+
+    @classmethod
     def check(cls, cfg: RunConfig) -> None:
         g = cfg.generate
         check_choices({"generate.condition": (g.condition, ("auto", "none", "class", "text"))})
@@ -101,7 +112,24 @@ class Generate(Task):
             self.text = Bytes(self.vocab, cfg.generate.text_len)
         self.input = self.make_input()
         self.prefix_len = {"none": 0, "class": 1, "text": cfg.generate.text_len}[self.condition]
-        self.backbone = build_backbone(cfg, self.vocab, 0, self.prefix_len + self.input.length, self.input.grid)
+        # layout first: captions and boxes -> the objects, their class map, then the image (tasks/layout.py)
+        layout = wants(cfg.generate.layout, bool(info.boxes and self.condition == "text"), "generate.layout",
+                       "captions and boxes (generate.condition=text)")
+        cfg.generate.layout = "on" if layout else "off"                      # what the checkpoint was trained as
+        self.layout = BoxLayout(cfg, info, self.vocab, self.grid_pos, self.input.grid) if layout else None
+        length = self.prefix_len + (self.layout.length if self.layout else 0) + self.input.length
+        self.backbone = build_backbone(cfg, self.vocab, 0, length, self.input.grid)
+        if self.layout:
+            self.layout.attach(self)
+
+    @property
+    def grid_pos(self) -> Tensor:
+        """(N, 3) grid positions (frame, row, col) + 1 of the image tokens, raster order."""
+        return grid_positions(1, *self.input.grid)
+
+    def state(self) -> dict:
+        extra = {"boxes": True, "category_ids": self.info.category_ids} if self.layout else {}
+        return {**super().state(), **extra}
 
     def fit(self, train_set: ImageSet, seed: int = 0) -> None:
         """Fits the image tokenizer (`Task.fit`); for a text-conditional model, warns (one line) when captions
@@ -152,6 +180,9 @@ class Generate(Task):
         labels[:, :-1] = img.ids[:, 1:]                                   # bos predicts the first token, ...
         img = Sequence(ids=img.ids, labels=labels, pos=img.pos)
         cond = self.condition_seq(batch, drop)
+        if self.layout:   # caption, then the objects (labelled) and their class map, then the image
+            lay = self.layout.tokens(batch["boxes"], batch["classes"], images.device, drop)
+            return concat(cond, lay, img, prefix_len=self.prefix_len)
         return img if cond is None else concat(cond, img, prefix_len=self.prefix_len)
 
     def forward(self, batch: dict, rng: RowRNG | None = None) -> tuple[Tensor, dict]:
@@ -161,10 +192,13 @@ class Generate(Task):
 
     # ---- sampling --------------------------------------------------------------------------------------
     def prompt(self, n: int, classes: Tensor | None = None, texts: list[str] | None = None,
-               null: bool = False) -> Sequence:
-        """Condition prefix (or its null version) followed by the begin token, for `n` rows."""
+               null: bool = False, layout: Sequence | None = None) -> Sequence:
+        """Condition prefix (or its null version) [and the `layout` part] followed by the begin token, for `n`
+        rows."""
         dev = self.backbone.wte.weight.device
         bos = tokens(torch.full((n, 1), self.input.bos, dtype=torch.long, device=dev))
+        if layout is not None:
+            bos = concat(layout, bos)
         if self.condition == "class":
             if classes is None:
                 raise ValueError("this model is class-conditional: give classes")
@@ -197,9 +231,21 @@ class Generate(Task):
         self.eval()
         N = self.input.tok.num_patches
         dev = self.backbone.wte.weight.device
-        prompt = self.prompt(n, classes, texts)
-        uncond = self.prompt(n, classes, texts, null=True) if cfg_scale and self.condition != "none" else None
-        grid_pos = self.input.encode(torch.zeros(1, self.info.channels, *self.info.image_size, device=dev)).pos[0, 1:]
+        gen = torch.Generator(device=dev).manual_seed(seed)
+        params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, cfg_scale=cfg_scale)
+        guided = bool(cfg_scale) and self.condition != "none"
+        layout = null_layout = None
+        if self.layout:   # the objects first, drawn from the caption; then their class map
+            if texts is None:
+                raise ValueError("this model is text-conditional: give prompts")
+            cond, null = self.text.encode(texts, dev), self.text.encode([""] * n, dev)
+            boxes, labels = self.layout.sample(cond, params, gen, null if guided else None)
+            self.last_objects = self.layout.objects_of(boxes, labels)
+            layout = self.layout.tokens(boxes, labels, dev)
+            null_layout = self.layout.tokens(boxes, labels, dev, drop=torch.ones(n, dtype=torch.bool))
+        prompt = self.prompt(n, classes, texts, layout=layout)
+        uncond = self.prompt(n, classes, texts, null=True, layout=null_layout) if guided else None
+        grid_pos = self.grid_pos.to(dev)
         k = 0
         if keep is not None:
             k = keep.shape[1]
@@ -208,8 +254,6 @@ class Generate(Task):
             prompt = concat(prompt, kept, prefix_len=prompt.prefix_len)
             if uncond is not None:
                 uncond = concat(uncond, kept, prefix_len=uncond.prefix_len)
-        gen = torch.Generator(device=dev).manual_seed(seed)
-        params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, cfg_scale=cfg_scale)
         ids = sample(self.backbone, prompt, N - k, params, positions=grid_pos[k:], generator=gen,
                      allowed=[self.input.tok.ids], uncond_prompt=uncond)                # (n, N - k)
         if keep is not None:

@@ -67,14 +67,15 @@ class Grounding:
         info: the data (must have boxes); vocab: the task's shared vocabulary (box tokens are added to it).
     """
 
-    def __init__(self, cfg: RunConfig, info: DataInfo, vocab: Vocab) -> None:
+    def __init__(self, cfg: RunConfig, info: DataInfo, vocab: Vocab, token: str = "task_ground") -> None:
         if cfg.detect.max_objects <= 0:
             cfg.detect.max_objects = max(info.max_objects, 1)
         sub = copy.deepcopy(cfg)
         sub.detect.order, sub.detect.noise, sub.detect.temperature = "x", False, 0.0
         self.det = Detect(sub, info, vocab)     # its own backbone and input are replaced in `attach`
-        # its own prompt token: a detector trained beside it (multi-task) keeps its random order and noise boxes
-        self.det.task_id = vocab.add("task_ground", 1).start
+        # its own prompt token (`token`): a detector trained beside it (multi-task) keeps its random order and
+        # noise boxes
+        self.det.task_id = vocab.add(token, 1).start
         self.max_objects, self.period = sub.detect.max_objects, self.det.period
         self.length = 1 + self.period * self.max_objects + 1   # task token, objects, end (then padding)
 
@@ -89,12 +90,14 @@ class Grounding:
             self.det._modules.pop(attr, None)
             self.det.__dict__[attr] = getattr(self.owner, attr)   # kept unregistered here: saved once
 
-    def tokens(self, boxes: list[Tensor] | Tensor, classes: list[Tensor] | Tensor, images: Tensor) -> Sequence:
+    def tokens(self, boxes: list[Tensor] | Tensor, classes: list[Tensor] | Tensor, images: Tensor | None,
+               device: torch.device | None = None) -> Sequence:
         """Each image's (N, 4) normalized xyxy boxes and (N,) classes (-1: none) -> the (B, length) object part:
-        the grounding task token, the objects left to right with glimpses, the end token, then end tokens as
-        padding. Labels (the next token) on the coordinates, classes and the first end token."""
+        the grounding task token, the objects left to right with glimpses (of `images`; none without them),
+        the end token, then end tokens as padding. Labels (the next token) on the coordinates, classes and the
+        first end token. On `images`' device, or `device` without images."""
         self._sync()
-        dev = images.device
+        dev = images.device if images is not None else device
         rows = [self.det._targets(b.reshape(-1, 4), c.reshape(-1), None)
                 for b, c in zip(boxes, classes, strict=True)]
         L = self.length
@@ -104,7 +107,7 @@ class Grounding:
             ids[r, :len(i)], labels[r, :len(lab)] = i, lab
         pos = torch.cat([torch.zeros(len(rows), 1, 3, dtype=torch.long), self.det._positions(ids[:, 1:])], dim=1)
         seq = Sequence(ids=ids.to(dev), labels=labels.to(dev), pos=pos.to(dev))
-        return self.det._with_glimpses(seq, images) if self.det.glimpse else seq
+        return self.det._with_glimpses(seq, images) if self.det.glimpse and images is not None else seq
 
     @torch.no_grad()
     def detect(self, images: Tensor) -> tuple[list[Tensor], list[Tensor]]:
