@@ -423,10 +423,16 @@ def train_step(run: Run, batches: Iterator[dict], step: int, stop: _Stop
                ) -> tuple[float, dict, int, bool, torch.Tensor | None]:
     """One optimizer step over ``train.accum`` micro-batches: (mean loss, mean logs, images, whether any rank
     is stopping, gradient norm as a tensor: read only when logged, so no host sync per step). Losses and logs
-    are averaged over processes with one all-reduce."""
+    are averaged over processes with one all-reduce.
+
+    The losses and logs are read to the host once per optimizer step, after every micro-batch is queued (a
+    single device-to-host copy on CUDA). That read stays every step: the non-finite check must see the loss
+    before the optimizer applies its gradients, so the run stops at the step that failed with its weights and
+    checkpoints intact."""
     t, env, device = run.cfg.train, run.env, run.env.device
     torch.manual_seed(t.seed * 1_000_003 + step)  # dropout and any other global-RNG use
     total, logs, n_img = 0.0, {}, 0
+    losses: list[torch.Tensor] = []
     for micro in range(t.accum):
         batch = next(batches)
         n = batch_len(batch)
@@ -442,12 +448,16 @@ def train_step(run: Run, batches: Iterator[dict], step: int, stop: _Stop
                 torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             loss, logs = run.model(batch, rng)
         (loss / t.accum).backward()
-        total += float(loss.detach()) / t.accum
+        losses.append(loss.detach())  # read after the loop: no host sync between micro-batches
         n_img += n
     if n_img == 0:
         raise DataError(f"every file of step {step}'s batch was skipped as unreadable (data.on_error=skip): "
                         f"{run.cfg.data.spec} has too few readable files")
-    logs = {k: float(v) for k, v in logs.items() if k != "loss"}
+    logs = {k: v for k, v in logs.items() if k != "loss"}
+    values = _host_floats([*losses, *logs.values()])
+    for v in values[:len(losses)]:  # the same sum, in the same order, as reading each loss as it came
+        total += v / t.accum
+    logs = dict(zip(logs, values[len(losses):], strict=True))
     # Whether to stop after this step is read once here: a signal landing later in the step
     # counts from the next one, so every rank stops (and checkpoints) at the same step.
     stopping = stop.flag
@@ -547,6 +557,17 @@ def finite(x: Any) -> Any:
     if isinstance(x, (list, tuple)):
         return [finite(v) for v in x]
     return x
+
+
+def _host_floats(xs: list) -> list[float]:
+    """``[float(x) for x in xs]`` with one device-to-host copy (one host sync) for all the single-value
+    floating-point CUDA tensors among them, instead of one each. They are widened to float64 on the device
+    first, which is exact, so the values are the ones `float` gives."""
+    on_gpu = [type(x) is torch.Tensor and x.is_cuda and x.is_floating_point() and x.numel() == 1 for x in xs]
+    if sum(on_gpu) < 2:
+        return [float(x) for x in xs]
+    read = iter(torch.stack([x.detach().reshape(()).double() for x, g in zip(xs, on_gpu, strict=True) if g]).tolist())
+    return [next(read) if g else float(x) for x, g in zip(xs, on_gpu, strict=True)]
 
 
 def _float(x: torch.Tensor) -> float:
