@@ -177,7 +177,8 @@ def test_eval_with_a_detector_judge_runs_the_compositional_check(runs, capsys):
     m = json.loads(capsys.readouterr().out)
     assert m["compose_n"] == 60 and m["compose_captions"] == 30 and m["compose_unseen"] is True
     for k in ("compose_digits_found", "compose_relations_hold", "compose_captions_exact",
-              "compose_real_digits_found", "compose_real_relations_hold"):
+              "compose_real_digits_found", "compose_real_relations_hold",
+              "compose_layout_digits_found", "compose_layout_relations_hold"):    # layout first (auto): its plan
         assert 0 <= m[k] <= 1
     assert m["compose_real_n"] > 50 and m["bits_per_dim"] > 0
     assert set(m["compose_per_combination"]) == {f"a {a} {r} a {b}" for a, r, b in held_out(0)}

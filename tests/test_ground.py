@@ -89,6 +89,30 @@ def test_grounded_decoding_with_the_cache_equals_without(tmp_path, scenes):
     assert (seq.labels[:, T + C:T + C + 24] == IGNORE).all()                   # no loss on the question
 
 
+def test_question_first_puts_the_question_in_the_prefix_before_the_objects(tmp_path, scenes):
+    batch, info = scenes
+    cfg = tiny_config("vqa", tmp_path / "q")
+    cfg.data.image_size, cfg.vqa.question_len, cfg.vqa.answer_len = 32, 24, 6
+    cfg.vqa.question_first = True
+    vqa = AnswerQuestions(cfg, info).eval()
+    assert vqa.question_first and vqa.caption_first
+    a = vqa.predict(batch)
+    with uncached(text_module, ground_module):
+        b = vqa.predict(batch)
+    assert torch.equal(a["ids"], b["ids"]) and a["objects"] == b["objects"] and a["captions"] == b["captions"]
+    seq = vqa.sequence(batch)
+    I, Q, G, C = vqa.input.length, 1 + 24, vqa.ground.length, cfg.vqa.caption_len + 2
+    assert seq.prefix_len == I + Q + 1                                          # image, question, grounding token
+    assert (seq.ids[:, I] == vqa.task_id).all() and (seq.ids[:, I + Q] == vqa.ground.det.task_id).all()
+    assert (seq.labels[:, :I + Q] == IGNORE).all()                              # no loss on the question
+    A = I + Q + G + C                                                           # the answer's task token
+    assert (seq.ids[:, I + Q + G] == vqa.caption_id).all() and (seq.ids[:, A] == vqa.task_id).all()
+    for r, answer in enumerate(batch["answer"]):
+        assert vqa.decode(seq.labels[r, A:].tolist()) == answer[:6]
+        assert vqa.decode(seq.labels[r, I + Q + G:I + Q + G + C].tolist()) == batch["text"][r]
+    assert seq.ids.shape[1] <= vqa.backbone.cfg.block_size
+
+
 def test_grounded_caption_trains_predicts_boxes_and_loads(tmp_path, capsys):
     run = tmp_path / "cap"
     assert main(["train", "caption", "--out", str(run), *COMMON]) == 0

@@ -139,7 +139,7 @@ def test_cached_decoding_equals_uncached_and_the_sequence(tmp_path):
 def test_several_questions_train_as_turns_and_predict_asks_one(tmp_path):
     cfg = tiny_config("vqa", tmp_path / "t")
     cfg.data.image_size, cfg.vqa.question_len, cfg.vqa.answer_len = 32, 24, 8
-    cfg.vqa.ground = "off"
+    cfg.vqa.ground, cfg.vqa.turns = "off", -1
     _, val, info = build_datasets(cfg.data)
     task = AnswerQuestions(cfg, info)
     assert task.turns == cfg.vqa.turns == len(QTYPES) == info.questions     # -1: as many as the data offers

@@ -10,6 +10,9 @@ of a large 7", ...) and a detector trained on ``digit-scenes`` reads the samples
   by their centres (`describe`'s rule); a sample missing a requested digit counts as a relation that fails;
 - ``compose_captions_exact``: the share whose matched boxes, described by `describe`, give the caption itself
   (size words included);
+- ``compose_layout_*``: for a layout-first generator (``generate.layout``), the same scores of the objects it
+  planned before drawing (its box tokens, read as detections): whether a miss comes from the plan or the
+  drawing;
 - ``compose_real_*``: the same scores on real validation scenes of two digits, at the generator's resolution,
   through the same detector: what the check gives a generator whose samples are as good as the data.
 
@@ -178,10 +181,12 @@ def compose_check(generator: Generate, detector: Task, captions: list[str] | Non
     generator.warn_long(captions, "held-out captions")
     texts = [c for c in captions for _ in range(per_caption)]
     asked = [lay for lay in layouts for _ in range(per_caption)]
-    images = torch.cat([generator.sample_images(len(texts[i:i + batch]), texts=texts[i:i + batch],
-                                                seed=seed + i // batch, **sampling).cpu()
-                        for i in range(0, len(texts), batch)])
-    images = _for_detector(images, detector)
+    chunks, plans = [], []
+    for i in range(0, len(texts), batch):
+        chunks.append(generator.sample_images(len(texts[i:i + batch]), texts=texts[i:i + batch],
+                                              seed=seed + i // batch, **sampling).cpu())
+        plans += generator.last_objects if generator.layout is not None else []
+    images = _for_detector(torch.cat(chunks), detector)
     dets = _detect(detector, images, batch)
     scores = [score_sample(lay, d["boxes"], [digits_of[c] for c in d["classes"].tolist()], d["scores"], min_score)
               for lay, d in zip(asked, dets, strict=True)]
@@ -192,6 +197,12 @@ def compose_check(generator: Generate, detector: Task, captions: list[str] | Non
     for lay, s in zip(asked, scores, strict=True):
         groups.setdefault(lay.plain(), []).append(s)
     res["compose_per_combination"] = {k: {m: v for m, v in tally(g).items() if m != "n"} for k, g in groups.items()}
+    if plans:   # a layout-first generator: its own plan scored the same way, before any pixel is drawn
+        planned = [score_sample(lay, torch.tensor([o["box"] for o in objs]).reshape(-1, 4),
+                                [int(o["label"]) if o["label"].isdigit() else -1 for o in objs],
+                                torch.ones(len(objs)), min_score)
+                   for lay, objs in zip(asked, plans, strict=True)]
+        res.update({f"compose_layout_{k}": v for k, v in tally(planned).items() if k != "n"})
     if val_set is not None and real > 0:
         res.update({f"compose_real_{k}": v for k, v in
                     _real_reference(detector, val_set, real, digits_of, min_score, batch).items()})

@@ -117,6 +117,7 @@ class Generate(Task):
                        "captions and boxes (generate.condition=text)")
         cfg.generate.layout = "on" if layout else "off"                      # what the checkpoint was trained as
         self.layout = BoxLayout(cfg, info, self.vocab, self.grid_pos, self.input.grid) if layout else None
+        self.last_objects: list[list[dict]] = []   # layout first: the objects the last `sample_images` drew
         length = self.prefix_len + (self.layout.length if self.layout else 0) + self.input.length
         self.backbone = build_backbone(cfg, self.vocab, 0, length, self.input.grid)
         if self.layout:
@@ -222,6 +223,8 @@ class Generate(Task):
             keep: (n, k) image tokens (vocab ids) to keep as given, in raster order (completion).
             temperature, top_k, top_p, cfg_scale: default to the ``generate`` config section.
             seed: seeds the sampler, so the same call gives the same images.
+        A layout-first model draws the objects first and keeps them in ``last_objects`` (per image
+        ``[{"box", "label"}]``).
         """
         g = self.cfg.generate
         temperature = g.temperature if temperature is None else temperature

@@ -110,10 +110,15 @@ class Grounding:
         return self.det._with_glimpses(seq, images) if self.det.glimpse and images is not None else seq
 
     @torch.no_grad()
-    def detect(self, images: Tensor) -> tuple[list[Tensor], list[Tensor]]:
-        """Greedy detection of (B, C, H, W) images on the KV cache -> per image (N, 4) boxes and (N,) classes."""
+    def detect(self, images: Tensor, head: Sequence | None = None) -> tuple[list[Tensor], list[Tensor]]:
+        """Greedy detection of (B, C, H, W) images on the KV cache -> per image (N, 4) boxes and (N,) classes.
+        `head`: what comes before the objects (default: the images' tokens), e.g. the image and a question."""
         self._sync()
-        prompt = self.det.task_prompt(images, self.det.task_id)
+        if head is None:
+            prompt = self.det.task_prompt(images, self.det.task_id)
+        else:
+            task = tokens(torch.full((images.shape[0], 1), self.det.task_id, dtype=torch.long, device=images.device))
+            prompt = concat(head, task, prefix_len=head.ids.shape[1] + 1)
         M = self.max_objects
         ids = sample(self.det.backbone, prompt, TOKENS_PER_OBJECT * M + 1, SamplingParams(temperature=0.0),
                      allowed=partial(self.det.boxes.allowed, max_objects=M), hook=DetectHook(self.det, images, M))
@@ -122,8 +127,9 @@ class Grounding:
 
     def prompt(self, img: Sequence, boxes: list[Tensor], classes: list[Tensor], images: Tensor,
                *task: Sequence | int) -> Sequence:
-        """The image's tokens (prefix), the object part for `boxes` and `classes`, then the calling task's token
-        (an int) and any further input-only sequences (a question): what the words are decoded after."""
+        """The image's tokens (prefix; or any head, e.g. the image and a question), the object part for `boxes`
+        and `classes`, then the calling task's token (an int) and any further input-only sequences (a question):
+        what the words are decoded after."""
         B, dev = images.shape[0], images.device
         tail = [tokens(torch.full((B, 1), t, dtype=torch.long, device=dev)) if isinstance(t, int) else t
                 for t in task]

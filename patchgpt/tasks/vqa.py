@@ -47,7 +47,10 @@ class VQAConfig:
     describe: str = "auto"       # grounded answers: write the scene's caption after the objects, before the
                                  # question: auto (when the items carry captions too) | on | off
     caption_len: int = 48        # the caption's bytes (describe)
-    turns: int = -1              # questions per training sequence, asked one after another about one image,
+    question_first: bool = False  # grounded answers: the question in the prefix, before the objects (and the
+                                  # caption), so they are written knowing what is asked; the answer follows a
+                                  # second task token
+    turns: int = 1               # questions per training sequence, asked one after another about one image,
                                  # where items carry several (batch["qa"]); -1 = as many as the data offers
 
 
@@ -122,8 +125,10 @@ class AnswerQuestions(GroundedWords, Task):
         v.turns = max(1, info.questions) if v.turns == -1 else v.turns
         self.turns = v.turns
         self.turn_len = 1 + self.question_len + self.answer_len + 1
+        self.question_first = bool(grounded and v.question_first)
+        v.question_first = self.question_first
         length = (self.input.length + (self.ground.length if self.ground else 0) + self.turns * self.turn_len
-                  + (v.caption_len + 2 if self.caption_first else 0))
+                  + (v.caption_len + 2 if self.caption_first else 0) + int(self.question_first))
         self.backbone = build_backbone(cfg, self.vocab, self.input.patch_dim, length, self.input.grid)
         if self.ground:
             self.ground.attach(self)
@@ -207,6 +212,14 @@ class AnswerQuestions(GroundedWords, Task):
         else:
             ids, labels = self.encode_qa(list(batch["question"]), list(batch["answer"]))
         qa = tokens(ids.to(images.device), labels.to(images.device))
+        if self.question_first:   # image + task token + question (prefix), objects [+ caption], task token, answer
+            head, answer = self.split_question(qa)
+            objs = self.ground.tokens(batch["boxes"], batch["classes"], images)
+            cap = []
+            if self.caption_first:
+                c_ids, c_labels = self.encode_caption(list(batch["text"]))
+                cap = [tokens(c_ids.to(images.device), c_labels.to(images.device))]
+            return concat(img, head, objs, *cap, answer, prefix_len=img.ids.shape[1] + head.ids.shape[1] + 1)
         if self.ground:   # image prefix + the objects (labelled) [+ caption] + task token + question + answer
             objs = self.ground.tokens(batch["boxes"], batch["classes"], images)
             if self.caption_first:
@@ -215,6 +228,17 @@ class AnswerQuestions(GroundedWords, Task):
                 return concat(img, objs, cap, qa, prefix_len=img.ids.shape[1] + 1)
             return concat(img, objs, qa, prefix_len=img.ids.shape[1] + 1)
         return concat(img, qa, prefix_len=img.ids.shape[1] + 1 + self.question_len)
+
+    def split_question(self, qa: Sequence) -> tuple[Sequence, Sequence]:
+        """`encode_qa`'s (B, 1 + question_len + L) tokens -> the task token and question (input only), and the
+        answer part: a second task token, then the answer and its end, labelled as before (the task token
+        predicts the answer's first byte, as the question's last position did)."""
+        Q1 = 1 + self.question_len
+        B, dev = qa.ids.shape[0], qa.ids.device
+        task = torch.full((B, 1), self.task_id, dtype=torch.long, device=dev)
+        head = tokens(qa.ids[:, :Q1])
+        answer = tokens(torch.cat([task, qa.ids[:, Q1:]], 1), qa.labels[:, Q1 - 1:])
+        return head, answer
 
     def forward(self, batch: dict, rng: RowRNG | None = None) -> tuple[Tensor, dict]:
         loss, _, _ = self.prefix_loss(self.sequence(batch, rng))
@@ -228,11 +252,25 @@ class AnswerQuestions(GroundedWords, Task):
         (one string per image) about ``batch["image"]`` (B, C, H, W). Grounded: the objects are detected first
         (also returned, as ``"objects"``: per image ``[{"box", "label"}]``) and the answer follows them."""
         images = self.pixels(batch["image"])
-        dev = images.device
+        B, dev = images.shape[0], images.device
         img = self.input.encode(images)
         ids, _ = self.encode_qa(list(batch["question"]))
         found = {}
-        if self.ground:
+        if self.question_first:   # the question first, then the objects [and the caption], then the answer
+            head = concat(img, tokens(ids.to(dev)), prefix_len=img.ids.shape[1] + ids.shape[1])
+            boxes, classes = self.ground.detect(images, head)
+            found = {"objects": self.ground.objects(boxes, classes)}
+            prompt = self.ground.prompt(head, boxes, classes, images)
+            if self.caption_first:
+                cap_prompt = concat(prompt, tokens(torch.full((B, 1), self.caption_id, dtype=torch.long, device=dev)),
+                                    prefix_len=prompt.prefix_len)
+                cap = write_bytes(self.backbone, cap_prompt, self.cfg.vqa.caption_len + 1, self.bytes,
+                                  self.caption_end)
+                found["captions"] = [read_bytes(row, self.bytes, self.caption_end) for row in cap.tolist()]
+                prompt = concat(cap_prompt, tokens(cap), prefix_len=prompt.prefix_len)
+            task = tokens(torch.full((B, 1), self.task_id, dtype=torch.long, device=dev))
+            prompt = concat(prompt, task, prefix_len=prompt.prefix_len)
+        elif self.ground:
             boxes, classes = self.ground.detect(images)
             found = {"objects": self.ground.objects(boxes, classes)}
             if self.caption_first:   # the caption first, then the question after it
