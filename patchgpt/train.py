@@ -132,7 +132,7 @@ def prepare(cfg: RunConfig, fresh: bool = True) -> tuple[Task, ImageSet, ImageSe
     augmentation = auto_augmentation(cfg.data, info.channels, tuple(info.image_size), cls.augment_by_size)
     steps = auto_steps(cfg.train, train_set, cls.epochs)
     task = cls(cfg, info)
-    task.notes += [augmentation] + ([steps] if steps else [])
+    task.notes += [task.augmentation_note(augmentation)] + ([steps] if steps else [])
     if fresh:
         if cfg.init:
             task.init_from(cfg.init)

@@ -101,15 +101,15 @@ def test_question_first_puts_the_question_in_the_prefix_before_the_objects(tmp_p
         b = vqa.predict(batch)
     assert torch.equal(a["ids"], b["ids"]) and a["objects"] == b["objects"] and a["captions"] == b["captions"]
     seq = vqa.sequence(batch)
-    I, Q, G, C = vqa.input.length, 1 + 24, vqa.ground.length, cfg.vqa.caption_len + 2
-    assert seq.prefix_len == I + Q + 1                                          # image, question, grounding token
-    assert (seq.ids[:, I] == vqa.task_id).all() and (seq.ids[:, I + Q] == vqa.ground.det.task_id).all()
-    assert (seq.labels[:, :I + Q] == IGNORE).all()                              # no loss on the question
-    A = I + Q + G + C                                                           # the answer's task token
-    assert (seq.ids[:, I + Q + G] == vqa.caption_id).all() and (seq.ids[:, A] == vqa.task_id).all()
+    P0, Q, G, C = vqa.input.length, 1 + 24, vqa.ground.length, cfg.vqa.caption_len + 2
+    assert seq.prefix_len == P0 + Q + 1                                          # image, question, grounding token
+    assert (seq.ids[:, P0] == vqa.task_id).all() and (seq.ids[:, P0 + Q] == vqa.ground.det.task_id).all()
+    assert (seq.labels[:, :P0 + Q] == IGNORE).all()                              # no loss on the question
+    A = P0 + Q + G + C                                                           # the answer's task token
+    assert (seq.ids[:, P0 + Q + G] == vqa.caption_id).all() and (seq.ids[:, A] == vqa.task_id).all()
     for r, answer in enumerate(batch["answer"]):
         assert vqa.decode(seq.labels[r, A:].tolist()) == answer[:6]
-        assert vqa.decode(seq.labels[r, I + Q + G:I + Q + G + C].tolist()) == batch["text"][r]
+        assert vqa.decode(seq.labels[r, P0 + Q + G:P0 + Q + G + C].tolist()) == batch["text"][r]
     assert seq.ids.shape[1] <= vqa.backbone.cfg.block_size
 
 
@@ -158,3 +158,13 @@ def test_grounding_needs_boxes_and_old_checkpoints_stay_plain(tmp_path):
     del d["caption"]["ground"]            # written before grounding: its state has no boxes, so it stays plain
     old = config_from_dict(d)
     assert old.caption.ground == "auto" and Caption(old, info).ground is None
+
+
+def test_the_start_up_line_says_grounded_tasks_do_not_shift(tmp_path, scenes):
+    _, info = scenes
+    generic = "augmentation: random shifts of up to 1 px (set data.shift, data.flip, data.crop to choose)"
+    task = caption_task(tmp_path, info)
+    assert task.augmentation_note(generic).startswith("no augmentation (grounded")
+    cfg = tiny_config("caption", tmp_path / "plain")
+    cfg.data.image_size, cfg.caption.ground = 32, "off"
+    assert Caption(cfg, info).augmentation_note(generic) == generic

@@ -70,7 +70,8 @@ def test_the_sequence_is_caption_objects_map_image_and_dropped_rows_have_no_layo
         keep = batch["classes"][r] >= 0
         assert sorted(classes.tolist()) == sorted(batch["classes"][r][keep].tolist())
         assert (seq.labels[r, T + K:T + K + N] == IGNORE).all()         # the map: input only
-        assert torch.equal(seq.pos[r, T + K:T + K + N], seq.pos[r, T + K + N + 1:])   # at the image's cells
+        image_pos = seq.pos[r, T + K + N:]                                   # bos, then the N image tokens
+        assert torch.equal(seq.pos[r, T + K:T + K + N], image_pos[:-1])      # each cell's class where it is predicted
     cells = seq.ids[:, T + K:T + K + N]
     assert (cells != lay.background).any(1).all()                       # every scene covers some cells
     dropped = task.sequence(batch, drop_all(task))

@@ -266,6 +266,11 @@ class Task(nn.Module, metaclass=ABCMeta):
     def forward(self, batch: dict, rng: RowRNG | None = None) -> tuple[Tensor, dict]:
         """(loss, logs): the training loss and scalars to log (``{"loss": ..., ...}``, detached)."""
 
+    def augmentation_note(self, note: str) -> str:
+        """The start-up line's augmentation clause, given the generic one (`auto_augmentation`): the task's own
+        where its `augment` does something else."""
+        return note
+
     def augment(self, batch: dict, rng: RowRNG) -> dict:
         """Training-time augmentation of a batch (``data.augment``): random shifts and, with ``data.flip``,
         horizontal flips of the pixels, or random resized crops with flips (``data.crop``). Tasks whose targets

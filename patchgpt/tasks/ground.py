@@ -56,6 +56,11 @@ class GroundedWords:
     def augment(self, batch: dict, rng: RowRNG) -> dict:
         return batch if self.ground else super().augment(batch, rng)
 
+    def augmentation_note(self, note: str) -> str:
+        if self.ground and note.startswith("augmentation"):
+            return "no augmentation (grounded: shifts would move the pixels away from their boxes)"
+        return super().augmentation_note(note)
+
 
 class Grounding:
     """The object part of a grounded sequence, on the calling task's vocabulary, backbone and input.

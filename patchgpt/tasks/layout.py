@@ -2,8 +2,9 @@
 
 A layout-first sequence is the caption (the bidirectional prefix), a layout task token, the objects as Pix2Seq
 box tokens (left to right, each token at the grid cell its coordinates name, padded with end tokens to a fixed
-length), then a class map: one input-only token per image-token cell, at that cell's grid position, naming the
-class of the object whose box covers the cell's centre (the smallest, where boxes overlap) or background; then
+length), then a class map: one input-only token per image-token cell, naming the class of the object whose box
+covers the cell's centre (the smallest, where boxes overlap) or background, at the grid position of the input
+that predicts that cell (the image token before it in raster order: next-token prediction); then
 the begin token and the image tokens. Training teacher-forces the true boxes, with the loss on the objects and
 the image tokens; sampling draws the objects from the caption first (on the KV cache), renders their class map,
 then draws the image after them. Which digit goes where is decided once, in a few box tokens read straight
@@ -96,9 +97,16 @@ class BoxLayout:
             objs = Sequence(ids=objs.ids, labels=labels, pos=objs.pos)
         ids = self.class_map(boxes, classes, device)                          # (B, R*C)
         B, N = ids.shape
-        cells = Sequence(ids=ids, labels=torch.full_like(ids, IGNORE),
-                         pos=self.grid_pos.to(device)[None].expand(B, N, 3))
+        pos = self.map_pos.to(device)[None].expand(B, N, 3)
+        cells = Sequence(ids=ids, labels=torch.full_like(ids, IGNORE), pos=pos)
         return concat(objs, cells)
+
+    @property
+    def map_pos(self) -> Tensor:
+        """(N, 3) positions of the class map's tokens: each at the position of the input that predicts its cell
+        (the image token before it in raster order; none for the first cell, which the begin token predicts),
+        so the token being written finds its class at its own position."""
+        return torch.cat([torch.zeros(1, 3, dtype=self.grid_pos.dtype), self.grid_pos[:-1]])   # (N, 3)
 
     @torch.no_grad()
     def sample(self, cond: Sequence, params: SamplingParams, generator: torch.Generator | None = None,

@@ -50,6 +50,8 @@ class VQAConfig:
     question_first: bool = False  # grounded answers: the question in the prefix, before the objects (and the
                                   # caption), so they are written knowing what is asked; the answer follows a
                                   # second task token
+    answer_weight: float = 1.0   # the answer's tokens weigh this much more in the loss than the objects' and
+                                 # the caption's before them (grounded answers)
     turns: int = 1               # questions per training sequence, asked one after another about one image,
                                  # where items carry several (batch["qa"]); -1 = as many as the data offers
 
@@ -99,6 +101,8 @@ class AnswerQuestions(GroundedWords, Task):
         if v.question_len < 1 or v.answer_len < 1 or v.caption_len < 1:
             raise ConfigError(f"vqa.question_len={v.question_len}, vqa.answer_len={v.answer_len}, "
                               f"vqa.caption_len={v.caption_len}: must be positive")
+        if not v.answer_weight > 0:
+            raise ConfigError(f"vqa.answer_weight={v.answer_weight}: must be positive")
         if v.turns == 0 or v.turns < -1:
             raise ConfigError(f"vqa.turns={v.turns}: must be -1 (as many as the data offers) or positive")
 
@@ -212,6 +216,9 @@ class AnswerQuestions(GroundedWords, Task):
         else:
             ids, labels = self.encode_qa(list(batch["question"]), list(batch["answer"]))
         qa = tokens(ids.to(images.device), labels.to(images.device))
+        if self.ground and self.cfg.vqa.answer_weight != 1:   # the answer against the chain before it
+            qa = Sequence(ids=qa.ids, labels=qa.labels, pos=qa.pos,
+                          weights=torch.full(qa.ids.shape, float(self.cfg.vqa.answer_weight), device=qa.ids.device))
         if self.question_first:   # image + task token + question (prefix), objects [+ caption], task token, answer
             head, answer = self.split_question(qa)
             objs = self.ground.tokens(batch["boxes"], batch["classes"], images)
@@ -238,6 +245,8 @@ class AnswerQuestions(GroundedWords, Task):
         task = torch.full((B, 1), self.task_id, dtype=torch.long, device=dev)
         head = tokens(qa.ids[:, :Q1])
         answer = tokens(torch.cat([task, qa.ids[:, Q1:]], 1), qa.labels[:, Q1 - 1:])
+        if qa.weights is not None:
+            answer = Sequence(ids=answer.ids, labels=answer.labels, pos=answer.pos, weights=qa.weights[:, Q1 - 1:])
         return head, answer
 
     def forward(self, batch: dict, rng: RowRNG | None = None) -> tuple[Tensor, dict]:
