@@ -6,7 +6,8 @@ linear layers and LM head keep int8 weights with one fp32 scale per output chann
 nearest), multiplied by PyTorch's own int8 weight-only kernel (``torch._weight_int8pack_mm``, as gpt-fast
 uses) on bf16 activations: a quarter of the weight bytes. The residual stream, norms, embeddings and
 attention stay fp32 (the KV cache too, unless `kv_dtype` asks for bf16).
-It is opt-in and for inference only; the fp32 model stays the exact reference (cached == uncached).
+It is for inference only, the CPU default of loaded checkpoints (`load(precision="auto")`); the fp32 model stays
+the exact reference (cached == uncached): `precision="fp32"`.
 """
 
 from __future__ import annotations

@@ -338,7 +338,7 @@ def sample(model: GPT, prompt: Sequence, steps: int, params: SamplingParams = Sa
     hook = hook or DecodeHook()
     B, device, V = prompt.shape[0], prompt.ids.device, model.cfg.vocab_size
     if getattr(model, "decode_int8", False) and device.type == "cpu":
-        model = int8_copy(model)   # opt-in: a quarter of the weight bytes per step (patchgpt.quantize)
+        model = int8_copy(model)   # loaded checkpoints on the CPU: a quarter of the weight bytes (quantize.py)
     out = _Output(B, steps, V, device, hook, return_logits)
     if steps <= 0:
         return out.result()
