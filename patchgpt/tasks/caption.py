@@ -90,7 +90,7 @@ class Caption(GroundedWords, Task):
         self.max_len = cfg.caption.max_len
         grounded = wants(cfg.caption.ground, bool(info.boxes), "caption.ground", "boxes")
         cfg.caption.ground = "on" if grounded else "off"       # what the checkpoint was trained as
-        self.ground = Grounding(cfg, info, self.vocab) if grounded else None
+        self.ground = Grounding(cfg, info, self.vocab, self.input) if grounded else None
         length = self.input.length + (self.ground.length if self.ground else 0) + 1 + self.max_len + 1
         self.backbone = build_backbone(cfg, self.vocab, self.input.patch_dim, length, self.input.grid)
         if self.ground:

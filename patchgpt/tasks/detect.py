@@ -40,6 +40,7 @@ from ..rng import RowRNG
 from ..sampling import DecodeHook, SamplingParams, sample
 from ..sequence import IGNORE, Sequence, Vocab, concat
 from ..tokenizers.boxes import TOKENS_PER_OBJECT, Boxes
+from ..tokenizers.inputs import PixelInput
 from .base import Task, build_backbone
 
 
@@ -165,7 +166,10 @@ class Detect(Task):
                       "detect.temperature": (d.temperature, "[0, inf)"), "detect.top_p": (d.top_p, "(0, 1]"),
                       "detect.nms_iou": (d.nms_iou, "[0, 1]"), "detect.draw_score": (d.draw_score, "[0, 1]")})
 
-    def __init__(self, cfg: RunConfig, info: DataInfo, vocab: Vocab | None = None) -> None:
+    def __init__(self, cfg: RunConfig, info: DataInfo, vocab: Vocab | None = None,
+                 shared_input: PixelInput | None = None) -> None:
+        """`shared_input`: another task's input tokenizer, whose backbone this one decodes with (`Grounding`):
+        then neither an input nor a backbone of its own is built (the caller attaches them)."""
         super().__init__(cfg, info, vocab)
         if not info.boxes:
             raise DataError(f"detection needs boxes; {cfg.data.spec} has none (use coco:ANN.json[:IMAGES_DIR] "
@@ -173,15 +177,16 @@ class Detect(Task):
         d = cfg.detect
         if d.max_objects <= 0:   # auto: room for the busiest image of the data plus two noise objects
             d.max_objects = max(info.max_objects, 1) + 2
-        self.input = self.make_input()
+        self.input = self.make_input() if shared_input is None else shared_input
         self.task_id = self.vocab.add("task_detect", 1).start
         self.boxes = Boxes(d.bins, len(info.classes), self.vocab)
         self.max_objects = d.max_objects
         self.glimpse = d.glimpse and self.input.kind == "patches"
         self.glimpse_id = self.vocab.add("glimpse", 1).start
         self.period = TOKENS_PER_OBJECT + int(self.glimpse)     # input tokens per object
-        length = self.input.length + 1 + self.period * d.max_objects + 1
-        self.backbone = build_backbone(cfg, self.vocab, self.input.patch_dim, length, self.input.grid)
+        if shared_input is None:
+            length = self.input.length + 1 + self.period * d.max_objects + 1
+            self.backbone = build_backbone(cfg, self.vocab, self.input.patch_dim, length, self.input.grid)
 
     def state(self) -> dict:
         return {**super().state(), "boxes": True, "category_ids": self.info.category_ids}

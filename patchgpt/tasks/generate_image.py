@@ -116,7 +116,7 @@ class Generate(Task):
         layout = wants(cfg.generate.layout, bool(info.boxes and self.condition == "text"), "generate.layout",
                        "captions and boxes (generate.condition=text)")
         cfg.generate.layout = "on" if layout else "off"                      # what the checkpoint was trained as
-        self.layout = BoxLayout(cfg, info, self.vocab, self.grid_pos, self.input.grid) if layout else None
+        self.layout = BoxLayout(cfg, info, self.vocab, self.input) if layout else None
         self.last_objects: list[list[dict]] = []   # layout first: the objects the last `sample_images` drew
         length = self.prefix_len + (self.layout.length if self.layout else 0) + self.input.length
         self.backbone = build_backbone(cfg, self.vocab, 0, length, self.input.grid)

@@ -27,6 +27,7 @@ from ..rng import RowRNG
 from ..sampling import SamplingParams, sample
 from ..sequence import IGNORE, Sequence, Vocab, concat, tokens
 from ..tokenizers.boxes import TOKENS_PER_OBJECT
+from ..tokenizers.inputs import PixelInput
 from .detect import Detect, DetectHook
 
 CHOICES = ("auto", "on", "off")
@@ -70,14 +71,16 @@ class Grounding:
             data's most, filled in here so the checkpoint keeps it). Objects go left to right, without
             Pix2Seq's noise objects: the words that follow are trained on real boxes only.
         info: the data (must have boxes); vocab: the task's shared vocabulary (box tokens are added to it).
+        input: the task's input tokenizer (replaced by the owner's current one at each call).
     """
 
-    def __init__(self, cfg: RunConfig, info: DataInfo, vocab: Vocab, token: str = "task_ground") -> None:
+    def __init__(self, cfg: RunConfig, info: DataInfo, vocab: Vocab, input: PixelInput,
+                 token: str = "task_ground") -> None:
         if cfg.detect.max_objects <= 0:
             cfg.detect.max_objects = max(info.max_objects, 1)
         sub = copy.deepcopy(cfg)
         sub.detect.order, sub.detect.noise, sub.detect.temperature = "x", False, 0.0
-        self.det = Detect(sub, info, vocab)     # its own backbone and input are replaced in `attach`
+        self.det = Detect(sub, info, vocab, shared_input=input)   # no backbone of its own: the owner's (`attach`)
         # its own prompt token (`token`): a detector trained beside it (multi-task) keeps its random order and
         # noise boxes
         self.det.task_id = vocab.add(token, 1).start

@@ -28,6 +28,8 @@ from ..data.base import DataInfo
 from ..sampling import SamplingParams, sample
 from ..sequence import IGNORE, Sequence, Vocab, concat, tokens
 from ..tokenizers.boxes import TOKENS_PER_OBJECT
+from ..tokenizers.inputs import PixelInput
+from ..tokenizers.patches import grid_positions
 from .detect import DetectHook
 from .ground import Grounding
 
@@ -38,16 +40,15 @@ class BoxLayout:
     Args:
         cfg: the task's config; its ``detect`` section sets the bins and ``max_objects`` (0: the data's most).
         info: the data (with boxes and classes); vocab: the task's shared vocabulary.
-        grid_pos: (N, 3) grid positions of the image tokens, raster order (the class map sits at them).
-        grid: (rows, cols) of the image tokens.
+        input: the task's image tokenizer (its grid of tokens is the class map's).
     """
 
-    def __init__(self, cfg: RunConfig, info: DataInfo, vocab: Vocab, grid_pos: Tensor,
-                 grid: tuple[int, int]) -> None:
-        self.objects = Grounding(cfg, info, vocab, token="task_layout")
+    def __init__(self, cfg: RunConfig, info: DataInfo, vocab: Vocab, input: PixelInput) -> None:
+        self.objects = Grounding(cfg, info, vocab, input, token="task_layout")
         self.background = vocab.add("layout_background", 1).start
-        self.grid, self.grid_pos = tuple(grid), grid_pos
-        self.length = self.objects.length + grid[0] * grid[1]    # objects, then one map token per cell
+        self.grid = tuple(input.grid)
+        self.grid_pos = grid_positions(1, *self.grid)                       # (N, 3) the image tokens' cells
+        self.length = self.objects.length + self.grid[0] * self.grid[1]    # objects, then one map token per cell
 
     def attach(self, owner: nn.Module) -> None:
         """Decode with `owner`'s backbone, whatever it is at the time."""

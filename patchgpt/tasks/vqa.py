@@ -118,7 +118,7 @@ class AnswerQuestions(GroundedWords, Task):
         # the question-only baseline sees no boxes either: they would come from the image
         grounded = wants(v.ground, bool(info.boxes), "vqa.ground", "boxes") and not v.blind
         v.ground = "on" if grounded else "off"                 # what the checkpoint was trained as
-        self.ground = Grounding(cfg, info, self.vocab) if grounded else None
+        self.ground = Grounding(cfg, info, self.vocab, self.input) if grounded else None
         self.caption_first = grounded and wants(v.describe, bool(info.captions), "vqa.describe", "captions")
         v.describe = "on" if self.caption_first else "off"
         if self.caption_first:   # the caption's own prompt and end tokens (shared with a captioner beside it)
