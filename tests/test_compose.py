@@ -164,7 +164,7 @@ def runs(tmp_path_factory):
               "train.eval_every=0"]
     assert main(["train", "generate", "--data", "digit-scenes:holdout=0,canvas=64", "--out", str(root / "gen"),
                  "--set", "data.image_size=16", "--set", "tokenizer.n_colors=4", "--set", "generate.text_len=40",
-                 *common]) == 0
+                 "--set", "generate.layout=on", *common]) == 0
     assert main(["train", "detect", "--data", "digit-scenes", "--out", str(root / "det"),
                  "--set", "data.image_size=32", *common]) == 0
     return root
@@ -178,7 +178,7 @@ def test_eval_with_a_detector_judge_runs_the_compositional_check(runs, capsys):
     assert m["compose_n"] == 60 and m["compose_captions"] == 30 and m["compose_unseen"] is True
     for k in ("compose_digits_found", "compose_relations_hold", "compose_captions_exact",
               "compose_real_digits_found", "compose_real_relations_hold",
-              "compose_layout_digits_found", "compose_layout_relations_hold"):    # layout first (auto): its plan
+              "compose_layout_digits_found", "compose_layout_relations_hold"):    # layout first: its plan
         assert 0 <= m[k] <= 1
     assert m["compose_real_n"] > 50 and m["bits_per_dim"] > 0
     assert set(m["compose_per_combination"]) == {f"a {a} {r} a {b}" for a, r, b in held_out(0)}

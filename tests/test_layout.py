@@ -24,7 +24,7 @@ from .reference_sampling import uncached
 def layout_config(tmp_path, **sets):
     cfg = tiny_config("generate", tmp_path / "g")
     cfg.data.spec, cfg.data.image_size = "digit-scenes", 16
-    cfg.tokenizer.n_colors, cfg.generate.text_len = 4, 40
+    cfg.tokenizer.n_colors, cfg.generate.text_len, cfg.generate.layout = 4, 40, "auto"
     for k, v in sets.items():
         setattr(cfg.generate, k, v)
     return cfg
@@ -119,7 +119,8 @@ def test_layout_first_trains_samples_and_loads_through_the_cli(tmp_path):
     run = tmp_path / "t2i"
     assert main(["train", "generate", "--data", "digit-scenes", "--model", "nano", "--steps", "3", "--quiet",
                  "--out", str(run), "--set", "data.image_size=16", "--set", "tokenizer.n_colors=4",
-                 "--set", "train.batch_size=8", "--set", "train.eval_every=0", "--set", "generate.text_len=40"]) == 0
+                 "--set", "train.batch_size=8", "--set", "train.eval_every=0", "--set", "generate.text_len=40",
+                 "--set", "generate.layout=on"]) == 0
     task = load(run, precision="fp32")
     assert task.layout is not None and task.cfg.generate.layout == "on"      # saved as trained
     assert json.loads((run / "metrics.json").read_text())["bits_per_dim"] > 0

@@ -49,8 +49,8 @@ class GenerateConfig:
     top_k: int = 0
     top_p: float = 1.0
     cfg_scale: float = 0.0       # guidance: logits = cond + s * (cond - uncond); 0 = plain conditional
-    layout: str = "auto"         # text-to-image: write the objects' boxes (and their class map) before the
-                                 # image: auto (when the data have captions and boxes) | on | off (tasks/layout.py)
+    layout: str = "off"          # text-to-image: write the objects' boxes (and their class map) before the
+                                 # image: on | off | auto (when the data have captions and boxes); tasks/layout.py
 
 
 def resolve_condition(cfg: RunConfig, info: DataInfo) -> str:
