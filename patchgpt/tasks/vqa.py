@@ -219,21 +219,15 @@ class AnswerQuestions(GroundedWords, Task):
         if self.ground and self.cfg.vqa.answer_weight != 1:   # the answer against the chain before it
             qa = Sequence(ids=qa.ids, labels=qa.labels, pos=qa.pos,
                           weights=torch.full(qa.ids.shape, float(self.cfg.vqa.answer_weight), device=qa.ids.device))
-        if self.question_first:   # image + task token + question (prefix), objects [+ caption], task token, answer
-            head, answer = self.split_question(qa)
-            objs = self.ground.tokens(batch["boxes"], batch["classes"], images)
+        if self.ground:   # image [+ question] (prefix) + objects (labelled) [+ caption] + [task token +] answer
+            head, tail = self.split_question(qa) if self.question_first else (None, qa)
+            front = img if head is None else concat(img, head)
             cap = []
             if self.caption_first:
                 c_ids, c_labels = self.encode_caption(list(batch["text"]))
                 cap = [tokens(c_ids.to(images.device), c_labels.to(images.device))]
-            return concat(img, head, objs, *cap, answer, prefix_len=img.ids.shape[1] + head.ids.shape[1] + 1)
-        if self.ground:   # image prefix + the objects (labelled) [+ caption] + task token + question + answer
             objs = self.ground.tokens(batch["boxes"], batch["classes"], images)
-            if self.caption_first:
-                c_ids, c_labels = self.encode_caption(list(batch["text"]))
-                cap = tokens(c_ids.to(images.device), c_labels.to(images.device))
-                return concat(img, objs, cap, qa, prefix_len=img.ids.shape[1] + 1)
-            return concat(img, objs, qa, prefix_len=img.ids.shape[1] + 1)
+            return concat(front, objs, *cap, tail, prefix_len=front.ids.shape[1] + 1)
         return concat(img, qa, prefix_len=img.ids.shape[1] + 1 + self.question_len)
 
     def split_question(self, qa: Sequence) -> tuple[Sequence, Sequence]:
@@ -265,30 +259,21 @@ class AnswerQuestions(GroundedWords, Task):
         img = self.input.encode(images)
         ids, _ = self.encode_qa(list(batch["question"]))
         found = {}
-        if self.question_first:   # the question first, then the objects [and the caption], then the answer
-            head = concat(img, tokens(ids.to(dev)), prefix_len=img.ids.shape[1] + ids.shape[1])
-            boxes, classes = self.ground.detect(images, head)
+        if self.ground:   # the objects [and the caption] first; the question before them or after them
+            question = tokens(ids.to(dev))
+            head = (concat(img, question, prefix_len=img.ids.shape[1] + ids.shape[1]) if self.question_first
+                    else img)
+            boxes, classes = self.ground.detect(images, head if self.question_first else None)
             found = {"objects": self.ground.objects(boxes, classes)}
-            prompt = self.ground.prompt(head, boxes, classes, images)
+            prompt = self.ground.prompt(head, boxes, classes, images, *([self.caption_id] if self.caption_first
+                                                                          else []))
             if self.caption_first:
-                cap_prompt = concat(prompt, tokens(torch.full((B, 1), self.caption_id, dtype=torch.long, device=dev)),
-                                    prefix_len=prompt.prefix_len)
-                cap = write_bytes(self.backbone, cap_prompt, self.cfg.vqa.caption_len + 1, self.bytes,
-                                  self.caption_end)
-                found["captions"] = [read_bytes(row, self.bytes, self.caption_end) for row in cap.tolist()]
-                prompt = concat(cap_prompt, tokens(cap), prefix_len=prompt.prefix_len)
-            task = tokens(torch.full((B, 1), self.task_id, dtype=torch.long, device=dev))
-            prompt = concat(prompt, task, prefix_len=prompt.prefix_len)
-        elif self.ground:
-            boxes, classes = self.ground.detect(images)
-            found = {"objects": self.ground.objects(boxes, classes)}
-            if self.caption_first:   # the caption first, then the question after it
-                prompt = self.ground.prompt(img, boxes, classes, images, self.caption_id)
                 cap = write_bytes(self.backbone, prompt, self.cfg.vqa.caption_len + 1, self.bytes, self.caption_end)
                 found["captions"] = [read_bytes(row, self.bytes, self.caption_end) for row in cap.tolist()]
-                prompt = concat(prompt, tokens(cap), tokens(ids.to(dev)), prefix_len=prompt.prefix_len)
-            else:
-                prompt = self.ground.prompt(img, boxes, classes, images, tokens(ids.to(dev)))
+                prompt = concat(prompt, tokens(cap), prefix_len=prompt.prefix_len)
+            after = tokens(torch.full((B, 1), self.task_id, dtype=torch.long, device=dev)) if self.question_first \
+                else question   # the answer's own task token, or the question
+            prompt = concat(prompt, after, prefix_len=prompt.prefix_len)
         else:
             prompt = concat(img, tokens(ids.to(dev)), prefix_len=img.ids.shape[1] + ids.shape[1])
         out = write_bytes(self.backbone, prompt, self.answer_len + 1, self.bytes, self.end)  # (B, answer_len + 1)
