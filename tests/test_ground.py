@@ -10,6 +10,7 @@ from PIL import Image
 import patchgpt.tasks.ground as ground_module
 import patchgpt.tasks.text as text_module
 from patchgpt.cli import main
+from patchgpt.config import ConfigError
 from patchgpt.data import build_datasets, collate
 from patchgpt.data.base import DataError, DataInfo
 from patchgpt.sequence import IGNORE
@@ -130,9 +131,10 @@ def test_grounded_caption_trains_predicts_boxes_and_loads(tmp_path, capsys):
 
 def test_vqa_grounds_its_answers_but_not_the_blind_baseline(tmp_path):
     cfg = tiny_config("vqa", tmp_path / "vqa")
-    cfg.data.image_size, cfg.train.batch_size, cfg.train.eval_every = 32, 8, 0
+    cfg.data.image_size, cfg.train.batch_size, cfg.train.eval_every, cfg.vqa.point = 32, 8, 0, "on"
     run = train(cfg, quiet=True)
     task = load(run)
+    assert task.point and task.cfg.vqa.point == "on"                           # kept by the checkpoint
     assert task.ground is not None and task.cfg.vqa.ground == "on"
     assert task.describe() == "GPT nano"                                       # the start-up line's method
     img = tmp_path / "scene.png"
@@ -140,6 +142,7 @@ def test_vqa_grounds_its_answers_but_not_the_blind_baseline(tmp_path):
     out = task.predict_files([str(img)], question="how many digits?")
     assert isinstance(out[0]["answer"], str) and isinstance(out[0]["objects"], list)
     assert isinstance(out[0]["caption"], str) and task.cfg.vqa.describe == "on"
+    assert all(set(o) == {"box", "label"} for o in out[0]["evidence"])          # what the answer is about
     blind = tiny_config("vqa", tmp_path / "b")
     blind.data.image_size, blind.vqa.blind = 32, True
     _, _, info = build_datasets(blind.data)
@@ -168,3 +171,53 @@ def test_the_start_up_line_says_grounded_tasks_do_not_shift(tmp_path, scenes):
     cfg = tiny_config("caption", tmp_path / "plain")
     cfg.data.image_size, cfg.caption.ground = 32, "off"
     assert Caption(cfg, info).augmentation_note(generic) == generic
+
+
+def test_vqa_points_at_the_objects_its_answer_is_about(tmp_path, scenes):
+    batch, info = scenes
+    assert info.refs and "refs" in batch
+    cfg = tiny_config("vqa", tmp_path / "p")
+    cfg.data.image_size, cfg.vqa.question_len, cfg.vqa.answer_len, cfg.vqa.point = 32, 24, 6, "auto"
+    vqa = AnswerQuestions(cfg, info).eval()
+    assert vqa.point and cfg.vqa.point == "on"
+    boxes_tok, P = vqa.ground.det.boxes, vqa.ground.point_length
+    seq = vqa.sequence(batch)
+    S = vqa.input.length + vqa.ground.length + cfg.vqa.caption_len + 2 + 1 + 24   # the pointer's first token
+    for r, refs in enumerate(batch["refs"]):
+        ptr = seq.ids[r, S:S + P]
+        got_boxes, got_classes = boxes_tok.decode(ptr)
+        want = sorted(refs, key=lambda j: (float(batch["boxes"][r, j, 0]), float(batch["boxes"][r, j, 1])))
+        assert got_classes.tolist() == batch["classes"][r, want].tolist()
+        assert torch.allclose(got_boxes, batch["boxes"][r, want], atol=0.5 / (boxes_tok.bins - 1) + 1e-6)
+        n = 5 * len(refs) + 1                                                    # the objects and the end
+        assert seq.labels[r, S - 1:S - 1 + n].tolist() == ptr[:n].tolist()       # each predicted by the one before
+        assert (seq.labels[r, S - 1 + n:S + P - 1] == IGNORE).all()              # no loss on the padding
+        assert vqa.decode(seq.labels[r, S + P - 1:].tolist()) == batch["answer"][r][:6]   # then the answer
+        coords = (ptr >= boxes_tok.coords.start) & (ptr < boxes_tok.coords.stop)
+        assert (seq.pos[r, S:S + P][coords].sum(-1) > 0).all()                   # at the cells they name
+    a = vqa.predict(batch)
+    with uncached(text_module, ground_module):
+        b = vqa.predict(batch)
+    assert torch.equal(a["ids"], b["ids"]) and a["evidence"] == b["evidence"] and len(a["evidence"]) == 6
+    assert all(set(o) == {"box", "label"} for e in a["evidence"] for o in e)
+    off = tiny_config("vqa", tmp_path / "o")
+    off.data.image_size, off.vqa.question_len, off.vqa.answer_len = 32, 24, 6      # the default: off
+    assert AnswerQuestions(off, info).sequence(batch).ids.shape[1] == seq.ids.shape[1] - P
+
+
+def test_pointing_needs_refs_and_grounding(tmp_path, scenes):
+    _, info = scenes
+    cfg = tiny_config("vqa", tmp_path / "n")
+    cfg.data.image_size, cfg.vqa.point = 32, "on"
+    no_refs = DataInfo(**{**info.__dict__, "refs": False})
+    with pytest.raises(DataError, match="vqa.point=on needs data with questions that name"):
+        AnswerQuestions(cfg, no_refs)
+    cfg.vqa.blind = True
+    with pytest.raises(ConfigError, match="vqa.point=on .* needs vqa.ground"):
+        AnswerQuestions(cfg, info)
+    d = tiny_config("vqa", tmp_path / "old").to_dict()
+    del d["vqa"]["point"]                   # written before pointing: it answers directly
+    old = config_from_dict(d)
+    assert not AnswerQuestions(old, info).point and old.vqa.point == "off"
+    d["vqa"]["point"] = "on"                # a pointing checkpoint keeps its refs in its state
+    assert AnswerQuestions(config_from_dict(d), DataInfo(**{**info.__dict__, "refs": True})).point

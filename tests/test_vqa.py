@@ -50,6 +50,21 @@ def expected_answer(question: str, boxes: list[list[float]], classes: list[int])
     return str(classes[max(left, key=cx.__getitem__)]) if left else "nothing"
 
 
+def expected_refs(question: str, answer: str, boxes: list[list[float]], classes: list[int]) -> set[int]:
+    """The objects an answer is about, recomputed independently of `ask_all`."""
+    if question == "how many digits?":
+        return set(range(len(classes)))
+    if m := re.fullmatch(r"is there a (\d)\?", question):
+        return {j for j, c in enumerate(classes) if c == int(m[1])}
+    if question == "which digit is leftmost?":
+        return {min(range(len(boxes)), key=lambda j: boxes[j][0] + boxes[j][2])}
+    if question == "which digit is largest?":
+        return {max(range(len(boxes)), key=lambda j: (boxes[j][2] - boxes[j][0]) * (boxes[j][3] - boxes[j][1]))}
+    k = classes.index(int(re.fullmatch(r"what is left of the (\d)\?", question)[1]))
+    left = [j for j in range(len(boxes)) if boxes[j][0] + boxes[j][2] < boxes[k][0] + boxes[k][2]]
+    return {max(left, key=lambda j: boxes[j][0] + boxes[j][2])} if answer != "nothing" else set()
+
+
 def test_scene_answers_follow_the_boxes(scenes):
     train_set, val_set = scenes
     seen = set()
@@ -63,10 +78,12 @@ def test_scene_answers_follow_the_boxes(scenes):
             seen.add(it["qtype"])
             again = ds[i]                                                   # a pure function of (seed, index)
             assert (again["question"], again["answer"]) == (it["question"], it["answer"])
-            assert it["qa"][0] == {k: it[k] for k in ("question", "answer", "qtype")} and again["qa"] == it["qa"]
+            assert it["qa"][0] == {k: it[k] for k in ("question", "answer", "qtype", "refs")}
+            assert again["qa"] == it["qa"]
             assert len({q["qtype"] for q in it["qa"]}) == len(it["qa"])     # every type at most once
             for q in it["qa"]:
                 assert q["answer"] == expected_answer(q["question"], boxes, classes), (i, q)
+                assert set(q["refs"]) == expected_refs(q["question"], q["answer"], boxes, classes), (i, q)
     assert len(seen) >= 4
 
 
@@ -81,7 +98,7 @@ PINNED = {("train", 0): (-3057.7778, [[33, 35, 53, 62], [22, 21, 39, 44], [6, 2,
 def test_scene_fields_are_unchanged(scenes):
     train_set, val_set = scenes
     assert set(train_set[0]) == {"image", "label", "boxes", "classes", "meta", "text", "question", "answer",
-                                 "qtype", "mask", "qa"}
+                                 "qtype", "mask", "qa", "refs"}
     for (part, i), (checksum, px, classes) in PINNED.items():
         it = (train_set if part == "train" else val_set)[i]
         assert round(float(it["image"].double().sum()), 4) == checksum
@@ -132,7 +149,7 @@ def test_cached_decoding_equals_uncached_and_the_sequence(tmp_path):
         n = len(ans.encode())
         assert task.decode(seq.labels[i, P - 1:P - 1 + n + 1].tolist()) == ans
         assert seq.labels[i, P - 1 + n] == task.end and (seq.labels[i, P + n:] == -1).all()
-    ids, _ = task.encode_qa(["x" * 30])                                       # cut to question_len
+    ids = task.encode_qa(["x" * 30]).ids                                     # cut to question_len
     assert ids.shape == (1, 25)
 
 

@@ -94,6 +94,8 @@ class DataInfo:
     captions: bool = False                # items carry a caption (batch["text"])
     questions: int = 0                    # items carry up to this many questions about their image (batch["qa"]:
                                           # per item a list of {"question", "answer"}); 0 = none or one
+    refs: bool = False                    # questions name the objects their answers are about (batch["refs"]:
+                                          # per item indices into its boxes; also in each "qa" entry)
     skipped: list[str] = field(default_factory=list)  # files skipped as unreadable ("path: reason")
     boxes: bool = False                   # items carry detection targets (batch["boxes"], ["classes"])
     category_ids: list[int] | None = None  # COCO category id of each class (detection output)

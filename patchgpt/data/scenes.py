@@ -47,8 +47,9 @@ class DigitScenes(ImageSet):
     """Scenes with boxes; items are {"image": (1, S, S) in [-1, 1], "label": -1, "boxes": (N, 4) normalized
     xyxy, "classes": (N,), "meta": image id, the canvas size, and the ground truth in pixels as COCO annotations
     for evaluation, "text": a caption naming the digits and their layout (`describe`), "question", "answer" and
-    "qtype": one question about the scene, its answer and its type (`ask`), "qa": every question `ask_all`
-    can ask about it, that one first (``[{"question", "answer", "qtype"}, ...]``)}.
+    "qtype": one question about the scene, its answer and its type (`ask`), "refs": the indices of the objects
+    its answer is about, "qa": every question `ask_all` can ask about it, that one first (``[{"question",
+    "answer", "qtype", "refs"}, ...]``)}.
 
     Args:
         digits: the source digits (images in [-1, 1], ink bright) and labels.
@@ -76,7 +77,7 @@ class DigitScenes(ImageSet):
         self.holdout = frozenset(holdout)
         self.info = DataInfo(channels=1, image_size=(size, size), classes=[str(i) for i in range(10)],
                              boxes=True, category_ids=list(range(1, 11)), max_objects=max_digits, captions=True,
-                             questions=len(QTYPES), masks=["background"] + [str(i) for i in range(10)])
+                             questions=len(QTYPES), refs=True, masks=["background"] + [str(i) for i in range(10)])
 
     def __len__(self) -> int:
         return self.n
@@ -302,56 +303,59 @@ def _apart(values: list[float], k: int, others: list[int], margin: float) -> boo
 
 def ask(boxes: list[list[int]], classes: list[int], S: int, r: random.Random) -> dict[str, str]:
     """One question about a scene, with its answer, from exact boxes (pixels xyxy) and classes:
-    ``{"qtype", "question", "answer"}``, its type drawn uniformly among those `ask_all` can ask."""
+    ``{"qtype", "question", "answer", "refs"}``, its type drawn uniformly among those `ask_all` can ask."""
     return ask_all(boxes, classes, S, r)[0]
 
 
 def ask_all(boxes: list[list[int]], classes: list[int], S: int, r: random.Random) -> list[dict[str, str]]:
     """Every question `ask` could ask about a scene, one per type, with its answer, from exact boxes (pixels
-    xyxy) and classes: ``[{"qtype", "question", "answer"}, ...]``. The first one's type is drawn uniformly (it is
-    `ask`'s question), the others follow in random order. The types, each asked only when its answer is
-    unambiguous:
+    xyxy) and classes: ``[{"qtype", "question", "answer", "refs"}, ...]``, where "refs" lists the indices of the
+    objects the answer is about (the evidence a grounded answer points at first: ``vqa.point``). The first one's
+    type is drawn uniformly (it is `ask`'s question), the others follow in random order. The types, each asked
+    only when its answer is unambiguous (refs in brackets):
 
-    - count: "how many digits?" -> "3";
-    - presence: "is there a 5?" -> "yes" / "no" (each half the time);
-    - leftmost: "which digit is leftmost?" -> "7" (by box centre; asked when no digit of another class is
-      within S/16 of it);
-    - largest: "which digit is largest?" -> "2" (by box area; two or more digits, asked when the runner-up's
-      area is under 90% of the largest);
-    - left_of: "what is left of the 4?" -> the digit whose centre is nearest on the left, or "nothing" (asked
-      when the 4 is the only one, no other centre is within S/16 of its own, and every digit on its left within
-      S/16 of the nearest names the same digit).
+    - count: "how many digits?" -> "3" [every digit];
+    - presence: "is there a 5?" -> "yes" / "no" (each half the time) [the 5s; none];
+    - leftmost: "which digit is leftmost?" -> "7" [that 7] (by box centre; asked when no digit of another class
+      is within S/16 of it);
+    - largest: "which digit is largest?" -> "2" [that 2] (by box area; two or more digits, asked when the
+      runner-up's area is under 90% of the largest);
+    - left_of: "what is left of the 4?" -> the digit whose centre is nearest on the left [it], or "nothing"
+      [none] (asked when the 4 is the only one, no other centre is within S/16 of its own, and every digit on its
+      left within S/16 of the nearest names the same digit).
     """
     n = len(classes)
     cx = [(b[0] + b[2]) / 2 for b in boxes]
     area = [(b[2] - b[0]) * (b[3] - b[1]) for b in boxes]
     margin = S / 16
-    options: dict[str, tuple[str, str]] = {"count": ("how many digits?", str(n))}
+    options: dict[str, tuple[str, str, list[int]]] = {"count": ("how many digits?", str(n), list(range(n)))}
     if r.random() < 0.5 and n:
         d = classes[r.randrange(n)]
-        options["presence"] = (f"is there a {d}?", "yes")
+        options["presence"] = (f"is there a {d}?", "yes", [j for j in range(n) if classes[j] == d])
     else:
         d = r.choice([c for c in range(10) if c not in classes])
-        options["presence"] = (f"is there a {d}?", "no")
+        options["presence"] = (f"is there a {d}?", "no", [])
     if n:
         k = min(range(n), key=lambda j: cx[j])
         if _apart(cx, k, [j for j in range(n) if classes[j] != classes[k]], margin):
-            options["leftmost"] = ("which digit is leftmost?", str(classes[k]))
+            options["leftmost"] = ("which digit is leftmost?", str(classes[k]), [k])
     if n >= 2:
         by_area = sorted(range(n), key=lambda j: -area[j])
         if area[by_area[1]] < 0.9 * area[by_area[0]]:
-            options["largest"] = ("which digit is largest?", str(classes[by_area[0]]))
+            options["largest"] = ("which digit is largest?", str(classes[by_area[0]]), [by_area[0]])
     unique = [j for j in range(n) if classes.count(classes[j]) == 1]
     if unique:
         k = unique[r.randrange(len(unique))]
         left = sorted((j for j in range(n) if cx[j] < cx[k]), key=lambda j: -cx[j])
         clear = _apart(cx, k, [j for j in range(n) if j != k], margin)
         if clear and (not left or _apart(cx, left[0], [j for j in left if classes[j] != classes[left[0]]], margin)):
-            options["left_of"] = (f"what is left of the {classes[k]}?", str(classes[left[0]]) if left else "nothing")
+            options["left_of"] = (f"what is left of the {classes[k]}?", str(classes[left[0]]) if left else "nothing",
+                                  left[:1])
     qtype = r.choice([t for t in QTYPES if t in options])
     rest = [t for t in QTYPES if t in options and t != qtype]
     r.shuffle(rest)
-    return [{"question": options[t][0], "answer": options[t][1], "qtype": t} for t in [qtype, *rest]]
+    return [{"question": options[t][0], "answer": options[t][1], "qtype": t, "refs": options[t][2]}
+            for t in [qtype, *rest]]
 
 
 def digit_scenes(size: int = 64, n_train: int = 16000, n_val: int = 500, val_fraction: float = 0.2,

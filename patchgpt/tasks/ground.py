@@ -133,6 +133,43 @@ class Grounding:
         out = [self.det.boxes.decode(row.cpu()) for row in ids]
         return [b for b, _ in out], [c for _, c in out]
 
+    # ---- pointing: the objects an answer is about ------------------------------------------------------------
+
+    @property
+    def point_length(self) -> int:
+        """Tokens of a pointer part: `max_objects` objects of 5 tokens, then the end token."""
+        return TOKENS_PER_OBJECT * self.max_objects + 1
+
+    def pointer(self, boxes: Tensor, classes: Tensor) -> tuple[list[int], int]:
+        """The objects an answer is about, (k, 4) normalized xyxy boxes and (k,) classes -> (ids, n): the
+        `point_length` ids of the pointer part (the objects left to right as box tokens ``x0 y0 x1 y1 class``,
+        without glimpses, at most `max_objects`, the end token, then end tokens as padding) and `n`, how many of
+        them are written (the objects and the first end; the padding carries no loss)."""
+        boxes, classes = boxes.reshape(-1, 4).cpu(), classes.reshape(-1).cpu()
+        by_y = boxes[:, 1].argsort()
+        order = by_y[boxes[by_y, 0].argsort(stable=True)][:self.max_objects]   # left to right, as the objects
+        ids = self.det.boxes.encode(boxes[order], classes[order]).tolist()
+        return ids + [self.det.boxes.end] * (self.point_length - len(ids)), len(ids)
+
+    def point_positions(self, ids: Tensor) -> Tensor:
+        """(B, point_length) pointer ids -> their (B, point_length, 3) grid positions (the cells their boxes
+        name, as the objects')."""
+        self._sync()
+        return self.det._positions(ids, TOKENS_PER_OBJECT)
+
+    @torch.no_grad()
+    def point(self, prompt: Sequence, images: Tensor) -> Sequence:
+        """Greedy pointer part after `prompt` (everything up to the question) on the KV cache -> the
+        (B, point_length) `Sequence` to append (ids and positions, no labels): the objects the model says the
+        answer is about, then end tokens."""
+        self._sync()
+        hook = DetectHook(self.det, images, self.max_objects)
+        hook.max_injected = 0   # no glimpses: the objects were already read
+        M = self.max_objects
+        ids = sample(self.det.backbone, prompt, self.point_length, SamplingParams(temperature=0.0),
+                     allowed=partial(self.det.boxes.allowed, max_objects=M), hook=hook)
+        return Sequence(ids=ids, labels=torch.full_like(ids, IGNORE), pos=self.point_positions(ids))
+
     def prompt(self, img: Sequence, boxes: list[Tensor], classes: list[Tensor], images: Tensor,
                *task: Sequence | int) -> Sequence:
         """The image's tokens (prefix; or any head, e.g. the image and a question), the object part for `boxes`

@@ -50,10 +50,13 @@ class VQAConfig:
     question_first: bool = False  # grounded answers: the question in the prefix, before the objects (and the
                                   # caption), so they are written knowing what is asked; the answer follows a
                                   # second task token
-    answer_weight: float = 1.0   # the answer's tokens weigh this much more in the loss than the objects' and
-                                 # the caption's before them (grounded answers)
+    answer_weight: float = 1.0   # the answer's tokens (and its pointer's) weigh this much more in the loss than
+                                 # the objects' and the caption's before them (grounded answers)
     turns: int = 1               # questions per training sequence, asked one after another about one image,
                                  # where items carry several (batch["qa"]); -1 = as many as the data offers
+    point: str = "off"           # grounded answers: after the question, first point at the objects the answer
+                                 # is about (their boxes and classes; returned as "evidence"), then answer:
+                                 # auto (when the questions name them, batch["refs"]) | on | off
 
 
 def soft_accuracy(predicted: str, humans: SequenceOf[str]) -> float:
@@ -128,7 +131,15 @@ class AnswerQuestions(GroundedWords, Task):
         # is read once for all of them; every turn has the same length, the first one is what `predict` asks
         v.turns = max(1, info.questions) if v.turns == -1 else v.turns
         self.turns = v.turns
-        self.turn_len = 1 + self.question_len + self.answer_len + 1
+        # grounded answers point first at the objects they are about, where the questions name them
+        point = wants(v.point, info.refs, "vqa.point", "questions that name the objects they are about (refs)")
+        if v.point == "on" and not grounded:
+            raise ConfigError("vqa.point=on points at objects the answer was grounded on: it needs vqa.ground "
+                              "(on, or auto with boxes) and not vqa.blind")
+        self.point = grounded and point
+        v.point = "on" if self.point else "off"
+        self.point_len = self.ground.point_length if self.point else 0
+        self.turn_len = 1 + self.question_len + self.point_len + self.answer_len + 1
         self.question_first = bool(grounded and v.question_first)
         v.question_first = self.question_first
         length = (self.input.length + (self.ground.length if self.ground else 0) + self.turns * self.turn_len
@@ -136,6 +147,10 @@ class AnswerQuestions(GroundedWords, Task):
         self.backbone = build_backbone(cfg, self.vocab, self.input.patch_dim, length, self.input.grid)
         if self.ground:
             self.ground.attach(self)
+
+    def state(self) -> dict:
+        """`GroundedWords.state`, and that the questions named their objects (``vqa.point``)."""
+        return {**super().state(), **({"refs": True} if self.point else {})}
 
     def fit(self, train_set: ImageSet, seed: int = 0) -> None:
         """Checks that the data asks questions (its first readable item has "question" and "answer"), then fits
@@ -152,42 +167,76 @@ class AnswerQuestions(GroundedWords, Task):
         return torch.full_like(images, -1.0) if self.blind else images
 
     def encode_qa(self, questions: SequenceOf[str | None], answers: SequenceOf[str | None] | None = None,
-                  width: int | None = None) -> tuple[Tensor, Tensor]:
-        """Questions (and answers) -> (ids, labels), each (B, 1 + question_len [+ L]): the task token, the
-        question's bytes padded with the pad token to question_len, then the answer's bytes and the end token,
-        padded with end tokens that carry no loss (to `width` tokens in all, where given). Labels are the next
-        token, on the answer and its end only (from the last question position on). A None question (a turn
-        that row does not have) is end tokens only, without loss."""
-        Q = self.question_len
-        rows = []
+                  width: int | None = None, points: SequenceOf[tuple[Tensor, Tensor] | None] | None = None
+                  ) -> Sequence:
+        """Questions (and answers) -> a (B, 1 + question_len [+ L]) `Sequence`: the task token, the question's
+        bytes padded with the pad token to question_len, then (with ``vqa.point``) the pointer part, the objects
+        the answer is about (`Grounding.pointer`, from `points`: per row (k, 4) boxes and (k,) classes), then the
+        answer's bytes and the end token, padded with end tokens that carry no loss (to `width` tokens in all,
+        where given). Labels are the next token, on the pointer, the answer and its end only (from the last
+        question position on). A None question (a turn that row does not have) is end tokens only, without
+        loss."""
+        Q, P = self.question_len, self.point_len
+        rows, labelled = [], []
         for k, q in enumerate(questions):
             if q is None:
                 rows.append([])
+                labelled.append([])
                 continue
             qb = [self.bytes.start + b for b in _cut(q, Q)]
             row = [self.task_id] + qb + [self.pad] * (Q - len(qb))
+            lab: list[int] = []
             if answers is not None:
-                row += [self.bytes.start + b for b in _cut(answers[k], self.answer_len)] + [self.end]
+                if P:   # the pointer (its written objects and first end labelled), then the answer
+                    if points is None or points[k] is None:
+                        raise DataError(f"vqa.point=on needs the objects each answer is about (refs); question "
+                                        f"{q!r} has none")
+                    ptr, n = self.ground.pointer(*points[k])
+                    lab += range(Q, Q + n)
+                    row += ptr
+                answer = [self.bytes.start + b for b in _cut(answers[k], self.answer_len)] + [self.end]
+                lab += range(len(row) - 1, len(row) - 1 + len(answer))
+                row += answer
             rows.append(row)
+            labelled.append(lab)
         L = width or max(len(r) for r in rows)
         ids = torch.full((len(rows), L), self.end, dtype=torch.long)
         labels = torch.full((len(rows), L), IGNORE, dtype=torch.long)
-        for i, r in enumerate(rows):
-            if not r:
-                continue
-            ids[i, :len(r)] = torch.tensor(r)
-            if answers is not None:
-                labels[i, Q:len(r) - 1] = torch.tensor(r[Q + 1:])
-        return ids, labels
+        for i, (r, lab) in enumerate(zip(rows, labelled, strict=True)):
+            if r:
+                ids[i, :len(r)] = torch.tensor(r)
+            if lab:
+                at = torch.tensor(lab)
+                labels[i, at] = ids[i, at + 1]
+        seq = tokens(ids, labels)
+        if P and answers is not None:   # the pointer's tokens sit at the cells their boxes name
+            seq.pos[:, Q + 1:Q + 1 + P] = self.ground.point_positions(ids[:, Q + 1:Q + 1 + P])
+        return seq
 
-    def encode_turns(self, qa: list[list[dict]]) -> tuple[Tensor, Tensor]:
-        """Per image a list of ``{"question", "answer"}`` -> (ids, labels), each (B, turns * turn_len): the
+    def encode_turns(self, qa: list[list[dict]], boxes: Tensor | None = None,
+                     classes: Tensor | None = None) -> Sequence:
+        """Per image a list of ``{"question", "answer"[, "refs"]}`` -> a (B, turns * turn_len) `Sequence`: the
         first `turns` of them one after another, each as `encode_qa` writes one (fixed length), rows with fewer
-        filled with end tokens that carry no loss."""
-        parts = [self.encode_qa([row[t]["question"] if t < len(row) else None for row in qa],
-                                [row[t]["answer"] if t < len(row) else "" for row in qa], width=self.turn_len)
-                 for t in range(self.turns)]
-        return torch.cat([p[0] for p in parts], 1), torch.cat([p[1] for p in parts], 1)
+        filled with end tokens that carry no loss. `boxes` and `classes` (per image) are what "refs" index
+        (``vqa.point``)."""
+        parts = []
+        for t in range(self.turns):
+            here = [row[t] if t < len(row) else None for row in qa]
+            points = ([None if h is None else self.pointed(boxes[i], classes[i], h.get("refs"))
+                       for i, h in enumerate(here)] if self.point else None)
+            parts.append(self.encode_qa([h["question"] if h else None for h in here],
+                                        [h["answer"] if h else "" for h in here], width=self.turn_len,
+                                        points=points))
+        return concat(*parts)
+
+    @staticmethod
+    def pointed(boxes: Tensor, classes: Tensor, refs: SequenceOf[int] | None) -> tuple[Tensor, Tensor] | None:
+        """One image's (N, 4) boxes and (N,) classes and the indices an answer is about -> those objects'
+        (k, 4) boxes and (k,) classes (None without refs)."""
+        if refs is None:
+            return None
+        at = torch.as_tensor(list(refs), dtype=torch.long)
+        return boxes.reshape(-1, 4)[at], classes.reshape(-1)[at]
 
     def encode_caption(self, texts: list[str]) -> tuple[Tensor, Tensor]:
         """Captions -> (ids, labels), each (B, caption_len + 2): the caption token, the bytes, the caption's end
@@ -211,11 +260,15 @@ class AnswerQuestions(GroundedWords, Task):
             raise DataError(NO_QUESTIONS.format(self.cfg.data.spec))
         images = self.pixels(batch["image"])
         img = self.input.encode(images)
+        if self.point and "refs" not in batch:
+            raise DataError("vqa.point=on needs the objects each answer is about (batch['refs']); this data has none")
         if self.training and self.turns > 1 and "qa" in batch:   # every question the items carry, in turn
-            ids, labels = self.encode_turns(list(batch["qa"]))
+            qa = self.encode_turns(list(batch["qa"]), batch.get("boxes"), batch.get("classes"))
         else:
-            ids, labels = self.encode_qa(list(batch["question"]), list(batch["answer"]))
-        qa = tokens(ids.to(images.device), labels.to(images.device))
+            points = ([self.pointed(b, c, r) for b, c, r in zip(batch["boxes"], batch["classes"], batch["refs"],
+                                                                 strict=True)] if self.point else None)
+            qa = self.encode_qa(list(batch["question"]), list(batch["answer"]), points=points)
+        qa = qa.to(images.device)
         if self.ground and self.cfg.vqa.answer_weight != 1:   # the answer against the chain before it
             qa = Sequence(ids=qa.ids, labels=qa.labels, pos=qa.pos,
                           weights=torch.full(qa.ids.shape, float(self.cfg.vqa.answer_weight), device=qa.ids.device))
@@ -232,15 +285,15 @@ class AnswerQuestions(GroundedWords, Task):
 
     def split_question(self, qa: Sequence) -> tuple[Sequence, Sequence]:
         """`encode_qa`'s (B, 1 + question_len + L) tokens -> the task token and question (input only), and the
-        answer part: a second task token, then the answer and its end, labelled as before (the task token
-        predicts the answer's first byte, as the question's last position did)."""
+        answer part: a second task token, then the pointer (``vqa.point``), the answer and its end, labelled as
+        before (the task token predicts what the question's last position did)."""
         Q1 = 1 + self.question_len
         B, dev = qa.ids.shape[0], qa.ids.device
         task = torch.full((B, 1), self.task_id, dtype=torch.long, device=dev)
         head = tokens(qa.ids[:, :Q1])
-        answer = tokens(torch.cat([task, qa.ids[:, Q1:]], 1), qa.labels[:, Q1 - 1:])
-        if qa.weights is not None:
-            answer = Sequence(ids=answer.ids, labels=answer.labels, pos=answer.pos, weights=qa.weights[:, Q1 - 1:])
+        answer = Sequence(ids=torch.cat([task, qa.ids[:, Q1:]], 1), labels=qa.labels[:, Q1 - 1:],
+                          pos=torch.cat([torch.zeros_like(qa.pos[:, :1]), qa.pos[:, Q1:]], 1),
+                          weights=None if qa.weights is None else qa.weights[:, Q1 - 1:])
         return head, answer
 
     def forward(self, batch: dict, rng: RowRNG | None = None) -> tuple[Tensor, dict]:
@@ -253,11 +306,12 @@ class AnswerQuestions(GroundedWords, Task):
     def predict(self, batch: dict) -> dict:
         """``{"answers": [str, ...], "ids": (B, answer_len + 1)}``: greedy answers to ``batch["question"]``
         (one string per image) about ``batch["image"]`` (B, C, H, W). Grounded: the objects are detected first
-        (also returned, as ``"objects"``: per image ``[{"box", "label"}]``) and the answer follows them."""
+        (also returned, as ``"objects"``: per image ``[{"box", "label"}]``) and the answer follows them; with
+        ``vqa.point`` the answer follows the objects it is about (``"evidence"``, in the same form)."""
         images = self.pixels(batch["image"])
         B, dev = images.shape[0], images.device
         img = self.input.encode(images)
-        ids, _ = self.encode_qa(list(batch["question"]))
+        ids = self.encode_qa(list(batch["question"])).ids
         found = {}
         if self.ground:   # the objects [and the caption] first; the question before them or after them
             question = tokens(ids.to(dev))
@@ -274,6 +328,11 @@ class AnswerQuestions(GroundedWords, Task):
             after = tokens(torch.full((B, 1), self.task_id, dtype=torch.long, device=dev)) if self.question_first \
                 else question   # the answer's own task token, or the question
             prompt = concat(prompt, after, prefix_len=prompt.prefix_len)
+            if self.point:   # the objects the answer is about, then the answer
+                ptr = self.ground.point(prompt, images)
+                found["evidence"] = self.ground.objects(*map(list, zip(*[self.ground.det.boxes.decode(row.cpu())
+                                                                         for row in ptr.ids], strict=True)))
+                prompt = concat(prompt, ptr, prefix_len=prompt.prefix_len)
         else:
             prompt = concat(img, tokens(ids.to(dev)), prefix_len=img.ids.shape[1] + ids.shape[1])
         out = write_bytes(self.backbone, prompt, self.answer_len + 1, self.bytes, self.end)  # (B, answer_len + 1)
@@ -306,7 +365,8 @@ class AnswerQuestions(GroundedWords, Task):
             batch = self.read_files(chunk)
             pred = self.predict({**batch, "question": qs})
             answers = pred["answers"]
-            extra = [{k: pred[k][j] for k in ("objects", "captions") if k in pred} for j in range(len(answers))]
+            extra = [{k: pred[k][j] for k in ("objects", "captions", "evidence") if k in pred}
+                     for j in range(len(answers))]
             results += [{"image": str(p), "question": q, "answer": a,
                          **{("caption" if k == "captions" else k): v for k, v in e.items()}}
                         for p, q, a, e in zip(chunk, qs, answers, extra, strict=True)]

@@ -1,0 +1,124 @@
+"""Why "is there a 5?" stays at chance, and why pointing first fixes it: a text-only probe of the micro GPT.
+
+Each example is a byte sequence: a start token, a caption listing 1-4 random digits ("a 4, a 2, a 7 from left
+to right"), a separator, a question, then the answer and an end token; only the answer carries loss. The
+`micro` backbone (4 layers, width 128) trains on fresh examples for `--steps` steps of 32 (AdamW, lr 1e-3,
+100 warm-up steps) and answers 512 new ones greedily every 250 steps. The tasks:
+
+- ``copy``: "is there a d?" answered by whether d is odd: a function of one question token (control);
+- ``farcopy``: answered by whether the caption's first digit is odd: one token, far back (control);
+- ``eqshort``: the whole sequence is two digits; "yes" when they are equal (no caption, no question);
+- ``presence``: "is there a d?" -> "yes" / "no" (half each): d compared with every caption digit;
+- ``point``: the same question, but each caption digit carries a letter tag ("a 4 k, a 2 q ..."), and the
+  answer is first the tags of the digits equal to d (or "-"), then "=yes" / "=no"; scored on the first
+  answer token (a right tag, or "-" exactly when the answer is no);
+- ``point-padded``: ``point`` with the question padded to 32 bytes, as patchgpt's VQA sequences pad it.
+
+Measured (2026-12-01, 1 thread each): ``copy``, ``farcopy`` and ``eqshort`` are answered at 100% within 250
+steps; ``presence`` stays at chance (one answer for every question) after 2,000 steps: with the two digits to
+compare among 40-70 tokens, no single token predicts the answer, so the gradient towards the two lookups
+is a product of two near-uniform attentions (a saddle); ``point`` reaches 97% by step 1,000, because copying a
+matching digit's tag is learnable one step at a time. `patchgpt train vqa` on `digit-scenes` answers after
+pointing at the objects (``vqa.point``) for that reason.
+
+Run: ``PYTHONPATH=. python benchmarks/vqa_presence_toy.py [--modes copy,presence,point --steps 1500]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+
+import torch
+
+from patchgpt.model import GPT, SIZES, GPTConfig
+from patchgpt.sequence import IGNORE, tokens
+from patchgpt.tasks.base import next_token_loss
+
+START, SEP, END, PAD = 256, 257, 258, 259
+TAGS = "bcdfghjklmpqrstvwxz"
+
+
+def example(mode: str, r: random.Random) -> tuple[list[int], list[int], str]:
+    """One (ids, labels, answer) of `mode`."""
+    n = 1 if mode in ("copy", "farcopy", "eqshort") else r.randint(1, 4)
+    digits = [r.randrange(10) for _ in range(n)]
+    present = r.random() < 0.5
+    d = r.choice(digits) if present else r.choice([c for c in range(10) if c not in digits])
+    answer = "yes" if present else "no"
+    caption = ", ".join(f"a {c}" for c in digits) + " from left to right"
+    if mode == "copy":
+        answer = "yes" if d % 2 else "no"
+    elif mode == "farcopy":
+        answer = "yes" if digits[0] % 2 else "no"
+    elif mode.startswith("point"):
+        tags = r.sample(TAGS, n)
+        caption = ", ".join(f"a {c} {t}" for c, t in zip(digits, tags, strict=True)) + " from left to right"
+        answer = ("".join(t for c, t in zip(digits, tags, strict=True) if c == d) or "-") + "=" + answer
+    question = list(f"is there a {d}?".encode())
+    if mode == "point-padded":   # the question padded to 32 bytes, as `patchgpt train vqa` writes it
+        question += [PAD] * (32 - len(question))
+    ids = [START, 48 + digits[0], 48 + d] if mode == "eqshort" else [START] + list(caption.encode()) + [SEP] + question
+    first = len(ids) - 1                      # the position that predicts the answer's first token
+    ids += list(answer.encode()) + [END]
+    labels = [IGNORE] * len(ids)
+    for k in range(first, len(ids) - 1):
+        labels[k] = ids[k + 1]
+    return ids, labels, answer
+
+
+def batch(mode: str, n: int, r: random.Random):
+    rows = [example(mode, r) for _ in range(n)]
+    L = max(len(ids) for ids, _, _ in rows)
+    ids = torch.full((n, L), PAD)
+    labels = torch.full((n, L), IGNORE)
+    for i, (a, b, _) in enumerate(rows):
+        ids[i, :len(a)], labels[i, :len(b)] = torch.tensor(a), torch.tensor(b)
+    return tokens(ids, labels), rows
+
+
+@torch.no_grad()
+def accuracy(model: GPT, mode: str, r: random.Random, n: int = 512) -> float:
+    """Greedy first answer token right (for ``point``: a right tag, or "-" exactly when the answer is no)."""
+    seq, rows = batch(mode, n, r)
+    logits = model.logits(model(seq))
+    right = 0
+    for i, (ids, labels, _) in enumerate(rows):
+        p = next(k for k, lab in enumerate(labels) if lab != IGNORE)
+        right += int(logits[i, p].argmax()) == ids[p + 1]
+    return right / n
+
+
+def run(mode: str, steps: int, seed: int = 0) -> list[tuple[int, float]]:
+    torch.manual_seed(seed)
+    r = random.Random(seed)
+    model = GPT(GPTConfig(**SIZES["micro"], vocab_size=260, block_size=256))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
+    curve = []
+    for s in range(steps):
+        for g in opt.param_groups:
+            g["lr"] = 1e-3 * min(1.0, (s + 1) / 100)
+        seq, _ = batch(mode, 32, r)
+        loss = next_token_loss(model.logits(model(seq)), seq)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if (s + 1) % 250 == 0 or s + 1 == steps:
+            curve.append((s + 1, accuracy(model, mode, random.Random(10_000 + s))))
+    return curve
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--modes", default="copy,farcopy,eqshort,presence,point,point-padded")
+    ap.add_argument("--steps", type=int, default=1500)
+    ap.add_argument("--threads", type=int, default=1)
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    print("| task | " + " | ".join(f"step {s}" for s in range(250, a.steps + 1, 250)) + " |")
+    for mode in a.modes.split(","):
+        print(f"| {mode} | " + " | ".join(f"{acc:.1%}" for _, acc in run(mode, a.steps)) + " |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
