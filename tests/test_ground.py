@@ -221,3 +221,23 @@ def test_pointing_needs_refs_and_grounding(tmp_path, scenes):
     assert not AnswerQuestions(old, info).point and old.vqa.point == "off"
     d["vqa"]["point"] = "on"                # a pointing checkpoint keeps its refs in its state
     assert AnswerQuestions(config_from_dict(d), DataInfo(**{**info.__dict__, "refs": True})).point
+
+
+def test_pointing_follows_the_question_in_either_order(tmp_path, scenes):
+    batch, info = scenes
+    cfg = tiny_config("vqa", tmp_path / "qp")
+    cfg.data.image_size, cfg.vqa.question_len, cfg.vqa.answer_len = 32, 24, 6
+    cfg.vqa.question_first, cfg.vqa.point = True, "on"
+    vqa = AnswerQuestions(cfg, info).eval()
+    a = vqa.predict(batch)
+    with uncached(text_module, ground_module):
+        b = vqa.predict(batch)
+    assert torch.equal(a["ids"], b["ids"]) and a["evidence"] == b["evidence"]
+    seq = vqa.sequence(batch)
+    A = vqa.input.length + 1 + 24 + vqa.ground.length + cfg.vqa.caption_len + 2   # the answer's task token
+    P = vqa.ground.point_length
+    assert (seq.ids[:, A] == vqa.task_id).all()
+    for r, refs in enumerate(batch["refs"]):
+        assert len(vqa.ground.det.boxes.decode(seq.ids[r, A + 1:A + 1 + P])[1]) == len(refs)
+        assert seq.labels[r, A] == seq.ids[r, A + 1]                            # the task token starts the pointer
+        assert vqa.decode(seq.labels[r, A + P:].tolist()) == batch["answer"][r][:6]
