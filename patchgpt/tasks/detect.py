@@ -90,6 +90,12 @@ def box_iou(a: Tensor, b: Tensor) -> Tensor:
     return inter / (box_area(a)[:, None] + box_area(b)[None, :] - inter).clamp(min=1e-9)
 
 
+def left_to_right(boxes: Tensor) -> Tensor:
+    """(N, 4) xyxy boxes -> the (N,) order that reads them left to right (by x_min, ties by y_min)."""
+    by_y = boxes[:, 1].argsort()
+    return by_y[boxes[by_y, 0].argsort(stable=True)]
+
+
 def box_area(boxes: Tensor) -> Tensor:
     """(..., 4) xyxy -> (...) areas (0 for empty or inverted boxes)."""
     return (boxes[..., 2:] - boxes[..., :2]).clamp(min=0).prod(-1)
@@ -217,9 +223,8 @@ class Detect(Task):
             perm = torch.randperm(n, generator=gen) if gen is not None else torch.arange(n)
         elif d.order == "area":
             perm = ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])).argsort(descending=True)
-        elif d.order == "x":   # left to right (by x_min, ties by y_min)
-            by_y = boxes[:, 1].argsort()
-            perm = by_y[boxes[by_y, 0].argsort(stable=True)]
+        elif d.order == "x":
+            perm = left_to_right(boxes)
         else:  # raster: top to bottom, then left to right (by y_min, ties by x_min)
             by_x = boxes[:, 0].argsort()
             perm = by_x[boxes[by_x, 1].argsort(stable=True)]

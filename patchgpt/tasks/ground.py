@@ -28,7 +28,7 @@ from ..sampling import SamplingParams, sample
 from ..sequence import IGNORE, Sequence, Vocab, concat, tokens
 from ..tokenizers.boxes import TOKENS_PER_OBJECT
 from ..tokenizers.inputs import PixelInput
-from .detect import Detect, DetectHook
+from .detect import Detect, DetectHook, left_to_right
 
 CHOICES = ("auto", "on", "off")
 
@@ -146,8 +146,7 @@ class Grounding:
         without glimpses, at most `max_objects`, the end token, then end tokens as padding) and `n`, how many of
         them are written (the objects and the first end; the padding carries no loss)."""
         boxes, classes = boxes.reshape(-1, 4).cpu(), classes.reshape(-1).cpu()
-        by_y = boxes[:, 1].argsort()
-        order = by_y[boxes[by_y, 0].argsort(stable=True)][:self.max_objects]   # left to right, as the objects
+        order = left_to_right(boxes)[:self.max_objects]                  # as the objects are written
         ids = self.det.boxes.encode(boxes[order], classes[order]).tolist()
         return ids + [self.det.boxes.end] * (self.point_length - len(ids)), len(ids)
 
@@ -158,17 +157,19 @@ class Grounding:
         return self.det._positions(ids, TOKENS_PER_OBJECT)
 
     @torch.no_grad()
-    def point(self, prompt: Sequence, images: Tensor) -> Sequence:
+    def point(self, prompt: Sequence, images: Tensor) -> tuple[Sequence, list[Tensor], list[Tensor]]:
         """Greedy pointer part after `prompt` (everything up to the question) on the KV cache -> the
         (B, point_length) `Sequence` to append (ids and positions, no labels): the objects the model says the
-        answer is about, then end tokens."""
+        answer is about, then end tokens; and those objects' per image (k, 4) boxes and (k,) classes."""
         self._sync()
         hook = DetectHook(self.det, images, self.max_objects)
         hook.max_injected = 0   # no glimpses: the objects were already read
         M = self.max_objects
         ids = sample(self.det.backbone, prompt, self.point_length, SamplingParams(temperature=0.0),
                      allowed=partial(self.det.boxes.allowed, max_objects=M), hook=hook)
-        return Sequence(ids=ids, labels=torch.full_like(ids, IGNORE), pos=self.point_positions(ids))
+        found = [self.det.boxes.decode(row.cpu()) for row in ids]
+        return (Sequence(ids=ids, labels=torch.full_like(ids, IGNORE), pos=self.point_positions(ids)),
+                [b for b, _ in found], [c for _, c in found])
 
     def prompt(self, img: Sequence, boxes: list[Tensor], classes: list[Tensor], images: Tensor,
                *task: Sequence | int) -> Sequence:

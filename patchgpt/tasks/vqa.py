@@ -329,9 +329,8 @@ class AnswerQuestions(GroundedWords, Task):
                 else question   # the answer's own task token, or the question
             prompt = concat(prompt, after, prefix_len=prompt.prefix_len)
             if self.point:   # the objects the answer is about, then the answer
-                ptr = self.ground.point(prompt, images)
-                found["evidence"] = self.ground.objects(*map(list, zip(*[self.ground.det.boxes.decode(row.cpu())
-                                                                         for row in ptr.ids], strict=True)))
+                ptr, ev_boxes, ev_classes = self.ground.point(prompt, images)
+                found["evidence"] = self.ground.objects(ev_boxes, ev_classes)
                 prompt = concat(prompt, ptr, prefix_len=prompt.prefix_len)
         else:
             prompt = concat(img, tokens(ids.to(dev)), prefix_len=img.ids.shape[1] + ids.shape[1])
