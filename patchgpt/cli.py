@@ -27,7 +27,7 @@ from .data import DATASETS
 from .data.base import DataError
 from .dist import DeviceError
 from .model import SIZES
-from .tasks import TASKS, default_config, task_class
+from .tasks import PRECISIONS, TASKS, default_config, task_class
 
 COMMON_EXAMPLES = """  patchgpt quickstart --out runs/quickstart
   patchgpt eval RUN --json
@@ -84,7 +84,7 @@ PRECISION_HELP = ("how sampling and decoding run: int8 weights on the CPU (fewer
 
 def _precision_flags(x: argparse.ArgumentParser, default: str) -> None:
     """``--precision auto|fp32|int8``, and ``--int8`` / ``--fp32`` as its short forms."""
-    x.add_argument("--precision", choices=["auto", "fp32", "int8"], default=default, help=PRECISION_HELP)
+    x.add_argument("--precision", choices=PRECISIONS, default=default, help=PRECISION_HELP)
     x.add_argument("--int8", dest="precision", action="store_const", const="int8", help="same as --precision int8")
     x.add_argument("--fp32", dest="precision", action="store_const", const="fp32", help="same as --precision fp32")
 POSITIVE = _ranged(int, "[1, inf)")

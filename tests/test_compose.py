@@ -88,7 +88,7 @@ def test_held_out_combinations_never_reach_training():
 
 
 def test_digit_scenes_options_in_the_spec():
-    assert DATASETS["digit-scenes"].usage("digit-scenes") == "digit-scenes[:holdout=N,canvas=PX]"
+    assert DATASETS["digit-scenes"].usage("digit-scenes") == "digit-scenes[:holdout=N,canvas=PX,scenes=N]"
     assert not DATASETS["digit-scenes"].takes_arg
     train, val, info = build_datasets(DataConfig(spec="digit-scenes:holdout=3,canvas=64", image_size=32))
     big, _, _ = build_datasets(DataConfig(spec="digit-scenes:holdout=3"))
@@ -102,7 +102,10 @@ def test_digit_scenes_options_in_the_spec():
     assert [a["bbox"][2] * 2 for a in train[5]["meta"]["gt"]] == [a["bbox"][2] for a in big[5]["meta"]["gt"]]
     assert held_out_of("digit-scenes:holdout=3,canvas=64") == (held_out(3), True)
     assert held_out_of("digit-scenes") == (held_out(0), False)
-    for bad in ("holdout=x", "seed=1", "canvas=2", "holdout"):
+    more, _, _ = build_datasets(DataConfig(spec="digit-scenes:holdout=3,canvas=64,scenes=20000", image_size=32))
+    assert (len(train), len(more)) == (16000, 20000)      # more scenes: the first 16000 are the same ones
+    assert more[5]["text"] == train[5]["text"] and torch.equal(more[5]["image"], train[5]["image"])
+    for bad in ("holdout=x", "seed=1", "canvas=2", "holdout", "scenes=0", "scenes=-3"):
         with pytest.raises(DataError, match=f"digit-scenes:{bad}:"):
             build_datasets(DataConfig(spec=f"digit-scenes:{bad}"))
 

@@ -8,7 +8,7 @@ from the exact boxes (`ask`), makes it a VQA set whose answers are always right.
 draw their digits from disjoint halves of the 1,797 handwritten digits (the same fixed split as ``digits``), so
 validation measures detection of handwriting never seen in training.
 
-Two options, written after the spec's colon (``digit-scenes:holdout=0,canvas=64``, `scene_options`):
+Three options, written after the spec's colon (``digit-scenes:holdout=0,canvas=64``, `scene_options`):
 
 - ``holdout=N`` holds out 10 (digit pair, relation) combinations from the training scenes (`held_out`, seeded by
   N): no training scene shows, between any two of its digits, a held-out combination such as "a 3 left of a 7"
@@ -18,6 +18,9 @@ Two options, written after the spec's colon (``digit-scenes:holdout=0,canvas=64`
   (`held_out_captions`) are for checking a text-to-image model on combinations it never saw.
 - ``canvas=PX`` draws each scene on a PX canvas (layout, digit sizes, captions and questions as there) and
   resizes it to ``data.image_size``: the same scenes at a lower resolution, e.g. for a generator.
+- ``scenes=N`` sets the number of training scenes (16,000 by default). Scenes are drawn when read, so more of
+  them cost no memory; the first 16,000 are the default's. A generator trained for many epochs on 16,000
+  scenes overfits them (its validation loss rises), and more scenes keep the layouts fresh.
 """
 
 from __future__ import annotations
@@ -278,18 +281,21 @@ def held_out_captions(combos: Iterable[tuple[int, str, int]]) -> list[str]:
 
 
 def scene_options(arg: str) -> dict[str, int | None]:
-    """``holdout=N,canvas=PX`` (either, both or neither) -> ``{"holdout": N or None, "canvas": PX or 0}``; a
-    one-line DataError for anything else."""
-    opts: dict[str, int | None] = {"holdout": None, "canvas": 0}
+    """``holdout=N,canvas=PX,scenes=N`` (any of them, or none) -> ``{"holdout": N or None, "canvas": PX or 0,
+    "scenes": N or None}``; a one-line DataError for anything else."""
+    opts: dict[str, int | None] = {"holdout": None, "canvas": 0, "scenes": None}
     for part in filter(None, (p.strip() for p in arg.split(","))):
         key, eq, value = part.partition("=")
         if key not in opts or not eq or not value.strip().isdigit():
             raise DataError(f"digit-scenes:{arg}: options are holdout=N (a seed: 10 digit pair/relation "
-                            "combinations kept out of training) and canvas=PX (drawn at PX, resized to "
-                            "data.image_size), e.g. digit-scenes:holdout=0,canvas=64")
+                            "combinations kept out of training), canvas=PX (drawn at PX, resized to "
+                            "data.image_size) and scenes=N (training scenes, default 16000), e.g. "
+                            "digit-scenes:holdout=0,canvas=64")
         opts[key] = int(value)
     if opts["canvas"] and not 8 <= opts["canvas"] <= 1024:
         raise DataError(f"digit-scenes:{arg}: canvas={opts['canvas']} must be in [8, 1024] pixels")
+    if opts["scenes"] is not None and not opts["scenes"]:
+        raise DataError(f"digit-scenes:{arg}: scenes=0: there must be at least one training scene")
     return opts
 
 

@@ -133,8 +133,9 @@ def _digit_scenes(cfg: DataConfig, arg: str, classes: list[str] | None) -> Built
     if cfg.channels not in (0, 1):
         raise DataError("digit-scenes are grayscale; data.channels does not apply")
     opts = scene_options(arg)
+    more = {"n_train": opts["scenes"]} if opts["scenes"] else {}
     train, val = digit_scenes(size=cfg.image_size or opts["canvas"] or 64, split_seed=cfg.split_seed,
-                              holdout=opts["holdout"], canvas=opts["canvas"] or 0)
+                              holdout=opts["holdout"], canvas=opts["canvas"] or 0, **more)
     return train, val, train.info
 
 
@@ -183,7 +184,8 @@ DATASETS: dict[str, Source] = {
     "digit-scenes": Source(_digit_scenes, "detection scenes: 1-4 real handwritten digits pasted on 64x64 "
                                           "canvases, exact boxes, captions; holdout=N keeps 10 digit pair/"
                                           "relation combinations out of training, canvas=PX draws at PX then "
-                                          "resizes to data.image_size", "holdout=N,canvas=PX",
+                                          "resizes to data.image_size, scenes=N sets how many training scenes "
+                                          "(16000)", "holdout=N,canvas=PX,scenes=N",
                            whole=lambda train, val: val, optional=True),  # generated:
     # the validation scenes (disjoint handwriting) are the evaluation set
     "videos": Source(_videos, "your video clips (mp4, avi, webm, mkv, gif): one subfolder per class, or a flat "
