@@ -294,7 +294,7 @@ def scene_options(arg: str) -> dict[str, int | None]:
         opts[key] = int(value)
     if opts["canvas"] and not 8 <= opts["canvas"] <= 1024:
         raise DataError(f"digit-scenes:{arg}: canvas={opts['canvas']} must be in [8, 1024] pixels")
-    if opts["scenes"] is not None and not opts["scenes"]:
+    if opts["scenes"] == 0:
         raise DataError(f"digit-scenes:{arg}: scenes=0: there must be at least one training scene")
     return opts
 

@@ -465,15 +465,17 @@ class DetectHook(DecodeHook):
     (``detect.glimpse``), and decoding ends once every image has emitted the end token (checked per object).
 
     Args:
-        task: the detector; images: (B, C, H, W) the images being decoded; n_obj: the most objects per image.
+        task: the detector; images: (B, C, H, W) the images being decoded; n_obj: the most objects per image;
+        glimpses: feed glimpses where the detector was trained with them (False: objects that point back at
+            objects already read, e.g. `Grounding.point`).
     """
 
     stop_check = TOKENS_PER_OBJECT
 
-    def __init__(self, task: Detect, images: Tensor, n_obj: int) -> None:
+    def __init__(self, task: Detect, images: Tensor | None, n_obj: int, glimpses: bool = True) -> None:
         self.task, self.images = task, images
         self.dynamic = task.cfg.detect.coord_pos          # without it every object token sits at position zero
-        self.max_injected = n_obj if task.glimpse else 0  # one glimpse per object
+        self.max_injected = n_obj if task.glimpse and glimpses else 0  # one glimpse per object
         self.stop_token = task.boxes.end
 
     def position(self, history: Tensor, t: int) -> Tensor:

@@ -127,17 +127,25 @@ class Grounding:
         else:
             task = tokens(torch.full((images.shape[0], 1), self.det.task_id, dtype=torch.long, device=images.device))
             prompt = concat(head, task, prefix_len=head.ids.shape[1] + 1)
+        _, boxes, classes = self._write_objects(prompt, images)
+        return boxes, classes
+
+    def _write_objects(self, prompt: Sequence, images: Tensor | None) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+        """Greedy objects after `prompt` on the KV cache, with glimpses of `images` (None: without) -> the
+        (B, point_length) ids written, and per image (N, 4) boxes and (N,) classes."""
         M = self.max_objects
-        ids = sample(self.det.backbone, prompt, TOKENS_PER_OBJECT * M + 1, SamplingParams(temperature=0.0),
-                     allowed=partial(self.det.boxes.allowed, max_objects=M), hook=DetectHook(self.det, images, M))
+        hook = DetectHook(self.det, images, M, glimpses=images is not None)
+        ids = sample(self.det.backbone, prompt, self.point_length, SamplingParams(temperature=0.0),
+                     allowed=partial(self.det.boxes.allowed, max_objects=M), hook=hook)
         out = [self.det.boxes.decode(row.cpu()) for row in ids]
-        return [b for b, _ in out], [c for _, c in out]
+        return ids, [b for b, _ in out], [c for _, c in out]
 
     # ---- pointing: the objects an answer is about ------------------------------------------------------------
 
     @property
     def point_length(self) -> int:
-        """Tokens of a pointer part: `max_objects` objects of 5 tokens, then the end token."""
+        """Tokens of a written object list (a pointer part, or what `detect` writes): `max_objects` objects of 5
+        tokens, then the end token."""
         return TOKENS_PER_OBJECT * self.max_objects + 1
 
     def pointer(self, boxes: Tensor, classes: Tensor) -> tuple[list[int], int]:
@@ -157,19 +165,14 @@ class Grounding:
         return self.det._positions(ids, TOKENS_PER_OBJECT)
 
     @torch.no_grad()
-    def point(self, prompt: Sequence, images: Tensor) -> tuple[Sequence, list[Tensor], list[Tensor]]:
+    def point(self, prompt: Sequence) -> tuple[Sequence, list[Tensor], list[Tensor]]:
         """Greedy pointer part after `prompt` (everything up to the question) on the KV cache -> the
         (B, point_length) `Sequence` to append (ids and positions, no labels): the objects the model says the
-        answer is about, then end tokens; and those objects' per image (k, 4) boxes and (k,) classes."""
+        answer is about, then end tokens; and those objects' per image (k, 4) boxes and (k,) classes. No
+        glimpses: the objects were already read."""
         self._sync()
-        hook = DetectHook(self.det, images, self.max_objects)
-        hook.max_injected = 0   # no glimpses: the objects were already read
-        M = self.max_objects
-        ids = sample(self.det.backbone, prompt, self.point_length, SamplingParams(temperature=0.0),
-                     allowed=partial(self.det.boxes.allowed, max_objects=M), hook=hook)
-        found = [self.det.boxes.decode(row.cpu()) for row in ids]
-        return (Sequence(ids=ids, labels=torch.full_like(ids, IGNORE), pos=self.point_positions(ids)),
-                [b for b, _ in found], [c for _, c in found])
+        ids, boxes, classes = self._write_objects(prompt, None)
+        return Sequence(ids=ids, labels=torch.full_like(ids, IGNORE), pos=self.point_positions(ids)), boxes, classes
 
     def prompt(self, img: Sequence, boxes: list[Tensor], classes: list[Tensor], images: Tensor,
                *task: Sequence | int) -> Sequence:

@@ -329,7 +329,7 @@ class AnswerQuestions(GroundedWords, Task):
                 else question   # the answer's own task token, or the question
             prompt = concat(prompt, after, prefix_len=prompt.prefix_len)
             if self.point:   # the objects the answer is about, then the answer
-                ptr, ev_boxes, ev_classes = self.ground.point(prompt, images)
+                ptr, ev_boxes, ev_classes = self.ground.point(prompt)
                 found["evidence"] = self.ground.objects(ev_boxes, ev_classes)
                 prompt = concat(prompt, ptr, prefix_len=prompt.prefix_len)
         else:
