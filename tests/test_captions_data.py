@@ -65,6 +65,24 @@ def test_folder_metadata_captions_questions_and_labels(tmp_path, capsys):
     assert "question" not in ds[0]
 
 
+def test_folder_rationales_are_optional_per_line(tmp_path):
+    root = tmp_path / "why"
+    for k in range(3):
+        _png(root / f"{k}.png", k)
+    _jsonl(root / "metadata.jsonl", [
+        {"file_name": "0.png", "text": "a cat", "question": "is it a cat?", "answer": "yes",
+         "rationale": "whiskers, pointed ears: a cat"},
+        {"file_name": "1.png", "text": "a dog", "question": "is it a cat?", "answer": "no", "rationale": ""},
+        {"file_name": "2.png", "text": "a fox", "question": "what is it?", "answer": "fox"}])
+    ds = whole_dataset(_cfg(""), f"folder:{root}")
+    assert ds.info.rationales
+    assert [it["rationale"] for it in _all(ds)] == ["whiskers, pointed ears: a cat", "", ""]   # none: answer at once
+    (root / "metadata.jsonl").write_text(json.dumps({"file_name": "0.png", "text": "x", "question": "q",
+                                                     "answer": "a"}) + "\n")
+    ds = whole_dataset(_cfg(""), f"folder:{root}")
+    assert not ds.info.rationales and "rationale" not in ds[0]
+
+
 def test_folder_without_metadata_is_unchanged(tmp_path):
     for k in range(3):
         _png(tmp_path / f"{k}.png", k)
@@ -84,6 +102,9 @@ def test_folder_without_metadata_is_unchanged(tmp_path):
     ({"file_name": 5, "text": "x"}, "line 2: needs 'file_name'"),
     ({"file_name": "sub/1.png", "text": "x", "question": "why?"}, "line 2: 'question' and 'answer' go together"),
     ({"file_name": "sub/1.png", "text": "x", "question": "q", "answer": "a"}, "line 2: has 'question'/'answer'"),
+    ({"file_name": "sub/1.png", "text": "x", "rationale": "r"}, "line 2: 'rationale' explains an answer"),
+    ({"file_name": "sub/1.png", "text": "x", "question": "q", "answer": "a", "rationale": 3},
+     "line 2: 'rationale' must be a string"),
 ])
 def test_malformed_metadata_is_one_line(tmp_path, line, fault):
     _png(tmp_path / "outside.png")

@@ -208,7 +208,7 @@ def test_shards_of_the_earlier_format_still_read_exactly(tmp_path):
         legacy_shard(out / "train-000000.tar", [src[i] for i in range(30)])
         relist(out, {"train-000000.tar": 30}, sizes=False)               # a manifest of counts only, as it was
         got = all_items(*find_shards(str(out)))
-        new = ("question", "answer", "qtype", "mask", "qa", "refs")   # fields digit-scenes gained after the old format
+        new = ("question", "answer", "qtype", "mask", "qa", "refs", "rationale")   # fields gained after the old format
         assert len(got) == 30 and all(same(got[i], {k: v for k, v in src[i].items() if k not in new})
                                       for i in range(30))
     bad = tmp_path / "bad"

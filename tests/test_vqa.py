@@ -12,9 +12,9 @@ from PIL import Image
 import patchgpt.tasks.text as text_module
 from patchgpt.config import ConfigError
 from patchgpt.data import build_datasets, collate
-from patchgpt.data.base import DataError
+from patchgpt.data.base import DataError, DataInfo
 from patchgpt.data.scenes import QTYPES, describe, digit_scenes
-from patchgpt.tasks import AnswerQuestions, load
+from patchgpt.tasks import AnswerQuestions, config_from_dict, info_from_meta, load
 from patchgpt.tasks.vqa import soft_accuracy
 from patchgpt.train import prepare, train
 
@@ -65,6 +65,19 @@ def expected_refs(question: str, answer: str, boxes: list[list[float]], classes:
     return {max(left, key=lambda j: boxes[j][0] + boxes[j][2])} if answer != "nothing" else set()
 
 
+def expected_rationale(question: str, answer: str, boxes: list[list[float]], classes: list[int]) -> str:
+    """Presence: each digit, left to right by its box's left edge, checked against the asked one; left of: the
+    same up to the asked digit, when the digit read before it is the answer; else none."""
+    read = [c for _, _, c in sorted((b[0], b[1], c) for b, c in zip(boxes, classes, strict=True))]
+    if m := re.fullmatch(r"is there a (\d)\?", question):
+        return ",".join(f"{c}={m[1]}{'y' if str(c) == m[1] else 'n'}" for c in read)
+    if m := re.fullmatch(r"what is left of the (\d)\?", question):
+        at = read.index(int(m[1]))
+        if (str(read[at - 1]) if at else "nothing") == answer:
+            return ",".join(f"{c}={m[1]}{'y' if str(c) == m[1] else 'n'}" for c in read[:at + 1])
+    return ""
+
+
 def test_scene_answers_follow_the_boxes(scenes):
     train_set, val_set = scenes
     seen = set()
@@ -78,12 +91,13 @@ def test_scene_answers_follow_the_boxes(scenes):
             seen.add(it["qtype"])
             again = ds[i]                                                   # a pure function of (seed, index)
             assert (again["question"], again["answer"]) == (it["question"], it["answer"])
-            assert it["qa"][0] == {k: it[k] for k in ("question", "answer", "qtype", "refs")}
+            assert it["qa"][0] == {k: it[k] for k in ("question", "answer", "qtype", "refs", "rationale")}
             assert again["qa"] == it["qa"]
             assert len({q["qtype"] for q in it["qa"]}) == len(it["qa"])     # every type at most once
             for q in it["qa"]:
                 assert q["answer"] == expected_answer(q["question"], boxes, classes), (i, q)
                 assert set(q["refs"]) == expected_refs(q["question"], q["answer"], boxes, classes), (i, q)
+                assert q["rationale"] == expected_rationale(q["question"], q["answer"], boxes, classes), (i, q)
     assert len(seen) >= 4
 
 
@@ -98,7 +112,7 @@ PINNED = {("train", 0): (-3057.7778, [[33, 35, 53, 62], [22, 21, 39, 44], [6, 2,
 def test_scene_fields_are_unchanged(scenes):
     train_set, val_set = scenes
     assert set(train_set[0]) == {"image", "label", "boxes", "classes", "meta", "text", "question", "answer",
-                                 "qtype", "mask", "qa", "refs"}
+                                 "qtype", "mask", "qa", "refs", "rationale"}
     for (part, i), (checksum, px, classes) in PINNED.items():
         it = (train_set if part == "train" else val_set)[i]
         assert round(float(it["image"].double().sum()), 4) == checksum
@@ -151,6 +165,39 @@ def test_cached_decoding_equals_uncached_and_the_sequence(tmp_path):
         assert seq.labels[i, P - 1 + n] == task.end and (seq.labels[i, P + n:] == -1).all()
     ids = task.encode_qa(["x" * 30]).ids                                     # cut to question_len
     assert ids.shape == (1, 25)
+
+
+def test_the_rationale_comes_before_the_answer_and_decodes_the_same_cached(tmp_path):
+    cfg = tiny_config("vqa", tmp_path / "r")
+    cfg.data.image_size, cfg.vqa.question_len, cfg.vqa.answer_len, cfg.vqa.rationale_len = 32, 24, 8, 40
+    cfg.vqa.ground, cfg.vqa.reason = "off", "auto"     # the plain layout: image, question, rationale, answer
+    _, val, info = build_datasets(cfg.data)
+    task = AnswerQuestions(cfg, info).eval()
+    assert task.reason and cfg.vqa.reason == "on"      # auto: digit-scenes' answers carry rationales
+    batch = collate([val[i] for i in range(12)])
+    assert any(batch["rationale"]) and not all(batch["rationale"])   # presence, left of: steps; others none
+    seq = task.sequence(batch)
+    P, R = seq.prefix_len, 41
+    assert seq.prefix_len == task.input.length + 1 + 24
+    for i, (why, ans) in enumerate(zip(batch["rationale"], batch["answer"], strict=True)):
+        n = min(len(why.encode()), 40)
+        assert torch.equal(seq.labels[i, P - 1:P + n], seq.ids[i, P:P + n + 1])   # the rationale and its end
+        assert text_module.read_bytes(seq.ids[i, P:P + R].tolist(), task.bytes, task.reason_end) == why[:n]
+        assert seq.ids[i, P + n] == task.reason_end and (seq.labels[i, P + n:P + R - 1] == -1).all()
+        assert task.decode(seq.labels[i, P + R - 1:].tolist()) == ans           # the answer after the padding
+    a = task.predict(batch)
+    with uncached(text_module):
+        b = task.predict(batch)
+    assert torch.equal(a["ids"], b["ids"]) and a["rationales"] == b["rationales"] and len(a["rationales"]) == 12
+    d = tiny_config("vqa", tmp_path / "d").to_dict()
+    assert not AnswerQuestions(config_from_dict(d), info).reason      # the default: off
+    d["vqa"]["reason"] = "on"                          # a checkpoint that wrote rationales keeps them in its state
+    assert AnswerQuestions(config_from_dict(d), info_from_meta({"state": task.state()})).reason
+    cfg.vqa.reason = "on"
+    with pytest.raises(DataError, match="vqa.reason=on needs data with rationales"):
+        AnswerQuestions(cfg, DataInfo(**{**info.__dict__, "rationales": False}))
+    cfg.vqa.blind = True                               # the question-only baseline writes none
+    assert not AnswerQuestions(cfg, info).reason
 
 
 def test_several_questions_train_as_turns_and_predict_asks_one(tmp_path):
@@ -219,11 +266,13 @@ def test_predict_without_a_question_is_one_line(tmp_path, capsys):
 
     run = tmp_path / "vqa"
     assert main(["train", "vqa", "--data", "digit-scenes", "--model", "nano", "--steps", "1", "--quiet", "--out",
-                 str(run), "--set", "train.batch_size=4", "--set", "data.image_size=32"]) == 0
+                 str(run), "--set", "train.batch_size=4", "--set", "data.image_size=32",
+                 "--set", "vqa.reason=on"]) == 0
     img = tmp_path / "x.png"
     Image.fromarray(np.zeros((32, 32), dtype=np.uint8)).save(img)
     capsys.readouterr()
     assert main(["predict", str(run), str(img)]) == 2
     assert "vqa needs a question" in capsys.readouterr().err
-    assert main(["predict", str(run), str(img), "--question", "how many digits?"]) == 0
-    assert "answer" in capsys.readouterr().out
+    assert main(["predict", str(run), str(img), "--question", "is there a 5?"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert {"answer", "rationale"} <= set(out[0])      # the steps it wrote before answering

@@ -96,6 +96,8 @@ class DataInfo:
                                           # per item a list of {"question", "answer"}); 0 = none or one
     refs: bool = False                    # questions name the objects their answers are about (batch["refs"]:
                                           # per item indices into its boxes; also in each "qa" entry)
+    rationales: bool = False              # answers come with a rationale, how they follow from the image
+                                          # (batch["rationale"], a string, maybe empty; also in each "qa" entry)
     skipped: list[str] = field(default_factory=list)  # files skipped as unreadable ("path: reason")
     boxes: bool = False                   # items carry detection targets (batch["boxes"], ["classes"])
     category_ids: list[int] | None = None  # COCO category id of each class (detection output)

@@ -209,12 +209,14 @@ def _inside(file_name: str) -> str | None:
 
 
 def read_metadata(path: Path) -> list[tuple[int, str, dict[str, str]]]:
-    """``metadata.jsonl`` -> [(line number, normalized file_name, {"text", ["question", "answer"]})].
+    """``metadata.jsonl`` -> [(line number, normalized file_name, {"text", ["question", "answer",
+    ["rationale"]]})].
 
     Blank lines are skipped. A line that is not a JSON object, a missing or non-string ``file_name``, one
     outside the folder, a missing or empty ``text``, a ``question`` without an ``answer`` (or the reverse),
-    a field that is not a non-empty string, or lines that disagree on carrying questions: a one-line
-    `DataError` naming the file and line."""
+    a field that is not a non-empty string, a ``rationale`` (how the answer follows; a string, maybe empty)
+    without a question, or lines that disagree on carrying questions: a one-line `DataError` naming the file
+    and line."""
     try:
         raw = path.read_bytes()
     except OSError as e:
@@ -247,7 +249,12 @@ def read_metadata(path: Path) -> list[tuple[int, str, dict[str, str]]]:
         if ("question" in d) != ("answer" in d):
             raise DataError(f"{where}: 'question' and 'answer' go together; this line has only "
                             f"{'question' if 'question' in d else 'answer'!r}")
-        fields = {}
+        if "rationale" in d and "question" not in d:
+            raise DataError(f"{where}: 'rationale' explains an answer; this line has no 'question' and 'answer'")
+        if "rationale" in d and not isinstance(d["rationale"], str):
+            raise DataError(f"{where}: 'rationale' must be a string, maybe empty (got {type(d['rationale']).__name__} "
+                            f"{str(d['rationale'])[:40]!r})")
+        fields = {"rationale": d["rationale"]} if "rationale" in d else {}
         for k in TEXT_FIELDS:
             if k in d:
                 v = d[k]
@@ -289,7 +296,7 @@ def _with_metadata(root: Path, files: list[tuple[Path, int]]) -> tuple[list[tupl
 
 class ImageFolder(ImageSet):
     """Images under `root`, decoded on access: items {"image": (C, S, S) in [-1, 1], "label"}, plus "text"
-    (and "question", "answer") from ``root/metadata.jsonl`` when it exists (`read_metadata`).
+    (and "question", "answer", "rationale") from ``root/metadata.jsonl`` when it exists (`read_metadata`).
 
     Unreadable files found while scanning (Pillow cannot identify or verify them) stop the run with one
     line naming the file (``on_error="stop"``) or are skipped and counted in ``info.skipped``
@@ -327,8 +334,13 @@ class ImageFolder(ImageSet):
                   file=sys.stderr)
         if not self.files:
             raise DataError(f"folder:{root}: every image was unreadable ({len(skipped)} skipped)")
+        # answers with a rationale on some lines: the others answer directly (an empty rationale)
+        rationales = self.texts is not None and any("rationale" in t for t in self.texts)
+        if rationales and self.texts is not None:
+            for t in self.texts:
+                t.setdefault("rationale", "")
         self.info = DataInfo(channels=channels, image_size=(size, size), classes=classes, skipped=skipped,
-                             captions=self.texts is not None)
+                             captions=self.texts is not None, rationales=rationales)
 
     @staticmethod
     def _check(path: Path) -> str | None:

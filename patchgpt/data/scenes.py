@@ -51,8 +51,8 @@ class DigitScenes(ImageSet):
     xyxy, "classes": (N,), "meta": image id, the canvas size, and the ground truth in pixels as COCO annotations
     for evaluation, "text": a caption naming the digits and their layout (`describe`), "question", "answer" and
     "qtype": one question about the scene, its answer and its type (`ask`), "refs": the indices of the objects
-    its answer is about, "qa": every question `ask_all` can ask about it, that one first (``[{"question",
-    "answer", "qtype", "refs"}, ...]``)}.
+    its answer is about, "rationale": how the answer follows from them, "qa": every question `ask_all` can ask
+    about it, that one first (``[{"question", "answer", "qtype", "refs", "rationale"}, ...]``)}.
 
     Args:
         digits: the source digits (images in [-1, 1], ink bright) and labels.
@@ -80,7 +80,8 @@ class DigitScenes(ImageSet):
         self.holdout = frozenset(holdout)
         self.info = DataInfo(channels=1, image_size=(size, size), classes=[str(i) for i in range(10)],
                              boxes=True, category_ids=list(range(1, 11)), max_objects=max_digits, captions=True,
-                             questions=len(QTYPES), refs=True, masks=["background"] + [str(i) for i in range(10)])
+                             questions=len(QTYPES), refs=True, rationales=True,
+                             masks=["background"] + [str(i) for i in range(10)])
 
     def __len__(self) -> int:
         return self.n
@@ -329,6 +330,13 @@ def ask_all(boxes: list[list[int]], classes: list[int], S: int, r: random.Random
     - left_of: "what is left of the 4?" -> the digit whose centre is nearest on the left [it], or "nothing"
       [none] (asked when the 4 is the only one, no other centre is within S/16 of its own, and every digit on its
       left within S/16 of the nearest names the same digit).
+
+    Each also carries a "rationale", the steps from the objects to the answer (``vqa.reason``): for presence,
+    every digit in reading order (left to right by box edge, as grounded answers write the objects) checked
+    against the asked one, "3=5n,5=5y" (n: not it, y: it; the verdict right after the two digits it compares);
+    for left_of, the same up to the asked digit, whose answer is the digit read just before it (empty in the
+    rare scenes where reading order by edge and the order by centre disagree there); empty for the other
+    types, whose answers need no such steps.
     """
     n = len(classes)
     cx = [(b[0] + b[2]) / 2 for b in boxes]
@@ -360,8 +368,19 @@ def ask_all(boxes: list[list[int]], classes: list[int], S: int, r: random.Random
     qtype = r.choice([t for t in QTYPES if t in options])
     rest = [t for t in QTYPES if t in options and t != qtype]
     r.shuffle(rest)
-    return [{"question": options[t][0], "answer": options[t][1], "qtype": t, "refs": options[t][2]}
-            for t in [qtype, *rest]]
+    reading = sorted(range(n), key=lambda j: (boxes[j][0], boxes[j][1]))   # the order objects are written in
+
+    def check(upto: list[int], e: int) -> str:   # each digit of `upto` compared with e: "3=5n,5=5y"
+        return ",".join(f"{classes[j]}={e}{'y' if classes[j] == e else 'n'}" for j in upto)
+
+    why = {"presence": check(reading, d)}
+    if "left_of" in options:   # read up to the asked digit: the one read before it is the answer
+        k = classes.index(int(options["left_of"][0].split()[-1].rstrip("?")))
+        at = reading.index(k)
+        if (str(classes[reading[at - 1]]) if at else "nothing") == options["left_of"][1]:
+            why["left_of"] = check(reading[:at + 1], classes[k])
+    return [{"question": options[t][0], "answer": options[t][1], "qtype": t, "refs": options[t][2],
+             "rationale": why.get(t, "")} for t in [qtype, *rest]]
 
 
 def digit_scenes(size: int = 64, n_train: int = 16000, n_val: int = 500, val_fraction: float = 0.2,

@@ -77,7 +77,8 @@ def info_from_meta(meta: dict) -> DataInfo:
     return DataInfo(channels=st["channels"], image_size=tuple(st["image_size"]), classes=st["classes"],
                     captions=st.get("captions", False), boxes=st.get("boxes", False),
                     category_ids=st.get("category_ids"), frames=st.get("frames", 0), masks=st.get("masks"),
-                    refs=st.get("refs", False), parts=parts)
+                    refs=st.get("refs", False), rationales=st.get("rationales", False),
+                    parts=parts)
 
 
 PRECISIONS = ("auto", "fp32", "int8")

@@ -6,13 +6,19 @@ end token, trained by next-token cross-entropy on the answer only. Decoding is g
 (`patchgpt.sampling.sample`), constrained to bytes and the end token. Metrics: exact-match accuracy, overall
 and per question type, or VQA's soft accuracy where a batch carries several human answers per question.
 ``vqa.blind=true`` trains and answers from a constant image: the question-only baseline, which shows how much
-the image adds.
+the image adds. With ``vqa.reason`` the model first writes the answer's rationale (the items' "rationale", in a
+fixed-length block after the question), then the answer: a comparison the answer would have to make across a
+long sequence becomes one between neighbouring tokens it has just written (README, "Reasoning before
+answering").
 
-References: Pix2Seq v2 (Chen et al. 2022); ByT5 (Xue et al. 2022); VQA (Antol et al. 2015) and its accuracy.
+References: Pix2Seq v2 (Chen et al. 2022); ByT5 (Xue et al. 2022); VQA (Antol et al. 2015) and its accuracy;
+chain of thought (Wei et al. 2022), Multimodal-CoT (Zhang et al. 2023) and A-OKVQA's rationales (Schwenk et
+al. 2022).
 """
 
 from __future__ import annotations
 
+import textwrap
 from collections import defaultdict
 from collections.abc import Sequence as SequenceOf
 from dataclasses import dataclass
@@ -57,6 +63,10 @@ class VQAConfig:
     point: str = "off"           # grounded answers: after the question, first point at the objects the answer
                                  # is about (their boxes and classes; returned as "evidence"), then answer:
                                  # auto (when the questions name them, batch["refs"]) | on | off
+    reason: str = "off"          # after the question (and pointer), first write the answer's rationale (the
+                                 # items' "rationale": the steps from the image to the answer, returned as
+                                 # "rationale"), then the answer: auto (when the items carry rationales) | on | off
+    rationale_len: int = 32      # the rationale's bytes (reason; longer ones are cut for training)
 
 
 def soft_accuracy(predicted: str, humans: SequenceOf[str]) -> float:
@@ -101,9 +111,10 @@ class AnswerQuestions(GroundedWords, Task):
     @classmethod
     def check(cls, cfg: RunConfig) -> None:
         v = cfg.vqa
-        if v.question_len < 1 or v.answer_len < 1 or v.caption_len < 1:
+        if min(v.question_len, v.answer_len, v.caption_len, v.rationale_len) < 1:
             raise ConfigError(f"vqa.question_len={v.question_len}, vqa.answer_len={v.answer_len}, "
-                              f"vqa.caption_len={v.caption_len}: must be positive")
+                              f"vqa.caption_len={v.caption_len}, vqa.rationale_len={v.rationale_len}: must be "
+                              "positive")
         if not v.answer_weight > 0:
             raise ConfigError(f"vqa.answer_weight={v.answer_weight}: must be positive")
         if v.turns == 0 or v.turns < -1:
@@ -139,7 +150,13 @@ class AnswerQuestions(GroundedWords, Task):
         self.point = grounded and point
         v.point = "on" if self.point else "off"
         self.point_len = self.ground.point_length if self.point else 0
-        self.turn_len = 1 + self.question_len + self.point_len + self.answer_len + 1
+        # the answer's rationale first, where the items give one (the blind baseline has none: it is about the image)
+        self.reason = wants(v.reason, info.rationales, "vqa.reason", "rationales") and not v.blind
+        v.reason = "on" if self.reason else "off"
+        self.reason_len = v.rationale_len + 1 if self.reason else 0
+        if self.reason:
+            self.reason_end = self.vocab.add("rationale_end", 1).start
+        self.turn_len = 1 + self.question_len + self.point_len + self.reason_len + self.answer_len + 1
         self.question_first = bool(grounded and v.question_first)
         v.question_first = self.question_first
         length = (self.input.length + (self.ground.length if self.ground else 0) + self.turns * self.turn_len
@@ -149,8 +166,10 @@ class AnswerQuestions(GroundedWords, Task):
             self.ground.attach(self)
 
     def state(self) -> dict:
-        """`GroundedWords.state`, and that the questions named their objects (``vqa.point``)."""
-        return {**super().state(), **({"refs": True} if self.point else {})}
+        """`GroundedWords.state`, that the questions named their objects (``vqa.point``) and that the answers
+        had rationales (``vqa.reason``)."""
+        return {**super().state(), **({"refs": True} if self.point else {}),
+                **({"rationales": True} if self.reason else {})}
 
     def fit(self, train_set: ImageSet, seed: int = 0) -> None:
         """Checks that the data asks questions (its first readable item has "question" and "answer"), then fits
@@ -167,16 +186,17 @@ class AnswerQuestions(GroundedWords, Task):
         return torch.full_like(images, -1.0) if self.blind else images
 
     def encode_qa(self, questions: SequenceOf[str | None], answers: SequenceOf[str | None] | None = None,
-                  width: int | None = None, points: SequenceOf[tuple[Tensor, Tensor] | None] | None = None
-                  ) -> Sequence:
+                  width: int | None = None, points: SequenceOf[tuple[Tensor, Tensor] | None] | None = None,
+                  rationales: SequenceOf[str | None] | None = None) -> Sequence:
         """Questions (and answers) -> a (B, 1 + question_len [+ L]) `Sequence`: the task token, the question's
         bytes padded with the pad token to question_len, then (with ``vqa.point``) the pointer part, the objects
-        the answer is about (`Grounding.pointer`, from `points`: per row (k, 4) boxes and (k,) classes), then the
-        answer's bytes and the end token, padded with end tokens that carry no loss (to `width` tokens in all,
-        where given). Labels are the next token, on the pointer, the answer and its end only (from the last
-        question position on). A None question (a turn that row does not have) is end tokens only, without
-        loss."""
-        Q, P = self.question_len, self.point_len
+        the answer is about (`Grounding.pointer`, from `points`: per row (k, 4) boxes and (k,) classes), then
+        (with ``vqa.reason``) the rationale's bytes and its end token, padded with end tokens to rationale_len + 1,
+        then the answer's bytes and the end token, padded with end tokens that carry no loss (to `width` tokens
+        in all, where given). Labels are the next token, on the pointer, the rationale and its first end, the
+        answer and its end only (from the last question position on). A None question (a turn that row does not
+        have) is end tokens only, without loss."""
+        Q, P, R = self.question_len, self.point_len, self.reason_len
         rows, labelled = [], []
         for k, q in enumerate(questions):
             if q is None:
@@ -194,6 +214,13 @@ class AnswerQuestions(GroundedWords, Task):
                     ptr, n = self.ground.pointer(*points[k])
                     lab += range(Q, Q + n)
                     row += ptr
+                if R:   # the rationale (its bytes and first end labelled), padded to a fixed length
+                    why = rationales[k] if rationales is not None else None
+                    if why is None:
+                        raise DataError(f"vqa.reason=on needs a rationale with each answer; question {q!r} has none")
+                    text = [self.bytes.start + b for b in _cut(why, R - 1)] + [self.reason_end]
+                    lab += range(len(row) - 1, len(row) - 1 + len(text))
+                    row += text + [self.reason_end] * (R - len(text))
                 answer = [self.bytes.start + b for b in _cut(answers[k], self.answer_len)] + [self.end]
                 lab += range(len(row) - 1, len(row) - 1 + len(answer))
                 row += answer
@@ -215,10 +242,10 @@ class AnswerQuestions(GroundedWords, Task):
 
     def encode_turns(self, qa: list[list[dict]], boxes: Tensor | None = None,
                      classes: Tensor | None = None) -> Sequence:
-        """Per image a list of ``{"question", "answer"[, "refs"]}`` -> a (B, turns * turn_len) `Sequence`: the
-        first `turns` of them one after another, each as `encode_qa` writes one (fixed length), rows with fewer
-        filled with end tokens that carry no loss. `boxes` and `classes` (per image) are what "refs" index
-        (``vqa.point``)."""
+        """Per image a list of ``{"question", "answer"[, "refs", "rationale"]}`` -> a (B, turns * turn_len)
+        `Sequence`: the first `turns` of them one after another, each as `encode_qa` writes one (fixed length),
+        rows with fewer filled with end tokens that carry no loss. `boxes` and `classes` (per image) are what
+        "refs" index (``vqa.point``)."""
         parts = []
         for t in range(self.turns):
             here = [row[t] if t < len(row) else None for row in qa]
@@ -226,7 +253,7 @@ class AnswerQuestions(GroundedWords, Task):
                        for i, h in enumerate(here)] if self.point else None)
             parts.append(self.encode_qa([h["question"] if h else None for h in here],
                                         [h["answer"] if h else "" for h in here], width=self.turn_len,
-                                        points=points))
+                                        points=points, rationales=[h.get("rationale") if h else None for h in here]))
         return concat(*parts)
 
     @staticmethod
@@ -267,7 +294,11 @@ class AnswerQuestions(GroundedWords, Task):
         else:
             points = ([self.pointed(b, c, r) for b, c, r in zip(batch["boxes"], batch["classes"], batch["refs"],
                                                                  strict=True)] if self.point else None)
-            qa = self.encode_qa(list(batch["question"]), list(batch["answer"]), points=points)
+            if self.reason and "rationale" not in batch:
+                raise DataError("vqa.reason=on needs a rationale with each answer (batch['rationale']); this data "
+                                "has none")
+            qa = self.encode_qa(list(batch["question"]), list(batch["answer"]), points=points,
+                                rationales=list(batch["rationale"]) if self.reason else None)
         qa = qa.to(images.device)
         if self.ground and self.cfg.vqa.answer_weight != 1:   # the answer against the chain before it
             qa = Sequence(ids=qa.ids, labels=qa.labels, pos=qa.pos,
@@ -307,7 +338,8 @@ class AnswerQuestions(GroundedWords, Task):
         """``{"answers": [str, ...], "ids": (B, answer_len + 1)}``: greedy answers to ``batch["question"]``
         (one string per image) about ``batch["image"]`` (B, C, H, W). Grounded: the objects are detected first
         (also returned, as ``"objects"``: per image ``[{"box", "label"}]``) and the answer follows them; with
-        ``vqa.point`` the answer follows the objects it is about (``"evidence"``, in the same form)."""
+        ``vqa.point`` the answer follows the objects it is about (``"evidence"``, in the same form); with
+        ``vqa.reason`` it follows the rationale the model writes first (``"rationales"``, one string per image)."""
         images = self.pixels(batch["image"])
         B, dev = images.shape[0], images.device
         img = self.input.encode(images)
@@ -334,6 +366,10 @@ class AnswerQuestions(GroundedWords, Task):
                 prompt = concat(prompt, ptr, prefix_len=prompt.prefix_len)
         else:
             prompt = concat(img, tokens(ids.to(dev)), prefix_len=img.ids.shape[1] + ids.shape[1])
+        if self.reason:   # the rationale, then the answer after it
+            why = write_bytes(self.backbone, prompt, self.reason_len, self.bytes, self.reason_end)  # (B, R + 1)
+            found["rationales"] = [read_bytes(row, self.bytes, self.reason_end) for row in why.tolist()]
+            prompt = concat(prompt, tokens(why), prefix_len=prompt.prefix_len)
         out = write_bytes(self.backbone, prompt, self.answer_len + 1, self.bytes, self.end)  # (B, answer_len + 1)
         return {"answers": [self.decode(row) for row in out.tolist()], "ids": out, **found}
 
@@ -364,35 +400,38 @@ class AnswerQuestions(GroundedWords, Task):
             batch = self.read_files(chunk)
             pred = self.predict({**batch, "question": qs})
             answers = pred["answers"]
-            extra = [{k: pred[k][j] for k in ("objects", "captions", "evidence") if k in pred}
+            extra = [{k: pred[k][j] for k in ("objects", "captions", "evidence", "rationales") if k in pred}
                      for j in range(len(answers))]
             results += [{"image": str(p), "question": q, "answer": a,
-                         **{("caption" if k == "captions" else k): v for k, v in e.items()}}
+                         **{{"captions": "caption", "rationales": "rationale"}.get(k, k): v for k, v in e.items()}}
                         for p, q, a, e in zip(chunk, qs, answers, extra, strict=True)]
             if out and i == 0:
                 Path(out).mkdir(parents=True, exist_ok=True)
-                self.answers_png(batch["image"][:16], qs[:16], answers[:16], None, Path(out) / "answers.png")
+                self.answers_png(batch["image"][:16], qs[:16], answers[:16], None, Path(out) / "answers.png",
+                                 pred.get("rationales"))
         return results
 
     def report(self, out: Path, val_set: ImageSet, metrics: dict, prefix: str = "", **options: Any) -> dict:
-        """``{prefix}answers.png``: validation images with the question, the predicted answer (black) and the
-        true one (grey)."""
+        """``{prefix}answers.png``: validation images with the question, the rationale the model wrote (green,
+        ``vqa.reason``), the predicted answer (black) and the true one (grey)."""
         if not len(val_set):
             return {}
         items = [it for it in (val_set[i] for i in range(min(12, len(val_set)))) if it is not None]
         images = torch.stack([it["image"] for it in items]).to(self.device)
         questions = [it["question"] for it in items]
         self.eval()
-        answers = self.predict({"image": images, "question": questions})["answers"]
-        path = self.answers_png(images, questions, answers, [it["answer"] for it in items],
-                                out / f"{prefix}answers.png")
+        pred = self.predict({"image": images, "question": questions})
+        path = self.answers_png(images, questions, pred["answers"], [it["answer"] for it in items],
+                                out / f"{prefix}answers.png", pred.get("rationales"))
         return {"answers_png": str(path)}
 
     def answers_png(self, images: Tensor, questions: list[str], predicted: list[str], true: list[str] | None,
-                    path: Path) -> Path:
-        """A grid of images, each above its question, the predicted answer and (in grey, where known) the true one."""
-        lines = [[(q, "#1f4e9c"), (f"-> {p}", "black")] + ([(f"true: {true[k]}", "#888888")] if true is not None
-                                                           else [])
+                    path: Path, rationales: list[str] | None = None) -> Path:
+        """A grid of images, each above its question, the rationale written before the answer (where there is
+        one, wrapped), the predicted answer and (in grey, where known) the true one."""
+        lines = [[(q, "#1f4e9c")]
+                 + [(w, "#2e7d32") for w in textwrap.wrap(rationales[k] if rationales else "", 38)]
+                 + [(f"-> {p}", "black")] + ([(f"true: {true[k]}", "#888888")] if true is not None else [])
                  for k, (q, p) in enumerate(zip(questions, predicted, strict=True))]
         return save_text_grid(path, images, lines, scale=max(1, 128 // self.info.image_size[0]))
 
@@ -411,14 +450,15 @@ class VQAMetric:
         B = batch["image"].shape[0]
         self.loss_sum += float(loss) * B
         self.n += B
-        predicted = self.task.predict(batch)["answers"]
+        pred = self.task.predict(batch)
         humans = batch.get("answers")
         qtypes = batch.get("qtype")
-        for k, p in enumerate(predicted):
+        for k, p in enumerate(pred["answers"]):
             true = batch["answer"][k]
             score = soft_accuracy(p, humans[k]) if humans is not None else float(p == true)
             self.rows.append({"question": batch["question"][k], "predicted": p, "true": true, "score": score,
-                              **({"qtype": qtypes[k]} if qtypes is not None else {})})
+                              **({"qtype": qtypes[k]} if qtypes is not None else {}),
+                              **({"rationale": pred["rationales"][k]} if "rationales" in pred else {})})
 
     def compute(self) -> dict:
         by_type: dict[str, list[float]] = defaultdict(list)
