@@ -56,8 +56,8 @@ class VQAConfig:
     question_first: bool = False  # grounded answers: the question in the prefix, before the objects (and the
                                   # caption), so they are written knowing what is asked; the answer follows a
                                   # second task token
-    answer_weight: float = 1.0   # the answer's tokens (and its pointer's) weigh this much more in the loss than
-                                 # the objects' and the caption's before them (grounded answers)
+    answer_weight: float = 1.0   # the answer's tokens (and its pointer's and rationale's) weigh this much more in
+                                 # the loss than the objects' and the caption's before them (grounded answers)
     turns: int = 1               # questions per training sequence, asked one after another about one image,
                                  # where items carry several (batch["qa"]); -1 = as many as the data offers
     point: str = "off"           # grounded answers: after the question, first point at the objects the answer
@@ -278,9 +278,10 @@ class AnswerQuestions(GroundedWords, Task):
         return ids, labels
 
     def sequence(self, batch: dict, rng: RowRNG | None = None) -> Sequence:
-        """Image prefix + task token + question bytes (all bidirectional) + answer bytes + end; labels on the
-        answer and its end. Grounded: image prefix + the objects (labelled) [+ the caption (labelled), with
-        ``vqa.describe``] + task token + question + answer + end. In training, where the items carry several
+        """Image prefix + task token + question bytes (all bidirectional) [+ rationale, with ``vqa.reason``] +
+        answer bytes + end; labels on the rationale, the answer and its end. Grounded: image prefix + the objects
+        (labelled) [+ the caption (labelled), with ``vqa.describe``] + task token + question [+ rationale] +
+        answer + end. In training, where the items carry several
         questions (``batch["qa"]``) and ``vqa.turns`` > 1, the turns (task token, question, answer, end) follow
         one another after the image (the first turn's question stays in the bidirectional prefix)."""
         if "question" not in batch or "answer" not in batch:
@@ -316,8 +317,8 @@ class AnswerQuestions(GroundedWords, Task):
 
     def split_question(self, qa: Sequence) -> tuple[Sequence, Sequence]:
         """`encode_qa`'s (B, 1 + question_len + L) tokens -> the task token and question (input only), and the
-        answer part: a second task token, then the pointer (``vqa.point``), the answer and its end, labelled as
-        before (the task token predicts what the question's last position did)."""
+        answer part: a second task token, then the pointer (``vqa.point``), the rationale (``vqa.reason``), the answer
+        and its end, labelled as before (the task token predicts what the question's last position did)."""
         Q1 = 1 + self.question_len
         B, dev = qa.ids.shape[0], qa.ids.device
         task = torch.full((B, 1), self.task_id, dtype=torch.long, device=dev)
