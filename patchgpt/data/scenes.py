@@ -342,6 +342,11 @@ def ask_all(boxes: list[list[int]], classes: list[int], S: int, r: random.Random
     cx = [(b[0] + b[2]) / 2 for b in boxes]
     area = [(b[2] - b[0]) * (b[3] - b[1]) for b in boxes]
     margin = S / 16
+    reading = sorted(range(n), key=lambda j: (boxes[j][0], boxes[j][1]))   # the order objects are written in
+
+    def check(upto: list[int], e: int) -> str:   # each digit of `upto` compared with e: "3=5n,5=5y"
+        return ",".join(f"{classes[j]}={e}{'y' if classes[j] == e else 'n'}" for j in upto)
+
     options: dict[str, tuple[str, str, list[int]]] = {"count": ("how many digits?", str(n), list(range(n)))}
     if r.random() < 0.5 and n:
         d = classes[r.randrange(n)]
@@ -365,20 +370,14 @@ def ask_all(boxes: list[list[int]], classes: list[int], S: int, r: random.Random
         if clear and (not left or _apart(cx, left[0], [j for j in left if classes[j] != classes[left[0]]], margin)):
             options["left_of"] = (f"what is left of the {classes[k]}?", str(classes[left[0]]) if left else "nothing",
                                   left[:1])
-    qtype = r.choice([t for t in QTYPES if t in options])
-    rest = [t for t in QTYPES if t in options and t != qtype]
-    r.shuffle(rest)
-    reading = sorted(range(n), key=lambda j: (boxes[j][0], boxes[j][1]))   # the order objects are written in
-
-    def check(upto: list[int], e: int) -> str:   # each digit of `upto` compared with e: "3=5n,5=5y"
-        return ",".join(f"{classes[j]}={e}{'y' if classes[j] == e else 'n'}" for j in upto)
-
     why = {"presence": check(reading, d)}
     if "left_of" in options:   # read up to the asked digit: the one read before it is the answer
-        k = classes.index(int(options["left_of"][0].split()[-1].rstrip("?")))
         at = reading.index(k)
         if (str(classes[reading[at - 1]]) if at else "nothing") == options["left_of"][1]:
             why["left_of"] = check(reading[:at + 1], classes[k])
+    qtype = r.choice([t for t in QTYPES if t in options])
+    rest = [t for t in QTYPES if t in options and t != qtype]
+    r.shuffle(rest)
     return [{"question": options[t][0], "answer": options[t][1], "qtype": t, "refs": options[t][2],
              "rationale": why.get(t, "")} for t in [qtype, *rest]]
 

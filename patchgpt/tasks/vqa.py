@@ -295,11 +295,8 @@ class AnswerQuestions(GroundedWords, Task):
         else:
             points = ([self.pointed(b, c, r) for b, c, r in zip(batch["boxes"], batch["classes"], batch["refs"],
                                                                  strict=True)] if self.point else None)
-            if self.reason and "rationale" not in batch:
-                raise DataError("vqa.reason=on needs a rationale with each answer (batch['rationale']); this data "
-                                "has none")
             qa = self.encode_qa(list(batch["question"]), list(batch["answer"]), points=points,
-                                rationales=list(batch["rationale"]) if self.reason else None)
+                                rationales=batch.get("rationale"))
         qa = qa.to(images.device)
         if self.ground and self.cfg.vqa.answer_weight != 1:   # the answer against the chain before it
             qa = Sequence(ids=qa.ids, labels=qa.labels, pos=qa.pos,
